@@ -1,0 +1,1 @@
+"""fashion-serve: a Fashion-MNIST classifier served over HTTP."""

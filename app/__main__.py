@@ -1,0 +1,56 @@
+"""`python -m app`: serve with uvicorn (uvloop + httptools), configured by FASHION_SERVE_* and these options."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+
+import uvicorn
+
+from app.observability import configure_logging
+from app.settings import Settings
+from models import CheckpointError, load_checkpoint
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = Settings()
+    parser = argparse.ArgumentParser(prog="python -m app", description=__doc__)
+    parser.add_argument("--host", default=settings.host, help=f"bind address (default: {settings.host})")
+    parser.add_argument("--port", type=int, default=settings.port, help=f"port (default: {settings.port})")
+    parser.add_argument(
+        "--workers", type=int, default=settings.workers, help=f"processes (default: {settings.workers})"
+    )
+    args = parser.parse_args(argv)
+    configure_logging(settings.log_format, settings.log_level)
+    log = logging.getLogger("app")
+
+    if args.workers > 1:
+        # Fail once, clearly, rather than have every worker fail and be restarted.
+        try:
+            load_checkpoint(settings.checkpoint, device="cpu")
+        except CheckpointError as exc:
+            log.critical("cannot start: checkpoint %s: %s", settings.checkpoint, exc)
+            return 1
+        # Each worker counts its own requests; this directory lets /metrics add them up.
+        os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="fashion-serve-metrics-"))
+
+    uvicorn.run(
+        "app.main:app",
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        loop="uvloop",
+        http="httptools",
+        log_config=None,
+        timeout_keep_alive=int(settings.keep_alive_s),
+        timeout_graceful_shutdown=int(settings.shutdown_grace_s),
+        access_log=False,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""The FastAPI application: `create_app(settings)` builds it; `app` is what uvicorn serves."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from types import FrameType
+
+import torch
+from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
+
+from app.batching import MicroBatcher
+from app.middleware import RequestContextMiddleware
+from app.observability import configure_logging
+from app.routes import docs, health, metrics, model, predict
+from app.routes.docs import STATIC_DIR
+from app.runtime import Health, Runtime
+from app.service import ClassifierService
+from app.settings import Settings
+from models import CheckpointError
+
+logger = logging.getLogger("app")
+
+
+def _drain_on_sigterm(health: Health) -> None:
+    """Turn readiness off the moment SIGTERM arrives, then let the server's own handler run."""
+    try:
+        previous = signal.getsignal(signal.SIGTERM)
+    except ValueError:
+        return
+    if not callable(previous):
+        return
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        health.start_draining("draining: SIGTERM received")
+        logger.info("SIGTERM: readiness off, finishing requests in progress")
+        previous(signum, frame)
+
+    with contextlib.suppress(ValueError):  # not the main thread (e.g. under TestClient): no signals
+        signal.signal(signal.SIGTERM, handler)
+
+
+async def _start(runtime: Runtime) -> None:
+    settings = runtime.settings
+    try:
+        service = await run_in_threadpool(ClassifierService.load, settings)
+    except CheckpointError as exc:
+        logger.critical("cannot start: checkpoint %s: %s", settings.checkpoint, exc)
+        raise
+    batcher = MicroBatcher(service.probabilities, settings.max_batch_size, on_batch=_observe(runtime))
+    batcher.start()
+    runtime.service, runtime.batcher = service, batcher
+    await batcher.submit(torch.zeros(1, 1, 28, 28))  # warm-up through the real path
+    runtime.metrics.model_info.labels(
+        service.name, service.loaded.arch, service.checkpoint.sha256, str(service.loaded.device)
+    ).set(1)
+    runtime.health.mark_ready()
+    logger.info(
+        "ready: %s (%s, %s) on %s",
+        service.name,
+        service.loaded.arch,
+        service.checkpoint.sha256[:12],
+        service.loaded.device,
+    )
+
+
+def _observe(runtime: Runtime) -> Callable[[int, float], None]:
+    def on_batch(rows: int, seconds: float) -> None:
+        runtime.metrics.batch_size.observe(rows)
+        runtime.metrics.inference_latency.observe(seconds)
+
+    return on_batch
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the service; the model loads when the app starts (its lifespan), never at import."""
+    settings = settings or Settings()
+    runtime = Runtime(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        configure_logging(settings.log_format, settings.log_level)
+        await _start(runtime)
+        _drain_on_sigterm(runtime.health)
+        try:
+            yield
+        finally:
+            runtime.health.start_draining()
+            if runtime.batcher is not None:
+                await run_in_threadpool(runtime.batcher.stop, settings.shutdown_grace_s)
+
+    app = FastAPI(
+        title="fashion-serve",
+        summary="Fashion-MNIST image classification over HTTP",
+        version="0.1.0",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.state.runtime = runtime
+    routers = (predict.router, model.router, health.router, metrics.router, docs.router)
+    for router in routers:
+        app.include_router(router)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    known_paths = frozenset(route.path for router in routers for route in router.routes) | {"/openapi.json"}  # type: ignore[attr-defined]
+    app.add_middleware(RequestContextMiddleware, metrics=runtime.metrics, routes=known_paths)
+    return app
+
+
+app = create_app()

@@ -1,0 +1,1 @@
+"""One router per concern: prediction, model description, health, metrics, docs."""

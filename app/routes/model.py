@@ -1,0 +1,16 @@
+"""GET /model: what is being served, from the checkpoint it came from."""
+
+from typing import Any
+
+from fastapi import APIRouter
+
+from app.deps import RuntimeDep
+
+router = APIRouter(tags=["model"])
+
+
+@router.get("/model")
+def describe_model(runtime: RuntimeDep) -> dict[str, Any]:
+    """Architecture, state_dict keys and shapes, classes, preprocessing, metrics and checkpoint facts."""
+    service, _ = runtime.require_model()
+    return service.describe()

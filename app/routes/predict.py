@@ -1,0 +1,160 @@
+"""POST /predict: top-k classes for one or more uploaded images."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
+
+from app.deps import RuntimeDep
+from app.service import (
+    ALLOWED_CONTENT_TYPES,
+    ClassifierService,
+    DecodedRequest,
+    ServiceUnavailable,
+    decode_uploads,
+    encode_predictions,
+)
+from app.upload import UploadError, parse_multipart, read_body
+
+router = APIRouter(tags=["predict"])
+FIELD = "file"
+IMAGE_TYPES = sorted(t for t in ALLOWED_CONTENT_TYPES if t.startswith("image/"))
+
+
+class TopK(BaseModel):
+    label: str
+    index: int
+    probability: float
+
+
+class ImageError(BaseModel):
+    status: int
+    message: str
+
+
+class Prediction(BaseModel):
+    filename: str | None
+    top_k: list[TopK] | None = None
+    error: ImageError | None = None
+
+
+class PredictResponse(BaseModel):
+    model: str
+    predictions: list[Prediction]
+
+
+REQUEST_BODY: dict[str, Any] = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": [FIELD],
+                "properties": {FIELD: {"type": "array", "items": {"type": "string", "format": "binary"}}},
+            }
+        },
+        **{t: {"schema": {"type": "string", "format": "binary"}} for t in IMAGE_TYPES},
+    },
+}
+
+
+def _missing_file() -> UploadError:
+    return UploadError(422, f"no '{FIELD}' part: send images as multipart/form-data parts named '{FIELD}'")
+
+
+def _decode_request(service: ClassifierService, body: bytes, content_type: str, invert: str | None) -> DecodedRequest:
+    """Split the body into uploads and decode them (runs in the threadpool: parsing and PIL)."""
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    if media_type == "multipart/form-data":
+        parts = parse_multipart(body, content_type, FIELD, service.settings.max_files)
+        if not parts:
+            raise _missing_file()
+        uploads = [(p.filename, bytes(p.data), p.content_type) for p in parts]
+    elif media_type.startswith("image/"):
+        uploads = [(None, body, media_type)]
+    elif not media_type and not body:
+        raise _missing_file()
+    else:
+        raise UploadError(
+            415,
+            f"unsupported content type {media_type or '(none)'!r}: send multipart/form-data "
+            f"with '{FIELD}' parts, or one image as the body with an image/* content type",
+        )
+    return decode_uploads(service, uploads, invert)  # type: ignore[arg-type]
+
+
+def _check_k(request: Request, k: int | None, default_k: int, limit: int) -> int:
+    if len(request.query_params.getlist("k")) > 1:
+        raise HTTPException(422, detail=[{"type": "duplicate", "loc": ["query", "k"], "msg": "k given more than once"}])
+    k = default_k if k is None else k
+    if k > limit:
+        raise HTTPException(
+            422,
+            detail=[
+                {
+                    "type": "less_than_equal",
+                    "loc": ["query", "k"],
+                    "msg": f"Input should be less than or equal to {limit}",
+                    "input": k,
+                }
+            ],
+        )
+    return min(k, limit)
+
+
+@router.post(
+    "/predict",
+    response_model=None,
+    responses={
+        200: {"model": PredictResponse},
+        400: {"description": "empty, undecodable or malformed upload"},
+        413: {"description": "too large: bytes, pixels or number of files"},
+        415: {"description": "not an accepted image type"},
+        422: {"description": "bad parameters or no 'file' part"},
+        503: {"description": "not ready, busy, or out of accelerator memory; see Retry-After"},
+    },
+    openapi_extra={"requestBody": REQUEST_BODY},
+)
+async def predict(
+    request: Request,
+    runtime: RuntimeDep,
+    k: Annotated[int | None, Query(ge=1, description="how many classes to return (default: the service's)")] = None,
+    invert: Annotated[
+        Literal["auto", "true", "false"] | None, Query(description="override the model's invert rule")
+    ] = None,
+) -> JSONResponse:
+    """Classify images sent as multipart parts named `file`, or one image as the raw body.
+
+    Predictions come back in request order; an image that cannot be decoded gets an
+    `error` in its place while the others are answered.
+    """
+    service, batcher = runtime.require_model()
+    settings = runtime.settings
+    k = _check_k(request, k, settings.default_k, min(settings.max_k, service.num_classes))
+    with runtime.admit():
+        try:
+            body = await read_body(request, settings.max_upload_bytes, settings.body_timeout_s)
+            decoded = await run_in_threadpool(
+                _decode_request, service, body, request.headers.get("content-type", ""), invert
+            )
+        except UploadError as exc:
+            raise HTTPException(exc.status, detail=exc.message) from None
+        runtime.metrics.images_per_request.observe(len(decoded.filenames))
+        if decoded.inputs is None:
+            first = next(iter(decoded.errors.values()))
+            if len(decoded.filenames) == 1:
+                raise HTTPException(first.status, detail=first.message)
+            raise HTTPException(
+                first.status,
+                detail=f"none of the {len(decoded.filenames)} images could be classified; first: {first.message}",
+            )
+        try:
+            rows = await batcher.submit(decoded.inputs)
+        except ServiceUnavailable as exc:
+            raise HTTPException(503, detail=str(exc), headers={"Retry-After": "1"}) from None
+    predictions = encode_predictions(service, decoded.filenames, decoded.merge(rows), k)
+    return JSONResponse({"model": service.name, "predictions": predictions})

@@ -1,0 +1,43 @@
+"""Service configuration, from `FASHION_SERVE_*` environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+BUNDLED_CHECKPOINT = Path(__file__).resolve().parent.parent / "models" / "fashion_cnn.pt"
+
+
+class Settings(BaseSettings):
+    """Every knob of the service; the README's configuration table lists them with their defaults."""
+
+    model_config = SettingsConfigDict(env_prefix="FASHION_SERVE_", frozen=True)
+
+    checkpoint: Path = BUNDLED_CHECKPOINT
+    device: str = "auto"
+    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    max_files: int = Field(16, ge=1, le=1024)
+    max_image_pixels: int = Field(16_777_216, ge=1024, le=89_478_485)
+    default_k: int = Field(3, ge=1)
+    max_k: int = Field(10, ge=1)
+    torch_threads: int = Field(1, ge=1, le=256)
+    max_batch_size: int = Field(32, ge=1, le=1024)
+    max_concurrency: int = Field(64, ge=1)
+    body_timeout_s: float = Field(30.0, gt=0)
+    shutdown_grace_s: float = Field(8.0, ge=0)
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    workers: int = Field(1, ge=1, le=64)
+    keep_alive_s: float = Field(5.0, gt=0)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
+            return value
+        raise ValueError("must be auto, cpu, cuda or cuda:N")

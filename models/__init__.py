@@ -1,0 +1,29 @@
+"""Fashion-MNIST models shared by training and serving: networks, preprocessing, checkpoints."""
+
+from models.checkpoint import (
+    FASHION_MNIST_CLASSES,
+    CheckpointError,
+    LoadedModel,
+    load_checkpoint,
+    save_checkpoint,
+)
+from models.networks import ARCHITECTURES, Classifier, FashionCNN, Network, build_model, model_args_for
+from models.preprocessing import ImageError, PreprocessConfig, normalize, preprocess_image
+
+__all__ = [
+    "ARCHITECTURES",
+    "FASHION_MNIST_CLASSES",
+    "CheckpointError",
+    "Classifier",
+    "FashionCNN",
+    "ImageError",
+    "LoadedModel",
+    "Network",
+    "PreprocessConfig",
+    "build_model",
+    "load_checkpoint",
+    "model_args_for",
+    "normalize",
+    "preprocess_image",
+    "save_checkpoint",
+]

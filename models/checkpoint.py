@@ -1,0 +1,236 @@
+"""Self-describing checkpoints: save, and load safely.
+
+Format v1 is a dict of tensors and primitive values only, so
+`torch.load(path, map_location="cpu", weights_only=True)` reads it and no pickled code
+can run. It carries everything needed to serve: the architecture and its arguments,
+the weights, class names, preprocessing, metrics and how it was trained.
+The course's four-key format (`input_size`, `output_size`, `hidden_layers`,
+`state_dict`) is accepted as it is.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import os
+import pickle
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from models.networks import ARCHITECTURES, build_model, model_args_for
+from models.preprocessing import PreprocessConfig
+
+FORMAT_VERSION = 1
+FASHION_MNIST_CLASSES: tuple[str, ...] = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+COURSE_KEYS = frozenset({"input_size", "output_size", "hidden_layers", "state_dict"})
+# The course normalized with transforms.Normalize((0.5,), (0.5,)).
+COURSE_PREPROCESS = PreprocessConfig(mean=0.5, std=0.5)
+MAX_PARAMETERS = 50_000_000
+
+
+class CheckpointError(Exception):
+    """A checkpoint cannot be loaded; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model ready for inference (eval mode, on its device) and what its checkpoint said."""
+
+    model: nn.Module
+    arch: str
+    model_args: dict[str, Any]
+    class_names: tuple[str, ...]
+    preprocess: PreprocessConfig
+    format: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    created_at: str | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def save_checkpoint(
+    path: str | os.PathLike[str],
+    model: nn.Module,
+    arch: str,
+    model_args: Mapping[str, Any],
+    preprocess: PreprocessConfig,
+    class_names: Sequence[str] = FASHION_MNIST_CLASSES,
+    metrics: Mapping[str, Any] | None = None,
+    training: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a format-v1 checkpoint atomically (temp file, then rename) and return its path."""
+    path = Path(path)
+    checkpoint = {
+        "format_version": FORMAT_VERSION,
+        "arch": arch,
+        "model_args": dict(model_args_for(arch, model_args)),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "class_names": list(class_names),
+        "preprocess": preprocess.to_dict(),
+        "metrics": dict(metrics or {}),
+        "training": dict(training or {}),
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(checkpoint, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def _weights_only_reason(message: str) -> str:
+    """The one informative line of torch's long weights-only error."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    useful = [line for line in lines if not line.startswith(("Weights only load failed", "Please file", "Check the"))]
+    return (useful[-1] if useful else lines[-1] if lines else message)[:300]
+
+
+def _read(path: Path) -> Any:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist (or is not a file)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        reason = _weights_only_reason(str(exc))
+        if "GLOBAL" in reason or "global" in reason:
+            raise CheckpointError(
+                f"refusing to load {path}: it holds pickled Python objects, which could run code "
+                f"({reason}). Only weights-only checkpoints are accepted: save tensors and primitive "
+                "values (e.g. with models.save_checkpoint, or a dict holding model.state_dict())."
+            ) from None
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint, or is corrupt: {reason}") from None
+    except (RuntimeError, EOFError, OSError, ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint, or is truncated or corrupt: {exc}") from None
+
+
+def _require(raw: Mapping[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
+    if key not in raw:
+        raise CheckpointError(f"checkpoint has no {key!r} entry")
+    value = raw[key]
+    if not isinstance(value, kind):
+        raise CheckpointError(f"checkpoint entry {key!r} has type {type(value).__name__}")
+    return value
+
+
+def _normalize(raw: Any) -> dict[str, Any]:
+    """Bring a v1 or course-format checkpoint to the v1 layout."""
+    if not isinstance(raw, Mapping):
+        raise CheckpointError(f"checkpoint holds a {type(raw).__name__}, not a dict")
+    if "format_version" not in raw:
+        if set(raw) == COURSE_KEYS:
+            return {
+                "format": "course",
+                "arch": "network",
+                "model_args": {
+                    "input_size": raw["input_size"],
+                    "output_size": raw["output_size"],
+                    "hidden_layers": raw["hidden_layers"],
+                    "drop_p": 0.5,
+                },
+                "state_dict": raw["state_dict"],
+                "class_names": list(FASHION_MNIST_CLASSES),
+                "preprocess": COURSE_PREPROCESS.to_dict(),
+            }
+        raise CheckpointError(
+            "checkpoint has no 'format_version' and is not the course format "
+            f"(keys {sorted(COURSE_KEYS)}); its keys are {sorted(map(str, raw))[:10]}"
+        )
+    version = raw["format_version"]
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"unsupported checkpoint format_version {version!r}; this build reads {FORMAT_VERSION}")
+    return {"format": f"v{FORMAT_VERSION}", **raw}
+
+
+def _check_state_dict(state_dict: Mapping[str, Any], expected: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Match keys, shapes and dtypes against the model built on the meta device."""
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"state_dict does not match the architecture: missing keys {missing[:8]}, unexpected keys {unexpected[:8]}"
+        )
+    checked = {}
+    for key, want in expected.items():
+        got = state_dict[key]
+        if not isinstance(got, torch.Tensor):
+            raise CheckpointError(f"state_dict[{key!r}] is a {type(got).__name__}, not a tensor")
+        if got.shape != want.shape:
+            raise CheckpointError(
+                f"state_dict[{key!r}] has shape {tuple(got.shape)}, the architecture needs {tuple(want.shape)}"
+            )
+        if got.is_floating_point() != want.is_floating_point():
+            raise CheckpointError(f"state_dict[{key!r}] has dtype {got.dtype}, expected {want.dtype}")
+        checked[key] = got.to(want.dtype)
+    return checked
+
+
+def _resolve_device(device: torch.device | str) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError(f"device {device!r} requested but CUDA is not available")
+    return resolved
+
+
+def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = "cpu") -> LoadedModel:
+    """Load, validate and rebuild a checkpoint; the model comes back in eval mode on `device`.
+
+    Every failure raises CheckpointError. Arguments are range-checked and every tensor's
+    shape compared with the architecture (built on the meta device) before anything is
+    allocated for the model.
+    """
+    path = Path(path)
+    ckpt = _normalize(_read(path))
+    arch = _require(ckpt, "arch", str)
+    if arch not in ARCHITECTURES:
+        raise CheckpointError(f"unknown architecture {arch!r}; this build knows {', '.join(ARCHITECTURES)}")
+    try:
+        model_args = model_args_for(arch, _require(ckpt, "model_args", Mapping))
+        preprocess = PreprocessConfig(**_require(ckpt, "preprocess", Mapping))
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"invalid checkpoint arguments: {exc}") from None
+    shapes = build_model(arch, model_args, device="meta")
+    num_parameters = sum(math.prod(p.shape) for p in shapes.parameters())
+    if num_parameters > MAX_PARAMETERS:
+        raise CheckpointError(f"architecture declares {num_parameters:,} parameters; the limit is {MAX_PARAMETERS:,}")
+    state_dict = _check_state_dict(_require(ckpt, "state_dict", Mapping), shapes.state_dict())
+
+    class_names = _require(ckpt, "class_names", list)
+    num_outputs = shapes(torch.empty(1, 1, 28, 28, device="meta")).shape[1]
+    if len(class_names) != num_outputs or not all(isinstance(c, str) for c in class_names):
+        raise CheckpointError(f"class_names must be {num_outputs} strings, got {class_names!r:.200}")
+
+    # assign=True adopts the loaded tensors in place of the meta ones: no second copy.
+    shapes.load_state_dict(state_dict, strict=True, assign=True)
+    model = shapes.to(_resolve_device(device)).eval()
+    return LoadedModel(
+        model=model,
+        arch=arch,
+        model_args=model_args,
+        class_names=tuple(class_names),
+        preprocess=preprocess,
+        format=ckpt["format"],
+        metrics=dict(ckpt.get("metrics") or {}),
+        training=dict(ckpt.get("training") or {}),
+        created_at=ckpt.get("created_at"),
+    )

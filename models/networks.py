@@ -1,0 +1,180 @@
+"""The classifiers: the course's two networks, module for module, and the default CNN.
+
+Every model takes a batch shaped (N, 1, 28, 28) (the MLPs flatten it) and returns
+log-probabilities, so `exp()` of the output sums to one per row.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Network(nn.Module):
+    """The course's `fc_model.Network`: Linear+ReLU+dropout stacks, then a Linear output."""
+
+    def __init__(self, input_size: int, output_size: int, hidden_layers: Sequence[int], drop_p: float = 0.5) -> None:
+        super().__init__()
+        sizes = [input_size, *hidden_layers]
+        self.hidden_layers = nn.ModuleList(nn.Linear(n_in, n_out) for n_in, n_out in itertools.pairwise(sizes))
+        self.output = nn.Linear(sizes[-1], output_size)
+        self.dropout = nn.Dropout(p=drop_p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(x.shape[0], -1)
+        for linear in self.hidden_layers:
+            x = self.dropout(F.relu(linear(x)))
+        return F.log_softmax(self.output(x), dim=1)
+
+
+class Classifier(nn.Module):
+    """The course's Fashion-MNIST `Classifier`: 784-256-128-64-10 with dropout."""
+
+    def __init__(self, drop_p: float = 0.2) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(784, 256)
+        self.fc2 = nn.Linear(256, 128)
+        self.fc3 = nn.Linear(128, 64)
+        self.fc4 = nn.Linear(64, 10)
+        self.dropout = nn.Dropout(p=drop_p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(x.shape[0], -1)
+        x = self.dropout(F.relu(self.fc1(x)))
+        x = self.dropout(F.relu(self.fc2(x)))
+        x = self.dropout(F.relu(self.fc3(x)))
+        return F.log_softmax(self.fc4(x), dim=1)
+
+
+def _conv_block(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+    )
+
+
+class FashionCNN(nn.Module):
+    """The default model: two conv stages (each two 3x3 convs, then 2x2 max-pool) and a small head."""
+
+    def __init__(
+        self,
+        channels: Sequence[int] = (32, 64),
+        hidden: int = 128,
+        num_classes: int = 10,
+        drop_p: float = 0.3,
+    ) -> None:
+        super().__init__()
+        c1, c2 = channels
+        self.features = nn.Sequential(
+            _conv_block(1, c1),
+            _conv_block(c1, c1),
+            nn.MaxPool2d(2),
+            _conv_block(c1, c2),
+            _conv_block(c2, c2),
+            nn.MaxPool2d(2),
+        )
+        self.head = nn.Sequential(
+            nn.Flatten(),
+            nn.Dropout(drop_p),
+            nn.Linear(c2 * 7 * 7, hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(drop_p),
+            nn.Linear(hidden, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.log_softmax(self.head(self.features(x.reshape(-1, 1, 28, 28))), dim=1)
+
+
+# Bounds on declared sizes: a checkpoint's arguments are checked against these before
+# anything is built, so a hostile or corrupt file cannot ask for a huge allocation.
+MAX_WIDTH = 16_384
+MAX_DEPTH = 16
+MAX_CLASSES = 1_000
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """How to build one architecture from the primitive arguments a checkpoint stores."""
+
+    build: Callable[..., nn.Module]
+    defaults: Mapping[str, Any]
+    check: Callable[[Mapping[str, Any]], None]
+
+
+def _int_in(args: Mapping[str, Any], key: str, low: int, high: int) -> None:
+    value = args[key]
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{key} must be an integer in [{low}, {high}], got {value!r}")
+
+
+def _int_list(args: Mapping[str, Any], key: str, length: tuple[int, int]) -> None:
+    values = args[key]
+    if not isinstance(values, list | tuple) or not length[0] <= len(values) <= length[1]:
+        raise ValueError(f"{key} must be a list of {length[0]} to {length[1]} integers, got {values!r}")
+    for i in range(len(values)):
+        _int_in({f"{key}[{i}]": values[i]}, f"{key}[{i}]", 1, MAX_WIDTH)
+
+
+def _probability(args: Mapping[str, Any], key: str) -> None:
+    value = args[key]
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{key} must be a number in [0, 1), got {value!r}")
+
+
+def _check_network(args: Mapping[str, Any]) -> None:
+    _int_in(args, "input_size", 1, 28 * 28)
+    _int_in(args, "output_size", 2, MAX_CLASSES)
+    _int_list(args, "hidden_layers", (1, MAX_DEPTH))
+    _probability(args, "drop_p")
+
+
+def _check_classifier(args: Mapping[str, Any]) -> None:
+    _probability(args, "drop_p")
+
+
+def _check_cnn(args: Mapping[str, Any]) -> None:
+    _int_list(args, "channels", (2, 2))
+    _int_in(args, "hidden", 1, MAX_WIDTH)
+    _int_in(args, "num_classes", 2, MAX_CLASSES)
+    _probability(args, "drop_p")
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "network": Architecture(
+        Network,
+        {"input_size": 784, "output_size": 10, "hidden_layers": [512, 256, 128], "drop_p": 0.5},
+        _check_network,
+    ),
+    "classifier": Architecture(Classifier, {"drop_p": 0.2}, _check_classifier),
+    "cnn": Architecture(
+        FashionCNN, {"channels": [32, 64], "hidden": 128, "num_classes": 10, "drop_p": 0.3}, _check_cnn
+    ),
+}
+
+
+def model_args_for(arch: str, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The full, checked argument dict for `arch`: its defaults updated with `overrides`."""
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
+    spec = ARCHITECTURES[arch]
+    unknown = set(overrides or {}) - set(spec.defaults)
+    if unknown:
+        raise ValueError(f"unexpected arguments for {arch!r}: {', '.join(sorted(unknown))}")
+    args = {**spec.defaults, **(overrides or {})}
+    spec.check(args)
+    return args
+
+
+def build_model(arch: str, model_args: Mapping[str, Any], device: torch.device | str | None = None) -> nn.Module:
+    """Build `arch` from checked arguments; `device="meta"` builds shapes only, allocating nothing."""
+    args = model_args_for(arch, model_args)
+    with torch.device(device or "cpu"):
+        return ARCHITECTURES[arch].build(**args)

@@ -1,0 +1,143 @@
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from app.main import create_app
+from app.settings import Settings
+from models import CheckpointError
+from tests.helpers import png, tiny_model
+
+
+def test_model_describes_the_checkpoint(client: TestClient, tiny_checkpoint: Path) -> None:
+    body = client.get("/model").json()
+    expected = tiny_model().state_dict()
+    assert body["name"] == "tiny"
+    assert body["arch"] == "network"
+    assert body["architecture"] == str(tiny_model())
+    assert body["state_dict_keys"] == list(expected)
+    assert body["parameters"] == {k: list(v.shape) for k, v in expected.items()}
+    assert body["num_parameters"] == sum(v.numel() for v in expected.values())
+    assert body["classes"][0] == "T-shirt/top" and len(body["classes"]) == 10
+    assert body["input_shape"] == [1, 28, 28]
+    assert body["device"] == "cpu"
+    assert body["preprocess"] == {"size": 28, "mean": 0.5, "std": 0.5, "invert": "auto"}
+    assert body["metrics"]["test_accuracy"] == 0.5
+    assert body["checkpoint"] == {
+        "path": str(tiny_checkpoint),
+        "sha256": hashlib.sha256(tiny_checkpoint.read_bytes()).hexdigest(),
+        "size_bytes": tiny_checkpoint.stat().st_size,
+        "format": "v1",
+    }
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", body["loaded_at"])
+
+
+def test_liveness_and_readiness(client: TestClient) -> None:
+    assert client.get("/health/live").json() == {"status": "alive"}
+    assert client.get("/health/ready").status_code == 200
+
+
+def test_not_ready_before_the_model_is_loaded_and_warmed_up(settings: Settings) -> None:
+    client = TestClient(create_app(settings))  # no `with`: the lifespan has not run
+    response = client.get("/health/ready")
+    assert response.status_code == 503
+    assert response.json()["reason"].startswith("starting")
+    assert client.get("/health/live").status_code == 200
+    assert client.post("/predict", files={"file": ("a.png", png())}).status_code == 503
+    assert client.get("/model").status_code == 503
+
+
+def test_not_ready_while_draining(client: TestClient) -> None:
+    runtime = client.app.state.runtime  # type: ignore[attr-defined]
+    runtime.health.start_draining("draining: SIGTERM received")
+    response = client.get("/health/ready")
+    assert response.status_code == 503
+    assert response.json() == {"status": "unavailable", "reason": "draining: SIGTERM received"}
+    assert client.get("/health/live").status_code == 200
+
+
+def test_readiness_turns_off_after_shutdown(settings: Settings) -> None:
+    app = create_app(settings)
+    with TestClient(app) as client:
+        assert client.get("/health/ready").status_code == 200
+    assert not app.state.runtime.health.is_ready
+
+
+def test_startup_fails_on_a_missing_checkpoint(tmp_path: Path) -> None:
+    app = create_app(Settings(checkpoint=tmp_path / "missing.pt", device="cpu"))
+    with pytest.raises(CheckpointError, match="does not exist"), TestClient(app):
+        pass
+
+
+def test_request_id_is_echoed_generated_and_logged(capsys: pytest.CaptureFixture[str], client: TestClient) -> None:
+    sent = client.get("/health/live", headers={"X-Request-ID": "trace-42.a"})
+    assert sent.headers["x-request-id"] == "trace-42.a"
+    generated = client.get("/health/live").headers["x-request-id"]
+    assert re.fullmatch(r"[0-9a-f]{32}", generated)
+    hostile = client.get("/health/live", headers={"X-Request-ID": "a b\tc" + "x" * 200}).headers["x-request-id"]
+    assert re.fullmatch(r"[0-9a-f]{32}", hostile)
+    error = client.post("/predict", files={"file": ("a.png", b"")}, headers={"X-Request-ID": "req-err-1"})
+    assert error.status_code == 400 and error.headers["x-request-id"] == "req-err-1"
+    logs = capsys.readouterr().err
+    assert "[trace-42.a] GET /health/live 200" in logs
+    assert "[req-err-1] POST /predict 400" in logs
+
+
+def test_metrics_count_requests(client: TestClient) -> None:
+    client.post("/predict", files=[("file", ("a.png", png())), ("file", ("b.png", png(seed=3)))])
+    client.post("/predict", files={"file": ("a.png", b"")})
+    text = client.get("/metrics").text
+    assert 'fashion_serve_requests_total{method="POST",route="/predict",status="200"} 1.0' in text
+    assert 'fashion_serve_requests_total{method="POST",route="/predict",status="400"} 1.0' in text
+    assert re.search(r'fashion_serve_request_seconds_count\{route="/predict"\} 2\.0', text)
+    assert "fashion_serve_request_images_sum 3.0" in text
+    assert re.search(r"fashion_serve_inference_seconds_count [1-9]", text)
+    assert 'fashion_serve_model_info{arch="network",device="cpu",name="tiny"' in text
+
+
+def test_docs_work_offline(client: TestClient) -> None:
+    html = client.get("/docs").text
+    assert "/static/swagger-ui/swagger-ui-bundle.js" in html
+    assert "cdn" not in html.lower()
+    assert client.get("/static/swagger-ui/swagger-ui-bundle.js").status_code == 200
+    schema = client.get("/openapi.json").json()
+    assert "multipart/form-data" in schema["paths"]["/predict"]["post"]["requestBody"]["content"]
+
+
+def test_out_of_accelerator_memory_is_503_and_recovers(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    service = client.app.state.runtime.service  # type: ignore[attr-defined]
+    model = service.loaded.model
+    calls = {"n": 0}
+    real_forward = model.forward
+
+    def forward_once_oom(x: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_forward(x)
+
+    monkeypatch.setattr(model, "forward", forward_once_oom)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    first = client.post("/predict", files={"file": ("a.png", png())})
+    assert first.status_code == 503
+    assert first.headers["retry-after"] == "1"
+    assert "out of memory" in first.json()["detail"]
+    assert client.post("/predict", files={"file": ("a.png", png())}).status_code == 200
+    assert client.get("/health/ready").status_code == 200
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_serves_on_the_gpu(tiny_checkpoint: Path) -> None:
+    with TestClient(create_app(Settings(checkpoint=tiny_checkpoint, device="cuda"))) as client:
+        assert client.get("/model").json()["device"] == "cuda:0"
+        cpu = tiny_model()
+        response = client.post("/predict?k=1", files={"file": ("a.png", png())})
+        assert response.status_code == 200
+        assert response.json()["predictions"][0]["top_k"][0]["index"] in range(10)
+        assert cpu is not None

@@ -1,0 +1,43 @@
+"""Builders shared by the tests: tiny fixed-weight checkpoints and encoded images."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from models import PreprocessConfig, build_model, save_checkpoint
+
+TINY_ARGS = {"input_size": 784, "output_size": 10, "hidden_layers": [16], "drop_p": 0.5}
+
+
+def tiny_model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_model("network", TINY_ARGS).eval()
+
+
+def write_tiny_checkpoint(path: Path, seed: int = 0, **kwargs: object) -> Path:
+    return save_checkpoint(path, tiny_model(seed), "network", TINY_ARGS, PreprocessConfig(), **kwargs)  # type: ignore[arg-type]
+
+
+def garment(size: tuple[int, int] = (28, 28), seed: int = 0) -> np.ndarray:
+    """A light blob on black, the way Fashion-MNIST items look (uint8, H x W)."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    mask = ((xx - w / 2) / (w / 3)) ** 2 + ((yy - h / 2) / (h / 3)) ** 2 < 1
+    pixels = np.where(mask, rng.integers(120, 256, (h, w)), 0)
+    return pixels.astype(np.uint8)
+
+
+def encode(image: Image.Image, fmt: str = "PNG", **params: object) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt, **params)
+    return buf.getvalue()
+
+
+def png(size: tuple[int, int] = (28, 28), mode: str = "L", seed: int = 0) -> bytes:
+    return encode(Image.fromarray(garment(size, seed)).convert(mode))

@@ -1,0 +1,188 @@
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import training.data as data_module
+from models import build_model, load_checkpoint
+from tests.helpers import garment
+from training.cli import main
+from training.data import DataNotFoundError, load_fashion_mnist, read_idx
+from training.train import batches, evaluate, fit, random_shift, reseed
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    path.write_bytes(gzip.compress(idx_bytes(array)))
+
+
+def synthetic_images(labels: np.ndarray, seed: int) -> np.ndarray:
+    """Each class is a bright bar at its own row band, plus noise: learnable in a few epochs."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 40, (len(labels), 28, 28))
+    for i, label in enumerate(labels):
+        images[i, 2 + 2 * label : 4 + 2 * label, 4:24] = 230
+    return images.astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def synthetic_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("fmnist")
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 1200), ("t10k", 300)):
+        labels = rng.integers(0, 10, n)
+        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", synthetic_images(labels, seed=n))
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    return folder
+
+
+def test_evaluate_averages_per_example_when_the_last_batch_is_short() -> None:
+    torch.manual_seed(0)
+    model = build_model("network", {"hidden_layers": [8], "drop_p": 0.0})
+    x = torch.randn(10, 1, 28, 28)
+    y = torch.randint(0, 10, (10,))
+    with torch.no_grad():
+        per_example = F.nll_loss(model(x), y, reduction="none")
+    result = evaluate(model, x, y, batch_size=4)  # batches of 4, 4 and 2
+    assert result.loss == pytest.approx(per_example.mean().item(), rel=1e-6)
+    per_batch_mean = torch.stack([per_example[i].mean() for i in batches(10, 4)]).mean().item()
+    assert result.loss != pytest.approx(per_batch_mean, rel=1e-6), "the course's per-batch average differs here"
+    assert result.confusion.sum().item() == 10
+
+
+def test_training_loss_is_averaged_per_example() -> None:
+    torch.manual_seed(0)
+    model = build_model("network", {"hidden_layers": [8], "drop_p": 0.0})
+    x, y = torch.randn(10, 1, 28, 28), torch.randint(0, 10, (10,))
+    with torch.no_grad():
+        expected = F.nll_loss(model(x), y).item()
+    result = fit(model, x, y, x, y, epochs=1, batch_size=4, lr=1e-12, generator=reseed(0))
+    assert result.history[0].train_loss == pytest.approx(expected, rel=1e-4)
+
+
+def _train_once(seed: int) -> tuple[list[float], torch.Tensor]:
+    generator = reseed(seed)
+    model = build_model("classifier", {})
+    x, y = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
+    result = fit(model, x, y, x[:16], y[:16], epochs=2, batch_size=16, lr=1e-3, generator=generator, augment_fill=-1.0)
+    return [r.train_loss for r in result.history], model.fc1.weight.detach().clone()
+
+
+def test_same_seed_same_result() -> None:
+    losses_a, weights_a = _train_once(7)
+    losses_b, weights_b = _train_once(7)
+    losses_c, _ = _train_once(8)
+    assert losses_a == losses_b
+    assert torch.equal(weights_a, weights_b)
+    assert losses_a != losses_c
+
+
+def test_random_shift_moves_content_and_keeps_the_fill() -> None:
+    x = torch.full((64, 1, 28, 28), -1.0)
+    x[:, :, 10:18, 10:18] = 1.0
+    shifted = random_shift(x, 2, -1.0, torch.Generator().manual_seed(0))
+    assert shifted.shape == x.shape
+    assert set(shifted.unique().tolist()) == {-1.0, 1.0}
+    assert (shifted == 1.0).sum(dim=(1, 2, 3)).eq(64).all(), "the 8x8 square is moved whole, never cut"
+    assert not torch.equal(shifted, x)
+
+
+def test_short_training_run_lowers_the_loss_and_writes_a_loadable_checkpoint(
+    synthetic_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run" / "model.pt"
+    code = main(
+        [
+            "train",
+            "--arch",
+            "classifier",
+            "--epochs",
+            "4",
+            "--batch-size",
+            "64",
+            "--lr",
+            "3e-3",
+            "--data-dir",
+            str(synthetic_data),
+            "--out",
+            str(out),
+            "--limit",
+            "1000",
+            "--device",
+            "cpu",
+        ]
+    )
+    assert code == 0
+    report = json.loads((tmp_path / "run" / "model.metrics.json").read_text())
+    losses = [epoch["train_loss"] for epoch in report["history"]]
+    assert losses[-1] < losses[0] * 0.5
+    assert report["metrics"]["test_accuracy"] > 0.9
+    assert report["training"]["seed"] == 0 and report["training"]["train_examples"] == 800
+    assert (tmp_path / "run" / "model.curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "run" / "model.confusion.png").read_bytes()[:4] == b"\x89PNG"
+
+    loaded = load_checkpoint(out)
+    assert loaded.arch == "classifier"
+    assert loaded.metrics["test_accuracy"] == report["metrics"]["test_accuracy"]
+    assert loaded.training["data_source"] == f"idx:{synthetic_data}"
+
+    capsys.readouterr()
+    assert main(["evaluate", str(out), "--data-dir", str(synthetic_data), "--json", "--limit", "300"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["test_accuracy"] == pytest.approx(report["metrics"]["test_accuracy"])
+    assert sum(map(sum, evaluated["confusion_matrix"])) == 300
+
+
+def test_evaluate_reads_course_checkpoints(
+    synthetic_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    torch.manual_seed(0)
+    model = build_model("network", {})
+    course = {"input_size": 784, "output_size": 10, "hidden_layers": [512, 256, 128], "state_dict": model.state_dict()}
+    torch.save(course, tmp_path / "checkpoint.pth")
+    assert main(["evaluate", str(tmp_path / "checkpoint.pth"), "--data-dir", str(synthetic_data)]) == 0
+    out = capsys.readouterr().out
+    assert "course format" in out
+    assert "Ankle boot" in out and "confusion matrix" in out
+
+
+def test_missing_data_says_what_to_do(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(data_module, "DEBIAN_DIR", tmp_path / "no-debian")
+    monkeypatch.setattr(data_module, "TORCHVISION_ROOT", tmp_path / "no-cache")
+    monkeypatch.delenv("FASHION_MNIST_DIR", raising=False)
+    with pytest.raises(DataNotFoundError, match=r"apt-get install dataset-fashion-mnist.*--data-dir.*--download"):
+        load_fashion_mnist(tmp_path)
+    with pytest.raises(SystemExit, match="apt-get install dataset-fashion-mnist"):
+        main(["train", "--epochs", "1", "--out", str(tmp_path / "m.pt")])
+
+
+def test_torchvision_layout_and_raw_files_are_found(tmp_path: Path) -> None:
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    labels = np.arange(10) % 10
+    for prefix in ("train", "t10k"):
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte.gz", labels)
+        images = np.stack([garment(seed=i) for i in range(10)])
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(idx_bytes(images))  # uncompressed, as torchvision keeps it
+    found = load_fashion_mnist(tmp_path)
+    assert found.train.images.shape == (10, 28, 28) and found.train.images.dtype == torch.uint8
+    assert found.test.labels.tolist() == list(range(10))
+
+
+def test_read_idx_rejects_a_bad_file(tmp_path: Path) -> None:
+    (tmp_path / "bad-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x09abc")
+    with pytest.raises(ValueError, match="declares"):
+        read_idx(tmp_path / "bad-idx1-ubyte")
+    (tmp_path / "text").write_bytes(b"hello world")
+    with pytest.raises(ValueError, match="not an unsigned-byte IDX file"):
+        read_idx(tmp_path / "text")

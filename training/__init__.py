@@ -1,0 +1,1 @@
+"""Offline training of the Fashion-MNIST classifiers: `python -m training --help`."""

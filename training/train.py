@@ -1,0 +1,162 @@
+"""Training and evaluation loops: Adam, NLLLoss on log-probabilities, per-example averages."""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+
+def reseed(seed: int) -> torch.Generator:
+    """Seed torch (CPU and CUDA), numpy and random; return a generator for data order."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def batches(n: int, batch_size: int, generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+    """Index batches over n examples, shuffled when a generator is given; the last may be short."""
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    yield from order.split(batch_size)
+
+
+@dataclass
+class Evaluation:
+    loss: float  # mean NLL per example
+    accuracy: float
+    confusion: torch.Tensor  # (classes, classes): rows are true labels, columns predictions
+
+    @property
+    def per_class_accuracy(self) -> list[float]:
+        totals = self.confusion.sum(dim=1).clamp(min=1)
+        return (self.confusion.diagonal() / totals).tolist()
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000) -> Evaluation:
+    """Loss and accuracy averaged per example (not per batch), in eval mode."""
+    if len(labels) == 0:
+        raise ValueError("evaluate() needs at least one example")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total_loss = 0.0
+    predictions, targets = [], []
+    for idx in batches(len(labels), batch_size):
+        log_ps = model(inputs[idx].to(device))
+        target = labels[idx].to(device)
+        total_loss += F.nll_loss(log_ps, target, reduction="sum").item()
+        predictions.append(log_ps.argmax(dim=1).cpu())
+        targets.append(target.cpu())
+    model.train(was_training)
+    num_classes = log_ps.shape[1]
+    pairs = torch.cat(targets) * num_classes + torch.cat(predictions)
+    confusion = torch.bincount(pairs, minlength=num_classes * num_classes).view(num_classes, num_classes)
+    n = len(labels)
+    return Evaluation(loss=total_loss / n, accuracy=confusion.diagonal().sum().item() / n, confusion=confusion)
+
+
+def random_shift(x: torch.Tensor, max_shift: int, fill: float, generator: torch.Generator) -> torch.Tensor:
+    """Translate each image by up to `max_shift` pixels and mirror half of them (training augmentation)."""
+    n, size = x.shape[0], x.shape[-1]
+    padded = F.pad(x, (max_shift,) * 4, value=fill)
+    offsets = torch.randint(0, 2 * max_shift + 1, (2, n, 1), generator=generator)
+    rows = offsets[0] + torch.arange(size)
+    cols = offsets[1] + torch.arange(size)
+    shifted = padded[torch.arange(n).view(n, 1, 1), 0, rows[:, :, None], cols[:, None, :]].unsqueeze(1)
+    flip = torch.rand(n, generator=generator) < 0.5
+    return torch.where(flip.view(n, 1, 1, 1), shifted.flip(-1), shifted)
+
+
+@dataclass
+class EpochResult:
+    epoch: int
+    train_loss: float
+    val_loss: float
+    val_accuracy: float
+    seconds: float
+
+
+@dataclass
+class FitResult:
+    history: list[EpochResult] = field(default_factory=list)
+    best_epoch: int = 0
+    best_state: dict[str, torch.Tensor] | None = None
+
+
+def fit(
+    model: nn.Module,
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    val_x: torch.Tensor,
+    val_y: torch.Tensor,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    generator: torch.Generator,
+    augment_fill: float | None = None,
+    on_epoch: Callable[[EpochResult], Any] | None = None,
+) -> FitResult:
+    """Train with Adam and a one-cycle learning rate; keep the weights of the best validation epoch."""
+    device = next(model.parameters()).device
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    steps_per_epoch = math.ceil(len(train_y) / batch_size)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=lr, epochs=epochs, steps_per_epoch=steps_per_epoch
+    )
+    result = FitResult()
+    best_loss = math.inf
+    for epoch in range(1, epochs + 1):
+        start = time.perf_counter()
+        model.train()
+        total_loss = 0.0
+        bar = tqdm(
+            batches(len(train_y), batch_size, generator),
+            total=steps_per_epoch,
+            desc=f"epoch {epoch}/{epochs}",
+            leave=False,
+            disable=not sys.stderr.isatty(),
+        )
+        for idx in bar:
+            x = train_x[idx]
+            if augment_fill is not None:
+                x = random_shift(x, 2, augment_fill, generator)
+            x, y = x.to(device, non_blocking=True), train_y[idx].to(device, non_blocking=True)
+            loss = F.nll_loss(model(x), y, reduction="sum")
+            optimizer.zero_grad(set_to_none=True)
+            (loss / len(y)).backward()
+            optimizer.step()
+            scheduler.step()
+            total_loss += loss.item()
+        val = evaluate(model, val_x, val_y)
+        record = EpochResult(epoch, total_loss / len(train_y), val.loss, val.accuracy, time.perf_counter() - start)
+        result.history.append(record)
+        if val.loss < best_loss:
+            best_loss = val.loss
+            result.best_epoch = epoch
+            result.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if on_epoch:
+            on_epoch(record)
+    return result
