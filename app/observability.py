@@ -62,6 +62,8 @@ def configure_logging(log_format: str, level: str) -> None:
         logger.setLevel(level.upper())
     # The request middleware logs each request with its id; uvicorn's access log would repeat it.
     logging.getLogger("uvicorn.access").disabled = True
+    # The parser warns about every malformed body; the 400 it turns into is logged already.
+    logging.getLogger("python_multipart").setLevel(logging.ERROR)
 
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)

@@ -26,14 +26,15 @@ class Settings(BaseSettings):
     torch_threads: int = Field(1, ge=1, le=256)
     max_batch_size: int = Field(32, ge=1, le=1024)
     max_concurrency: int = Field(64, ge=1)
+    max_connections: int = Field(1024, ge=1)
     body_timeout_s: float = Field(30.0, gt=0)
-    shutdown_grace_s: float = Field(8.0, ge=0)
+    shutdown_grace_s: int = Field(8, ge=0)
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     workers: int = Field(1, ge=1, le=64)
-    keep_alive_s: float = Field(5.0, gt=0)
+    keep_alive_s: int = Field(5, ge=1)
 
     @field_validator("device")
     @classmethod

@@ -10,6 +10,7 @@ from python_multipart.multipart import MultipartParser, MultipartState, parse_op
 from starlette.requests import Request
 
 MAX_BOUNDARY = 70  # RFC 2046
+EXTRA_PARTS = 16  # other form fields tolerated beside the files
 
 
 class UploadError(Exception):
@@ -70,7 +71,8 @@ def _disposition(value: bytes) -> tuple[str | None, str | None]:
 def parse_multipart(body: bytes, content_type: str, field_name: str, max_files: int) -> list[Part]:
     """The parts named `field_name`, in order; other fields are ignored.
 
-    Raises UploadError: 400 for malformed multipart, 413 past `max_files` parts.
+    Raises UploadError: 400 for malformed multipart, 413 past `max_files` such parts or
+    past `max_files + EXTRA_PARTS` parts in all (a flood of tiny fields).
     """
     _, params = parse_options_header(content_type)
     boundary = params.get(b"boundary")
@@ -83,7 +85,13 @@ def parse_multipart(body: bytes, content_type: str, field_name: str, max_files: 
     header_value = bytearray()
     headers: dict[bytes, bytes] = {}
 
+    seen = 0
+
     def on_part_begin() -> None:
+        nonlocal seen
+        seen += 1
+        if seen > max_files + EXTRA_PARTS:
+            raise UploadError(413, f"too many parts: the limit is {max_files + EXTRA_PARTS} per request")
         headers.clear()
 
     def on_header_field(data: bytes, start: int, end: int) -> None:

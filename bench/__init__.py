@@ -1,0 +1,1 @@
+"""The serving benchmark: `python -m bench` (see bench/README.md)."""

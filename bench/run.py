@@ -1,0 +1,335 @@
+"""Drive single- and multi-image uploads at the service and two references; print one table.
+
+Everything runs on 127.0.0.1 and stops by itself. Load comes from wrk (Debian's `wrk`),
+one thread, so the load generator does not starve the servers on a small machine; its
+own CPU use is reported. Server CPU is read from /proc for the server and its workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+LUA = Path(__file__).resolve().parent / "multipart.lua"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass
+class Server:
+    name: str
+    process: subprocess.Popen[bytes]
+    port: int
+    ready_s: float
+
+    def pids(self) -> list[int]:
+        """The server process and its descendants (uvicorn's worker processes)."""
+        parents: dict[int, int] = {}
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                except (OSError, IndexError, ValueError):
+                    continue
+        found, frontier = [self.process.pid], [self.process.pid]
+        while frontier:
+            children = [pid for pid, ppid in parents.items() if ppid in frontier]
+            found += children
+            frontier = children
+        return found
+
+    def cpu_seconds(self) -> float:
+        total = 0
+        for pid in self.pids():
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += int(fields[11]) + int(fields[12])  # utime + stime
+        return total / CLOCK_TICKS
+
+    def rss_mb_per_worker(self) -> float:
+        sizes = []
+        for pid in self.pids():
+            try:
+                sizes.append(int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE_SIZE / 2**20)
+            except OSError:
+                continue
+        workers = sizes[1:] if len(sizes) > 1 else sizes  # with workers, the first process only supervises
+        return statistics.mean(workers)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start(name: str, checkpoint: Path, workers: int) -> Server:
+    port = _free_port()
+    env = {
+        **os.environ,
+        "FASHION_SERVE_CHECKPOINT": str(checkpoint),
+        "FASHION_SERVE_DEVICE": "cpu",
+        "FASHION_SERVE_LOG_LEVEL": "warning",
+        "BENCH_CHECKPOINT": str(checkpoint),
+        "OMP_NUM_THREADS": "1",
+    }
+    if name == "service":
+        command = [sys.executable, "-m", "app", "--port", str(port), "--workers", str(workers)]
+    else:
+        command = [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            f"bench.references:{name}",
+            "--port",
+            str(port),
+            "--workers",
+            str(workers),
+            "--loop",
+            "uvloop",
+            "--http",
+            "httptools",
+            "--log-level",
+            "warning",
+            "--no-access-log",
+        ]
+    started = time.perf_counter()
+    process = subprocess.Popen(command, cwd=ROOT, env=env)
+    while True:
+        if process.poll() is not None:
+            raise SystemExit(f"{name} server exited with {process.returncode}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health/ready", timeout=1) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            time.sleep(0.02)
+    return Server(name, process, port, time.perf_counter() - started)
+
+
+def write_bodies(folder: Path, images: list[bytes], per_request: int) -> str:
+    boundary = "benchboundary7MA4YWxkTrZu0gW"
+    count = max(1, len(images) // per_request)
+    for i in range(count):
+        parts = b"".join(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{i}_{j}.png"\r\n'
+            f"Content-Type: image/png\r\n\r\n".encode()
+            + images[(i * per_request + j) % len(images)]
+            + b"\r\n"
+            for j in range(per_request)
+        )
+        (folder / f"body_{i}.bin").write_bytes(parts + f"--{boundary}--\r\n".encode())
+    (folder / "count").write_text(str(count))
+    return f"multipart/form-data; boundary={boundary}"
+
+
+def fashion_pngs(limit: int) -> list[bytes]:
+    """Real Fashion-MNIST test images, PNG-encoded."""
+    import io
+
+    from training.data import load_fashion_mnist
+
+    images = load_fashion_mnist().test.images[:limit].numpy()
+    encoded = []
+    for array in images:
+        buf = io.BytesIO()
+        Image.fromarray(array).save(buf, "PNG")
+        encoded.append(buf.getvalue())
+    return encoded
+
+
+class LivenessProbe(threading.Thread):
+    """GET /health/live every 20 ms and keep the latencies."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(daemon=True)
+        self.port = port
+        self.latencies: list[float] = []
+        self.failures = 0
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        import http.client
+
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+        while not self.stopping.is_set():
+            start = time.perf_counter()
+            try:
+                conn.request("GET", "/health/live")
+                response = conn.getresponse()
+                response.read()
+                if response.status != 200:
+                    self.failures += 1
+                self.latencies.append(time.perf_counter() - start)
+            except OSError:
+                self.failures += 1
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+            self.stopping.wait(0.02)
+
+    def p99_ms(self) -> float:
+        return statistics.quantiles(self.latencies, n=100)[98] * 1000 if len(self.latencies) > 2 else float("nan")
+
+
+def drive(server: Server, bodies: Path, content_type: str, connections: int, seconds: float, warmup: float) -> dict:
+    env = {
+        **os.environ,
+        "BENCH_BODIES": str(bodies),
+        "BENCH_COUNT": (bodies / "count").read_text(),
+        "BENCH_CONTENT_TYPE": content_type,
+    }
+    url = f"http://127.0.0.1:{server.port}/predict?k=3"
+    base = ["wrk", "-t1", f"-c{connections}", "-s", str(LUA), "--timeout", "10s", url]
+    subprocess.run([*base[:3], f"-d{warmup}s", *base[3:]], env=env, capture_output=True, check=True)
+    cpu_before = server.cpu_seconds()
+    wrk_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    out = subprocess.run([*base[:3], f"-d{seconds}s", *base[3:]], env=env, capture_output=True, text=True, check=True)
+    wrk_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = server.cpu_seconds() - cpu_before
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    duration = summary["duration_us"] / 1e6
+    wrk_cpu = (wrk_after.ru_utime + wrk_after.ru_stime) - (wrk_before.ru_utime + wrk_before.ru_stime)
+    return {
+        "rps": summary["requests"] / duration,
+        "p50": summary["p50_us"] / 1000,
+        "p90": summary["p90_us"] / 1000,
+        "p99": summary["p99_us"] / 1000,
+        "errors": summary["errors"] + summary["non_2xx"],
+        "cpu_ms": 1000 * cpu / max(1, summary["requests"]),
+        "wrk_cpu": 100 * wrk_cpu / duration,
+        "rss": server.rss_mb_per_worker(),
+    }
+
+
+@dataclass(frozen=True)
+class Case:
+    server: str
+    model: str
+    workers: int
+    per_request: int
+    concurrency: tuple[int, ...]
+
+
+HEADER = (
+    f"{'server':<8} {'model':<5} {'wk':>2} {'img':>3} {'c':>4} {'req/s':>8} {'p50 ms':>7} {'p90 ms':>7} "
+    f"{'p99 ms':>7} {'err':>4} {'cpu ms/req':>10} {'wrk cpu%':>8} {'rss MB/wk':>9} {'ready s':>7}"
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--seconds", type=float, default=8.0, help="measured time per row")
+    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="service and empty-app workers")
+    parser.add_argument("--mlp", type=Path, default=ROOT / "models" / "course_network.pt")
+    parser.add_argument("--cnn", type=Path, default=ROOT / "models" / "fashion_cnn.pt")
+    parser.add_argument("--quick", action="store_true", help="only the c=32 rows and the ratios")
+    args = parser.parse_args(argv)
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk not found: apt-get install wrk")
+
+    levels = (32,) if args.quick else (1, 8, 32, 128)
+    w = args.workers
+    cases = [
+        Case("naive", "mlp", 1, 1, levels),
+        Case("empty", "mlp", w, 1, levels),
+        Case("service", "mlp", w, 1, levels),
+        Case("service", "mlp", w, 8, (8, 32)),
+        Case("naive", "cnn", 1, 1, (32,)),
+        Case("service", "cnn", w, 1, levels),
+        Case("service", "cnn", w, 8, (8, 32)),
+    ]
+    checkpoints = {"mlp": args.mlp, "cnn": args.cnn}
+    pngs = fashion_pngs(256)
+    print(
+        f"machine: {os.cpu_count()} CPUs, {platform_line()}; {args.seconds:g} s per row after {args.warmup:g} s warm-up"
+    )
+    print(HEADER)
+    results: dict[tuple[str, str, int, int], dict] = {}
+    health_p99 = None
+    with tempfile.TemporaryDirectory() as tmp:
+        for case in cases:
+            bodies = Path(tmp) / f"{case.per_request}"
+            if not bodies.exists():
+                bodies.mkdir()
+                content_type = write_bodies(bodies, pngs, case.per_request)
+                (bodies / "type").write_text(content_type)
+            content_type = (bodies / "type").read_text()
+            server = start(case.server, checkpoints[case.model], case.workers)
+            try:
+                for c in case.concurrency:
+                    probe = None
+                    if case.server == "service" and case.per_request == 1 and c == 32 and case.model == "mlp":
+                        probe = LivenessProbe(server.port)
+                        probe.start()
+                    row = drive(server, bodies, content_type, c, args.seconds, args.warmup)
+                    if probe:
+                        probe.stopping.set()
+                        probe.join()
+                        health_p99 = probe.p99_ms()
+                    results[(case.server, case.model, case.per_request, c)] = row
+                    print(
+                        f"{case.server:<8} {case.model:<5} {case.workers:>2} {case.per_request:>3} {c:>4} "
+                        f"{row['rps']:>8.0f} {row['p50']:>7.2f} {row['p90']:>7.2f} {row['p99']:>7.2f} "
+                        f"{row['errors']:>4} {row['cpu_ms']:>10.2f} {row['wrk_cpu']:>8.0f} {row['rss']:>9.0f} "
+                        f"{server.ready_s:>7.2f}",
+                        flush=True,
+                    )
+            finally:
+                server.stop()
+
+    def rps(server: str, model: str = "mlp", per: int = 1, c: int = 32) -> float:
+        return results[(server, model, per, c)]["rps"]
+
+    print()
+    print(f"c=32, course MLP: service / naive  = {rps('service') / rps('naive'):.2f}x   (target >= 3x)")
+    print(f"c=32, course MLP: service / empty  = {rps('service') / rps('empty'):.2f}x   (target >= 0.7x)")
+    print(f"c=32, CNN:        service / naive  = {rps('service', 'cnn') / rps('naive', 'cnn'):.2f}x")
+    if not args.quick:
+        print(f"c=1,  course MLP: service p50 = {results[('service', 'mlp', 1, 1)]['p50']:.2f} ms   (target <= 0.6 ms)")
+    print(f"c=32, course MLP: service p99 = {results[('service', 'mlp', 1, 32)]['p99']:.2f} ms   (target <= 15 ms)")
+    print(f"/health/live p99 while /predict runs at c=32: {health_p99:.2f} ms   (target <= 5 ms)")
+    images_per_s = rps("service", "mlp", 8, 32) * 8
+    print(
+        f"8 images per request, c=32, MLP: {images_per_s:.0f} images/s = {images_per_s / rps('service'):.2f}x single-image"
+    )
+    return 0
+
+
+def platform_line() -> str:
+    import platform
+
+    import torch
+
+    return f"Python {platform.python_version()}, torch {torch.__version__}, {platform.machine()}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

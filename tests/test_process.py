@@ -1,0 +1,108 @@
+"""The real process: start-up failures, and SIGTERM with a request in flight."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import png, write_tiny_checkpoint
+from tests.serverproc import start_server, wait_ready
+
+
+def _fails_to_start(checkpoint: Path, *args: str) -> str:
+    process, _ = start_server({"FASHION_SERVE_CHECKPOINT": str(checkpoint)}, *args)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode != 0
+    critical = [line for line in output.splitlines() if "CRITICAL" in line]
+    assert len(critical) == 1, output
+    return critical[0]
+
+
+def test_missing_checkpoint_exits_nonzero_with_one_clear_line(tmp_path: Path) -> None:
+    line = _fails_to_start(tmp_path / "missing.pt")
+    assert f"cannot start: checkpoint {tmp_path / 'missing.pt'}" in line and "does not exist" in line
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_malicious_checkpoint_is_refused_and_nothing_runs(tmp_path: Path, workers: str) -> None:
+    marker = tmp_path / "pwned"
+
+    class RunsCode:
+        def __reduce__(self) -> tuple[object, ...]:
+            import os
+
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"format_version": 1, "payload": RunsCode()}, tmp_path / "evil.pt")
+    line = _fails_to_start(tmp_path / "evil.pt", "--workers", workers)
+    assert "pickled Python objects" in line
+    assert not marker.exists()
+
+
+def test_truncated_checkpoint_exits_nonzero(tmp_path: Path) -> None:
+    path = write_tiny_checkpoint(tmp_path / "m.pt")
+    path.write_bytes(path.read_bytes()[:500])
+    assert "truncated or corrupt" in _fails_to_start(path)
+
+
+def _multipart(data: bytes) -> tuple[bytes, bytes]:
+    boundary = b"testboundary42"
+    body = (
+        b"--" + boundary + b'\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n'
+        b"Content-Type: image/png\r\n\r\n" + data + b"\r\n--" + boundary + b"--\r\n"
+    )
+    return body, b"multipart/form-data; boundary=" + boundary
+
+
+def test_sigterm_finishes_the_request_in_flight_then_exits_cleanly(tmp_path: Path) -> None:
+    checkpoint = write_tiny_checkpoint(tmp_path / "m.pt")
+    process, port = start_server({"FASHION_SERVE_CHECKPOINT": str(checkpoint), "FASHION_SERVE_SHUTDOWN_GRACE_S": "5"})
+    try:
+        wait_ready(process, port)
+        body, content_type = _multipart(png())
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+            head = (
+                b"POST /predict?k=1 HTTP/1.1\r\nHost: test\r\nContent-Type: " + content_type + b"\r\n"
+                b"Content-Length: " + str(len(body)).encode() + b"\r\nX-Request-ID: in-flight\r\n\r\n"
+            )
+            conn.sendall(head + body[:40])  # the request is in progress...
+            time.sleep(0.3)
+            sent_at = time.monotonic()
+            process.send_signal(signal.SIGTERM)  # ...when the orchestrator stops the container
+            time.sleep(0.3)
+            conn.sendall(body[40:])
+            response = conn.recv(65536).decode()
+        assert response.startswith("HTTP/1.1 200"), response
+        assert '"top_k"' in response
+        output, _ = process.communicate(timeout=10)
+        assert process.returncode == 0
+        assert time.monotonic() - sent_at < 5 + 2
+        assert "SIGTERM: readiness off" in output
+        assert "[in-flight] POST /predict 200" in output
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+
+
+def test_json_logs(tmp_path: Path) -> None:
+    import json
+
+    checkpoint = write_tiny_checkpoint(tmp_path / "m.pt")
+    process, port = start_server({"FASHION_SERVE_CHECKPOINT": str(checkpoint), "FASHION_SERVE_LOG_FORMAT": "json"})
+    try:
+        wait_ready(process, port)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=15)
+    records = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+    assert any(r["message"].startswith("ready: m (network") for r in records)
+    assert any(r["message"].startswith("GET /health/ready 200") and len(r["request_id"]) == 32 for r in records)
+    assert all({"time", "level", "logger", "request_id", "message"} <= set(r) for r in records)
+    assert process.returncode == 0
+    assert not [line for line in output.splitlines() if line.strip() and not line.startswith("{")], output

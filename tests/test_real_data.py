@@ -1,0 +1,67 @@
+"""Checks against the real Fashion-MNIST and the bundled checkpoint (installed by scripts/fetch-data)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from app.main import create_app
+from app.settings import BUNDLED_CHECKPOINT, Settings
+from models import load_checkpoint, normalize
+from models.preprocessing import _border_mean
+from tests.helpers import encode
+from training.data import DataNotFoundError, FashionMNIST, load_fashion_mnist
+from training.train import evaluate
+
+
+@pytest.fixture(scope="module")
+def fmnist() -> FashionMNIST:
+    try:
+        return load_fashion_mnist()
+    except DataNotFoundError as exc:
+        pytest.skip(f"real Fashion-MNIST not installed (scripts/fetch-data): {exc}")
+
+
+def test_bundled_checkpoint_reaches_its_recorded_accuracy(fmnist: FashionMNIST) -> None:
+    loaded = load_checkpoint(BUNDLED_CHECKPOINT)
+    x = normalize(fmnist.test.images, loaded.preprocess).unsqueeze(1)
+    result = evaluate(loaded.model, x, fmnist.test.labels)
+    assert result.accuracy >= 0.935
+    assert result.accuracy == pytest.approx(loaded.metrics["test_accuracy"], abs=1e-3)
+    assert loaded.training["data_source"].startswith("idx:")
+
+
+def test_auto_invert_leaves_every_real_item_as_it_is(fmnist: FashionMNIST) -> None:
+    images = torch.cat([fmnist.train.images, fmnist.test.images])
+    backgrounds = [_border_mean(Image.fromarray(a)) for a in images[::7].numpy()]
+    assert max(backgrounds) <= 127.5
+
+
+def test_served_predictions_match_the_model_on_real_images(fmnist: FashionMNIST) -> None:
+    """PNG round trip through HTTP gives what the model says on the raw tensors."""
+    loaded = load_checkpoint(BUNDLED_CHECKPOINT)
+    images, labels = fmnist.test.images[:64], fmnist.test.labels[:64]
+    with torch.inference_mode():
+        direct = loaded.model(normalize(images, loaded.preprocess).unsqueeze(1)).argmax(dim=1).tolist()
+    files = [("file", (f"{i}.png", encode(Image.fromarray(a.numpy())), "image/png")) for i, a in enumerate(images)]
+    settings = Settings(device="cpu", max_files=64)
+    with TestClient(create_app(settings)) as client:
+        served = []
+        for start in range(0, 64, 16):
+            response = client.post("/predict?k=1", files=files[start : start + 16])
+            assert response.status_code == 200
+            served += [p["top_k"][0]["index"] for p in response.json()["predictions"]]
+        assert served == direct
+        assert np.mean(np.array(served) == labels.numpy()) > 0.85
+
+        # The same garments as dark-on-white "product photos", larger: auto-invert undoes it.
+        photos = [
+            ("file", (f"{i}.jpg", encode(Image.fromarray(255 - a.numpy()).resize((112, 112)), "JPEG", quality=95)))
+            for i, a in enumerate(images[:16])
+        ]
+        response = client.post("/predict?k=1", files=photos)
+        as_photos = [p["top_k"][0]["index"] for p in response.json()["predictions"]]
+        assert np.mean(np.array(as_photos) == np.array(direct[:16])) >= 0.8
