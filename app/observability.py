@@ -55,7 +55,8 @@ def configure_logging(log_format: str, level: str) -> None:
     handler = _StderrHandler()
     handler.addFilter(_RequestIdFilter())
     handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
-    for name in ("app", "models", "uvicorn", "uvicorn.error", "uvicorn.access"):
+    logging.captureWarnings(True)  # e.g. Pillow's "Corrupt EXIF data" on a bad upload
+    for name in ("app", "models", "uvicorn", "uvicorn.error", "uvicorn.access", "py.warnings"):
         logger = logging.getLogger(name)
         logger.handlers = [handler]
         logger.propagate = False

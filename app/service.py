@@ -8,7 +8,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import io
-import struct
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from PIL import Image, UnidentifiedImageError
 
 from app.settings import Settings
 from models import LoadedModel, load_checkpoint
-from models.preprocessing import ImageError, Invert, preprocess_image
+from models.preprocessing import ImageError, Invert, PreprocessConfig, preprocess_image
 
 # Decoders we accept; everything else is refused before any parser runs on the bytes.
 ALLOWED_FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF")
@@ -74,8 +73,8 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
         raise ImageRejected(400, f"not a decodable image (accepted formats: {', '.join(ALLOWED_FORMATS)})") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageRejected(413, f"image has more than {max_pixels} pixels") from None
-    except (OSError, SyntaxError, ValueError, struct.error, EOFError) as exc:
-        raise ImageRejected(400, f"corrupt image header: {exc}") from None
+    except Exception as exc:  # malformed headers make Pillow raise many types; all are the client's
+        raise ImageRejected(400, f"corrupt image header: {exc!r}") from None
     width, height = image.size
     if width * height > max_pixels:
         raise ImageRejected(413, f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
@@ -83,9 +82,33 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
         image.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageRejected(413, f"image has more than {max_pixels} pixels") from None
-    except (OSError, SyntaxError, ValueError, struct.error, EOFError, MemoryError) as exc:
-        raise ImageRejected(400, f"image data is truncated or corrupt: {exc}") from None
+    except MemoryError:
+        raise ImageRejected(413, "image too large to decode") from None
+    except Exception as exc:  # malformed files make Pillow raise many types; all are the client's
+        raise ImageRejected(400, f"image data is truncated or corrupt: {exc!r}") from None
     return image
+
+
+def image_to_input(
+    data: bytes,
+    content_type: str | None,
+    preprocess: PreprocessConfig,
+    max_pixels: int,
+    invert: Invert | None = None,
+) -> torch.Tensor:
+    """Untrusted upload bytes -> a (1, 28, 28) model input; every failure is ImageRejected."""
+    check_content_type(content_type)
+    image = decode_image(data, max_pixels)
+    try:
+        return preprocess_image(image, preprocess, invert=invert)
+    except ImageError as exc:
+        raise ImageRejected(415, str(exc)) from None
+    except MemoryError:
+        raise ImageRejected(413, "image too large to decode") from None
+    except Exception as exc:
+        # Decoders are lazy (frames, tiles) and Pillow's parsers raise many types on
+        # malformed files (TypeError, KeyError, ... found by fuzz/fuzz_decode.py): all are 400.
+        raise ImageRejected(400, f"image data is truncated or corrupt: {exc!r}") from None
 
 
 @dataclass(frozen=True)
@@ -129,14 +152,7 @@ class ClassifierService:
 
     def to_input(self, data: bytes, content_type: str | None = None, invert: Invert | None = None) -> torch.Tensor:
         """Decode one upload into a (1, 28, 28) model input, or raise ImageRejected."""
-        check_content_type(content_type)
-        image = decode_image(data, self.settings.max_image_pixels)
-        try:
-            return preprocess_image(image, self.loaded.preprocess, invert=invert)
-        except ImageError as exc:
-            raise ImageRejected(415, str(exc)) from None
-        except (OSError, ValueError, SyntaxError) as exc:  # lazy decoders (e.g. GIF frames) fail late
-            raise ImageRejected(400, f"image data is truncated or corrupt: {exc}") from None
+        return image_to_input(data, content_type, self.loaded.preprocess, self.settings.max_image_pixels, invert=invert)
 
     @torch.inference_mode()
     def probabilities(self, batch: torch.Tensor) -> list[list[float]]:

@@ -31,7 +31,9 @@ async def naive_predict(file: UploadFile, k: int = 3) -> dict[str, object]:
     top_p, top_i = ps.topk(k, dim=1)
     names = _loaded.class_names
     return {
-        "predictions": [{"label": names[i], "probability": p} for p, i in zip(top_p[0].tolist(), top_i[0].tolist())]
+        "predictions": [
+            {"label": names[i], "probability": p} for p, i in zip(top_p[0].tolist(), top_i[0].tolist(), strict=True)
+        ]
     }
 
 

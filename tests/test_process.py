@@ -90,6 +90,26 @@ def test_sigterm_finishes_the_request_in_flight_then_exits_cleanly(tmp_path: Pat
             process.communicate()
 
 
+def test_a_slow_body_gets_408_and_the_service_stays_ready(tmp_path: Path) -> None:
+    checkpoint = write_tiny_checkpoint(tmp_path / "m.pt")
+    process, port = start_server({"FASHION_SERVE_CHECKPOINT": str(checkpoint), "FASHION_SERVE_BODY_TIMEOUT_S": "1"})
+    try:
+        wait_ready(process, port)
+        body, content_type = _multipart(png())
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+            conn.sendall(
+                b"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Type: " + content_type + b"\r\n"
+                b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body[:40]
+            )
+            response = conn.recv(65536).decode()  # the client never sends the rest
+        assert response.startswith("HTTP/1.1 408"), response
+        assert "not received within 1 s" in response
+        wait_ready(process, port, timeout=5)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=15)
+
+
 def test_json_logs(tmp_path: Path) -> None:
     import json
 

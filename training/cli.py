@@ -18,6 +18,8 @@ from training.data import DataNotFoundError, FashionMNIST, load_fashion_mnist
 from training.report import artifact_paths, plot_confusion, plot_curves, write_json
 from training.train import EpochResult, Evaluation, evaluate, fit, reseed, resolve_device
 
+AUGMENTATIONS: dict[str, int | None] = {"none": None, "flip": 0, "shift": 2}  # -> max_shift
+
 
 def _add_data_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", type=Path, help="folder with the four Fashion-MNIST IDX files (.gz or raw)")
@@ -37,7 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=int, default=256)
     train.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the one-cycle schedule")
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--augment", action="store_true", help="random 2-pixel shifts and mirror images")
+    train.add_argument(
+        "--augment",
+        choices=AUGMENTATIONS,
+        default="none",
+        help="none; flip: mirror half the images; shift: also move them up to 2 pixels",
+    )
     train.add_argument("--val-size", type=int, default=5000, help="training examples held out for validation")
     train.add_argument("--limit", type=int, help="use only the first N training and N test examples")
     train.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -134,7 +141,8 @@ def run_train(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         lr=args.lr,
         generator=generator,
-        augment_fill=float(normalize(torch.zeros(1), preprocess)) if args.augment else None,
+        max_shift=AUGMENTATIONS[args.augment],
+        fill=float(normalize(torch.zeros(1), preprocess)),
         on_epoch=_print_epoch,
     )
     duration = time.perf_counter() - start

@@ -77,16 +77,18 @@ def evaluate(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, batch
     return Evaluation(loss=total_loss / n, accuracy=confusion.diagonal().sum().item() / n, confusion=confusion)
 
 
-def random_shift(x: torch.Tensor, max_shift: int, fill: float, generator: torch.Generator) -> torch.Tensor:
-    """Translate each image by up to `max_shift` pixels and mirror half of them (training augmentation)."""
+def augment(x: torch.Tensor, max_shift: int, fill: float, generator: torch.Generator) -> torch.Tensor:
+    """Mirror half of the images and translate each by up to `max_shift` pixels (0: mirror only)."""
     n, size = x.shape[0], x.shape[-1]
+    flip = torch.rand(n, generator=generator) < 0.5
+    x = torch.where(flip.view(n, 1, 1, 1), x.flip(-1), x)
+    if max_shift == 0:
+        return x
     padded = F.pad(x, (max_shift,) * 4, value=fill)
     offsets = torch.randint(0, 2 * max_shift + 1, (2, n, 1), generator=generator)
     rows = offsets[0] + torch.arange(size)
     cols = offsets[1] + torch.arange(size)
-    shifted = padded[torch.arange(n).view(n, 1, 1), 0, rows[:, :, None], cols[:, None, :]].unsqueeze(1)
-    flip = torch.rand(n, generator=generator) < 0.5
-    return torch.where(flip.view(n, 1, 1, 1), shifted.flip(-1), shifted)
+    return padded[torch.arange(n).view(n, 1, 1), 0, rows[:, :, None], cols[:, None, :]].unsqueeze(1)
 
 
 @dataclass
@@ -116,10 +118,15 @@ def fit(
     batch_size: int,
     lr: float,
     generator: torch.Generator,
-    augment_fill: float | None = None,
+    max_shift: int | None = None,
+    fill: float = 0.0,
     on_epoch: Callable[[EpochResult], Any] | None = None,
 ) -> FitResult:
-    """Train with Adam and a one-cycle learning rate; keep the weights of the best validation epoch."""
+    """Train with Adam and a one-cycle learning rate; keep the weights of the best validation epoch.
+
+    Best means highest validation accuracy, then lowest validation loss. `max_shift` turns on
+    augmentation (see `augment`), with `fill` as the background value of shifted-in pixels.
+    """
     device = next(model.parameters()).device
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     steps_per_epoch = math.ceil(len(train_y) / batch_size)
@@ -127,7 +134,7 @@ def fit(
         optimizer, max_lr=lr, epochs=epochs, steps_per_epoch=steps_per_epoch
     )
     result = FitResult()
-    best_loss = math.inf
+    best = (-1.0, -math.inf)
     for epoch in range(1, epochs + 1):
         start = time.perf_counter()
         model.train()
@@ -141,8 +148,8 @@ def fit(
         )
         for idx in bar:
             x = train_x[idx]
-            if augment_fill is not None:
-                x = random_shift(x, 2, augment_fill, generator)
+            if max_shift is not None:
+                x = augment(x, max_shift, fill, generator)
             x, y = x.to(device, non_blocking=True), train_y[idx].to(device, non_blocking=True)
             loss = F.nll_loss(model(x), y, reduction="sum")
             optimizer.zero_grad(set_to_none=True)
@@ -153,8 +160,8 @@ def fit(
         val = evaluate(model, val_x, val_y)
         record = EpochResult(epoch, total_loss / len(train_y), val.loss, val.accuracy, time.perf_counter() - start)
         result.history.append(record)
-        if val.loss < best_loss:
-            best_loss = val.loss
+        if (val.accuracy, -val.loss) > best:
+            best = (val.accuracy, -val.loss)
             result.best_epoch = epoch
             result.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if on_epoch:

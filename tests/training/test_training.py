@@ -14,7 +14,7 @@ from models import build_model, load_checkpoint
 from tests.helpers import garment
 from training.cli import main
 from training.data import DataNotFoundError, load_fashion_mnist, read_idx
-from training.train import batches, evaluate, fit, random_shift, reseed
+from training.train import augment, batches, evaluate, fit, reseed
 
 
 def idx_bytes(array: np.ndarray) -> bytes:
@@ -74,7 +74,9 @@ def _train_once(seed: int) -> tuple[list[float], torch.Tensor]:
     generator = reseed(seed)
     model = build_model("classifier", {})
     x, y = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
-    result = fit(model, x, y, x[:16], y[:16], epochs=2, batch_size=16, lr=1e-3, generator=generator, augment_fill=-1.0)
+    result = fit(
+        model, x, y, x[:16], y[:16], epochs=2, batch_size=16, lr=1e-3, generator=generator, max_shift=2, fill=-1.0
+    )
     return [r.train_loss for r in result.history], model.fc1.weight.detach().clone()
 
 
@@ -87,10 +89,20 @@ def test_same_seed_same_result() -> None:
     assert losses_a != losses_c
 
 
-def test_random_shift_moves_content_and_keeps_the_fill() -> None:
+def test_flip_only_mirrors_half_the_images() -> None:
+    x = torch.zeros(200, 1, 28, 28)
+    x[:, :, :, :5] = 1.0  # a bar on the left
+    out = augment(x, 0, -1.0, torch.Generator().manual_seed(0))
+    mirrored = out[:, 0, 0, -1] == 1.0
+    assert 60 < mirrored.sum() < 140
+    assert torch.equal(out[~mirrored], x[~mirrored])
+    assert torch.equal(out[mirrored], x[mirrored].flip(-1))
+
+
+def test_shift_moves_content_and_keeps_the_fill() -> None:
     x = torch.full((64, 1, 28, 28), -1.0)
     x[:, :, 10:18, 10:18] = 1.0
-    shifted = random_shift(x, 2, -1.0, torch.Generator().manual_seed(0))
+    shifted = augment(x, 2, -1.0, torch.Generator().manual_seed(0))
     assert shifted.shape == x.shape
     assert set(shifted.unique().tolist()) == {-1.0, 1.0}
     assert (shifted == 1.0).sum(dim=(1, 2, 3)).eq(64).all(), "the 8x8 square is moved whole, never cut"
