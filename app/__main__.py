@@ -5,14 +5,20 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import tempfile
+from types import FrameType
 
 import uvicorn
 
 from app.observability import configure_logging
 from app.settings import Settings
 from models import CheckpointError, load_checkpoint
+
+
+def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
         # Each worker counts its own requests; this directory lets /metrics add them up.
         os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="fashion-serve-metrics-"))
 
+    # uvicorn drains, then re-raises the SIGTERM/SIGINT it caught against the handler it found
+    # installed; with this one a drained server exits 0 (a clean stop), not "killed by signal".
+    for stop_signal in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop_signal, _exit_cleanly)
     uvicorn.run(
         "app.main:app",
         host=args.host,
