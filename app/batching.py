@@ -1,9 +1,10 @@
-"""An adaptive micro-batcher: one inference thread that runs whatever is already waiting as one batch.
+"""An adaptive micro-batcher: one worker thread that runs whatever is already waiting as one batch.
 
 It never waits for a batch to fill: an idle service runs a lone request at once, and a
-busy one groups the requests that queued up while the previous forward pass ran. Each
-request gets back exactly its own rows, in order; an exception fails only the batch it
-happened in.
+busy one groups the requests that queued up while the previous batch ran. `run_batch`
+gets the waiting items in arrival order and returns one result per item, in the same
+order; a result that is an exception is raised to that item's caller only. If `run_batch`
+itself fails, every item of that batch gets the error; later batches are unaffected.
 """
 
 from __future__ import annotations
@@ -12,73 +13,60 @@ import asyncio
 import logging
 import queue
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
-
-import torch
+from typing import Generic, TypeVar
 
 logger = logging.getLogger(__name__)
 
-
-Rows = list[list[float]]
+Item = TypeVar("Item")
+Result = TypeVar("Result")
 
 
 @dataclass
-class _Job:
-    inputs: torch.Tensor
-    future: asyncio.Future[Rows]
+class _Job(Generic[Item, Result]):
+    item: Item
+    future: asyncio.Future[Result]
     loop: asyncio.AbstractEventLoop
 
 
-def _resolve(future: asyncio.Future[Rows], result: Rows | None, error: BaseException | None) -> None:
+def _resolve(future: asyncio.Future[Result], outcome: Result | BaseException) -> None:
     if future.done():  # the client went away and the handler was cancelled
         return
-    if error is not None:
-        future.set_exception(error)
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
     else:
-        assert result is not None
-        future.set_result(result)
+        future.set_result(outcome)
 
 
-class MicroBatcher:
-    """Runs `infer` on one dedicated thread over batches of at most `max_batch_size` rows.
+class MicroBatcher(Generic[Item, Result]):
+    """Runs `run_batch` on one dedicated thread over at most `max_batch_size` waiting items."""
 
-    `infer` maps an (N, ...) tensor to N output rows as Python lists, so nothing of torch
-    reaches the event loop; `on_batch(rows, seconds)` is told about every forward pass.
-    """
-
-    def __init__(
-        self,
-        infer: Callable[[torch.Tensor], Rows],
-        max_batch_size: int,
-        on_batch: Callable[[int, float], None] | None = None,
-    ) -> None:
-        self._infer = infer
+    def __init__(self, run_batch: Callable[[list[Item]], list[Result | BaseException]], max_batch_size: int) -> None:
+        self._run_batch = run_batch
         self._max_batch_size = max_batch_size
-        self._on_batch = on_batch
-        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Job[Item, Result] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self, timeout: float | None = None) -> None:
-        """Finish the jobs already queued, then end the thread."""
+        """Finish the items already queued, then end the thread."""
         self._queue.put(None)
         self._thread.join(timeout)
 
-    async def submit(self, inputs: torch.Tensor) -> Rows:
-        """Queue (N, ...) inputs and wait for their N output rows."""
+    async def submit(self, item: Item) -> Result:
+        """Queue one item and wait for its result (or its exception)."""
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[Rows] = loop.create_future()
-        self._queue.put(_Job(inputs, future, loop))
+        future: asyncio.Future[Result] = loop.create_future()
+        self._queue.put(_Job(item, future, loop))
         return await future
 
-    def _take_waiting(self, first: _Job) -> tuple[list[_Job], bool]:
+    def _take_waiting(self, first: _Job[Item, Result]) -> tuple[list[_Job[Item, Result]], bool]:
         """The first job plus those already queued, up to the batch size; and whether to stop."""
-        jobs, rows = [first], len(first.inputs)
-        while rows < self._max_batch_size:
+        jobs = [first]
+        while len(jobs) < self._max_batch_size:
             try:
                 job = self._queue.get_nowait()
             except queue.Empty:
@@ -86,7 +74,6 @@ class MicroBatcher:
             if job is None:
                 return jobs, True
             jobs.append(job)
-            rows += len(job.inputs)
         return jobs, False
 
     def _run(self) -> None:
@@ -97,18 +84,11 @@ class MicroBatcher:
                 break
             jobs, stopping = self._take_waiting(first)
             try:
-                start = time.perf_counter()
-                inputs = jobs[0].inputs if len(jobs) == 1 else torch.cat([job.inputs for job in jobs])
-                outputs = self._infer(inputs)
-                if self._on_batch:
-                    self._on_batch(len(outputs), time.perf_counter() - start)
+                outcomes = self._run_batch([job.item for job in jobs])
+                if len(outcomes) != len(jobs):
+                    raise RuntimeError(f"run_batch returned {len(outcomes)} results for {len(jobs)} items")
             except BaseException as exc:  # handed to every waiting request, never lost
-                logger.warning("inference failed for a batch of %d requests: %r", len(jobs), exc)
-                for job in jobs:
-                    job.loop.call_soon_threadsafe(_resolve, job.future, None, exc)
-                continue
-            offset = 0
-            for job in jobs:
-                rows = outputs[offset : offset + len(job.inputs)]
-                offset += len(job.inputs)
-                job.loop.call_soon_threadsafe(_resolve, job.future, rows, None)
+                logger.warning("a batch of %d requests failed: %r", len(jobs), exc)
+                outcomes = [exc] * len(jobs)
+            for job, outcome in zip(jobs, outcomes, strict=True):
+                job.loop.call_soon_threadsafe(_resolve, job.future, outcome)

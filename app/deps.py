@@ -7,7 +7,8 @@ from fastapi import Depends, Request
 from app.runtime import Runtime
 
 
-def get_runtime(request: Request) -> Runtime:
+async def get_runtime(request: Request) -> Runtime:
+    # async: FastAPI would run a plain `def` dependency in the threadpool, a hand-off per request.
     runtime: Runtime = request.app.state.runtime
     return runtime
 

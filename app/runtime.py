@@ -10,7 +10,7 @@ from fastapi import HTTPException
 
 from app.batching import MicroBatcher
 from app.observability import Metrics
-from app.service import ClassifierService
+from app.service import Answer, ClassifierService, DecodedRequest, Upload
 from app.settings import Settings
 
 
@@ -39,10 +39,10 @@ class Runtime:
     metrics: Metrics = field(default_factory=Metrics)
     health: Health = field(default_factory=Health)
     service: ClassifierService | None = None
-    batcher: MicroBatcher | None = None
+    batcher: MicroBatcher[Upload | DecodedRequest, Answer] | None = None
     in_flight: int = 0
 
-    def require_model(self) -> tuple[ClassifierService, MicroBatcher]:
+    def require_model(self) -> tuple[ClassifierService, MicroBatcher[Upload | DecodedRequest, Answer]]:
         if self.service is None or self.batcher is None:
             raise HTTPException(503, detail=self.health.reason, headers={"Retry-After": "1"})
         return self.service, self.batcher

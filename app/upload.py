@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 MAX_BOUNDARY = 70  # RFC 2046
 EXTRA_PARTS = 16  # other form fields tolerated beside the files
@@ -53,6 +53,8 @@ async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes
                 chunks.append(chunk)
     except TimeoutError:
         raise UploadError(408, f"request body not received within {timeout_s:g} s") from None
+    except ClientDisconnect:  # nobody is left to answer; a 4xx keeps it out of the error logs
+        raise UploadError(400, "client disconnected before sending the whole body") from None
     return b"".join(chunks)
 
 

@@ -207,10 +207,12 @@ def drive(server: Server, bodies: Path, content_type: str, connections: int, sec
     }
     url = f"http://127.0.0.1:{server.port}/predict?k=3"
     base = ["wrk", "-t1", f"-c{connections}", "-s", str(LUA), "--timeout", "10s", url]
-    subprocess.run([*base[:3], f"-d{warmup}s", *base[3:]], env=env, capture_output=True, check=True)
+    subprocess.run([*base[:3], f"-d{round(warmup)}s", *base[3:]], env=env, capture_output=True, check=True)
     cpu_before = server.cpu_seconds()
     wrk_before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    out = subprocess.run([*base[:3], f"-d{seconds}s", *base[3:]], env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [*base[:3], f"-d{round(seconds)}s", *base[3:]], env=env, capture_output=True, text=True, check=True
+    )
     wrk_after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = server.cpu_seconds() - cpu_before
     summary = json.loads(out.stdout.strip().splitlines()[-1])
@@ -245,12 +247,13 @@ HEADER = (
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--seconds", type=float, default=8.0, help="measured time per row")
-    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--seconds", type=int, default=8, help="measured time per row")
+    parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="service and empty-app workers")
     parser.add_argument("--mlp", type=Path, default=ROOT / "models" / "course_network.pt")
     parser.add_argument("--cnn", type=Path, default=ROOT / "models" / "fashion_cnn.pt")
     parser.add_argument("--quick", action="store_true", help="only the c=32 rows and the ratios")
+    parser.add_argument("--only", help="run just the rows of one server (naive, empty, service); no ratios")
     args = parser.parse_args(argv)
     if shutil.which("wrk") is None:
         raise SystemExit("wrk not found: apt-get install wrk")
@@ -266,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         Case("service", "cnn", w, 1, levels),
         Case("service", "cnn", w, 8, (8, 32)),
     ]
+    if args.only:
+        cases = [c for c in cases if c.server == args.only]
     checkpoints = {"mlp": args.mlp, "cnn": args.cnn}
     pngs = fashion_pngs(256)
     print(
@@ -304,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
                     )
             finally:
                 server.stop()
+
+    if args.only:
+        return 0
 
     def rps(server: str, model: str = "mlp", per: int = 1, c: int = 32) -> float:
         return results[(server, model, per, c)]["rps"]

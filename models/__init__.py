@@ -8,7 +8,7 @@ from models.checkpoint import (
     save_checkpoint,
 )
 from models.networks import ARCHITECTURES, Classifier, FashionCNN, Network, build_model, model_args_for
-from models.preprocessing import ImageError, PreprocessConfig, normalize, preprocess_image
+from models.preprocessing import ImageError, PreprocessConfig, normalize, normalize_tensor, preprocess_image
 
 __all__ = [
     "ARCHITECTURES",
@@ -24,6 +24,7 @@ __all__ = [
     "load_checkpoint",
     "model_args_for",
     "normalize",
+    "normalize_tensor",
     "preprocess_image",
     "save_checkpoint",
 ]

@@ -57,12 +57,22 @@ class ImageError(ValueError):
     """The image cannot be turned into model input (an unsupported mode, no pixels)."""
 
 
-def normalize(pixels: torch.Tensor, config: PreprocessConfig, invert: bool = False) -> torch.Tensor:
-    """uint8 (or 0..255 float) pixels -> normalized float32, the training transform's last step."""
-    x = pixels.to(torch.float32).div_(255.0)
+def normalize(pixels: np.ndarray, config: PreprocessConfig, invert: bool = False) -> np.ndarray:
+    """uint8 (or 0..255 float) pixels -> normalized float32: the training transform's last step.
+
+    Plain numpy, so decoding threads in the server never start torch's thread pools.
+    """
+    x = pixels.astype(np.float32) / np.float32(255.0)
     if invert:
-        x = x.neg_().add_(1.0)
-    return x.sub_(config.mean).div_(config.std)
+        x = np.float32(1.0) - x
+    x -= np.float32(config.mean)
+    x /= np.float32(config.std)
+    return x
+
+
+def normalize_tensor(pixels: torch.Tensor, config: PreprocessConfig) -> torch.Tensor:
+    """`normalize` for a CPU tensor of images (the training data set)."""
+    return torch.from_numpy(normalize(pixels.numpy(), config))
 
 
 def _first_frame(image: Image.Image) -> Image.Image:
@@ -133,6 +143,11 @@ def preprocess_image(image: Image.Image, config: PreprocessConfig, invert: Inver
 
     `invert` overrides the config's setting for this image.
     """
+    return torch.from_numpy(preprocess_array(image, config, invert))
+
+
+def preprocess_array(image: Image.Image, config: PreprocessConfig, invert: Invert | None = None) -> np.ndarray:
+    """`preprocess_image` as a (1, size, size) float32 numpy array (what the server batches)."""
     image = _first_frame(image)
     ImageOps.exif_transpose(image, in_place=True)
     if image.width < 1 or image.height < 1:
@@ -141,9 +156,7 @@ def preprocess_image(image: Image.Image, config: PreprocessConfig, invert: Inver
     background = _border_mean(gray)
     flip = should_invert(background, invert or config.invert)
     square = fit_square(gray, config.size, background)
+    pixels = np.asarray(square)
     if square.mode == "F":
-        # Lanczos overshoots; 'L' images clamp by themselves, float ones must be clamped here.
-        pixels = torch.from_numpy(np.clip(np.asarray(square, dtype=np.float32), 0.0, 255.0))
-    else:
-        pixels = torch.frombuffer(bytearray(square.tobytes()), dtype=torch.uint8).view(config.size, config.size)
-    return normalize(pixels, config, invert=flip).unsqueeze(0)
+        pixels = np.clip(pixels, 0.0, 255.0)  # Lanczos overshoots; 'L' images clamp by themselves
+    return normalize(pixels, config, invert=flip)[np.newaxis]

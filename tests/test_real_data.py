@@ -10,7 +10,7 @@ from PIL import Image
 
 from app.main import create_app
 from app.settings import BUNDLED_CHECKPOINT, Settings
-from models import load_checkpoint, normalize
+from models import load_checkpoint, normalize_tensor
 from models.preprocessing import _border_mean
 from tests.helpers import encode
 from training.data import DataNotFoundError, FashionMNIST, load_fashion_mnist
@@ -27,7 +27,7 @@ def fmnist() -> FashionMNIST:
 
 def test_bundled_checkpoint_reaches_its_recorded_accuracy(fmnist: FashionMNIST) -> None:
     loaded = load_checkpoint(BUNDLED_CHECKPOINT)
-    x = normalize(fmnist.test.images, loaded.preprocess).unsqueeze(1)
+    x = normalize_tensor(fmnist.test.images, loaded.preprocess).unsqueeze(1)
     result = evaluate(loaded.model, x, fmnist.test.labels)
     assert result.accuracy >= 0.935
     assert result.accuracy == pytest.approx(loaded.metrics["test_accuracy"], abs=1e-3)
@@ -45,7 +45,7 @@ def test_served_predictions_match_the_model_on_real_images(fmnist: FashionMNIST)
     loaded = load_checkpoint(BUNDLED_CHECKPOINT)
     images, labels = fmnist.test.images[:64], fmnist.test.labels[:64]
     with torch.inference_mode():
-        direct = loaded.model(normalize(images, loaded.preprocess).unsqueeze(1)).argmax(dim=1).tolist()
+        direct = loaded.model(normalize_tensor(images, loaded.preprocess).unsqueeze(1)).argmax(dim=1).tolist()
     files = [("file", (f"{i}.png", encode(Image.fromarray(a.numpy())), "image/png")) for i, a in enumerate(images)]
     settings = Settings(device="cpu", max_files=64)
     with TestClient(create_app(settings)) as client:

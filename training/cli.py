@@ -9,11 +9,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from models import ARCHITECTURES, CheckpointError, build_model, load_checkpoint, model_args_for, save_checkpoint
 from models.checkpoint import FASHION_MNIST_CLASSES
-from models.preprocessing import PreprocessConfig, normalize
+from models.preprocessing import PreprocessConfig, normalize, normalize_tensor
 from training.data import DataNotFoundError, FashionMNIST, load_fashion_mnist
 from training.report import artifact_paths, plot_confusion, plot_curves, write_json
 from training.train import EpochResult, Evaluation, evaluate, fit, reseed, resolve_device
@@ -117,7 +118,7 @@ def run_train(args: argparse.Namespace) -> int:
     val_idx, train_idx = split[:val_size], split[val_size:]
 
     def inputs(images: torch.Tensor) -> torch.Tensor:
-        return normalize(images, preprocess).unsqueeze(1).to(device)
+        return normalize_tensor(images, preprocess).unsqueeze(1).to(device)
 
     train_x, val_x, test_x = inputs(train_images[train_idx]), inputs(train_images[val_idx]), inputs(test_images)
     train_y, val_y, test_y = (t.to(device) for t in (train_labels[train_idx], train_labels[val_idx], test_labels))
@@ -142,7 +143,7 @@ def run_train(args: argparse.Namespace) -> int:
         lr=args.lr,
         generator=generator,
         max_shift=AUGMENTATIONS[args.augment],
-        fill=float(normalize(torch.zeros(1), preprocess)),
+        fill=float(normalize(np.zeros(1), preprocess)[0]),
         on_epoch=_print_epoch,
     )
     duration = time.perf_counter() - start
@@ -204,7 +205,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     images, labels = data.test.images, data.test.labels
     if args.limit:
         images, labels = images[: args.limit], labels[: args.limit]
-    x = normalize(images, loaded.preprocess).unsqueeze(1).to(loaded.device)
+    x = normalize_tensor(images, loaded.preprocess).unsqueeze(1).to(loaded.device)
     result = evaluate(loaded.model, x, labels.to(loaded.device))
     metrics = test_metrics(result, loaded.class_names)
     if args.json:

@@ -12,16 +12,16 @@ from starlette.concurrency import run_in_threadpool
 from app.deps import RuntimeDep
 from app.service import (
     ALLOWED_CONTENT_TYPES,
-    ClassifierService,
-    DecodedRequest,
+    FIELD,
+    INLINE_DECODE_BYTES,
     ServiceUnavailable,
-    decode_uploads,
+    Upload,
+    decode_request,
     encode_predictions,
 )
-from app.upload import UploadError, parse_multipart, read_body
+from app.upload import UploadError, read_body
 
 router = APIRouter(tags=["predict"])
-FIELD = "file"
 IMAGE_TYPES = sorted(t for t in ALLOWED_CONTENT_TYPES if t.startswith("image/"))
 
 
@@ -60,31 +60,6 @@ REQUEST_BODY: dict[str, Any] = {
         **{t: {"schema": {"type": "string", "format": "binary"}} for t in IMAGE_TYPES},
     },
 }
-
-
-def _missing_file() -> UploadError:
-    return UploadError(422, f"no '{FIELD}' part: send images as multipart/form-data parts named '{FIELD}'")
-
-
-def _decode_request(service: ClassifierService, body: bytes, content_type: str, invert: str | None) -> DecodedRequest:
-    """Split the body into uploads and decode them (runs in the threadpool: parsing and PIL)."""
-    media_type = content_type.split(";", 1)[0].strip().lower()
-    if media_type == "multipart/form-data":
-        parts = parse_multipart(body, content_type, FIELD, service.settings.max_files)
-        if not parts:
-            raise _missing_file()
-        uploads = [(p.filename, bytes(p.data), p.content_type) for p in parts]
-    elif media_type.startswith("image/"):
-        uploads = [(None, body, media_type)]
-    elif not media_type and not body:
-        raise _missing_file()
-    else:
-        raise UploadError(
-            415,
-            f"unsupported content type {media_type or '(none)'!r}: send multipart/form-data "
-            f"with '{FIELD}' parts, or one image as the body with an image/* content type",
-        )
-    return decode_uploads(service, uploads, invert)  # type: ignore[arg-type]
 
 
 def _check_k(request: Request, k: int | None, default_k: int, limit: int) -> int:
@@ -138,23 +113,23 @@ async def predict(
     with runtime.admit():
         try:
             body = await read_body(request, settings.max_upload_bytes, settings.body_timeout_s)
-            decoded = await run_in_threadpool(
-                _decode_request, service, body, request.headers.get("content-type", ""), invert
+            upload = Upload(body, request.headers.get("content-type", ""), invert)
+            item = (
+                upload if len(body) <= INLINE_DECODE_BYTES else await run_in_threadpool(decode_request, service, upload)
             )
+            decoded, rows = await batcher.submit(item)
         except UploadError as exc:
             raise HTTPException(exc.status, detail=exc.message) from None
-        runtime.metrics.images_per_request.observe(len(decoded.filenames))
-        if decoded.inputs is None:
-            first = next(iter(decoded.errors.values()))
-            if len(decoded.filenames) == 1:
-                raise HTTPException(first.status, detail=first.message)
-            raise HTTPException(
-                first.status,
-                detail=f"none of the {len(decoded.filenames)} images could be classified; first: {first.message}",
-            )
-        try:
-            rows = await batcher.submit(decoded.inputs)
         except ServiceUnavailable as exc:
             raise HTTPException(503, detail=str(exc), headers={"Retry-After": "1"}) from None
+    runtime.metrics.images_per_request.observe(len(decoded.filenames))
+    if decoded.inputs is None:
+        first = next(iter(decoded.errors.values()))
+        if len(decoded.filenames) == 1:
+            raise HTTPException(first.status, detail=first.message)
+        raise HTTPException(
+            first.status,
+            detail=f"none of the {len(decoded.filenames)} images could be classified; first: {first.message}",
+        )
     predictions = encode_predictions(service, decoded.filenames, decoded.merge(rows), k)
     return JSONResponse({"model": service.name, "predictions": predictions})

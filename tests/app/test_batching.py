@@ -3,82 +3,97 @@ from __future__ import annotations
 import asyncio
 import threading
 
+import numpy as np
 import pytest
 import torch
+from fastapi import HTTPException
+from starlette.requests import Request
 
 from app.batching import MicroBatcher
 from app.runtime import Runtime
+from app.service import DecodedRequest, Upload
 from app.settings import Settings
+from app.upload import UploadError, read_body
+from tests.helpers import png
 
 
-def _gated_infer(gate: threading.Event, sizes: list[int]):  # type: ignore[no-untyped-def]
-    def infer(batch: torch.Tensor) -> list[list[float]]:
+def _gated(gate: threading.Event, batches: list[list[int]]):  # type: ignore[no-untyped-def]
+    """run_batch that waits at the gate, records each batch and fails items that are negative."""
+
+    def run_batch(items: list[int]) -> list[int | BaseException]:
         gate.wait(5)
-        sizes.append(len(batch))
-        if (batch < 0).any():
-            raise ValueError("negative input")
-        return (batch.view(len(batch), -1)[:, :2] * 10).tolist()
+        batches.append(list(items))
+        if 99 in items:
+            raise RuntimeError("the whole batch fails")
+        return [ValueError(f"bad {i}") if i < 0 else i * 10 for i in items]
 
-    return infer
-
-
-def test_waiting_requests_are_batched_in_order_with_their_own_rows() -> None:
-    async def scenario() -> tuple[list[list[list[float]]], list[int]]:
-        gate, sizes = threading.Event(), []
-        batcher = MicroBatcher(_gated_infer(gate, sizes), max_batch_size=8)
-        batcher.start()
-        inputs = [torch.full((1 + i % 3, 4), float(i)) for i in range(6)]
-        tasks = [asyncio.create_task(batcher.submit(inputs[0]))]
-        await asyncio.sleep(0.05)  # the first request is taken at once, alone, and held at the gate
-        tasks += [asyncio.create_task(batcher.submit(x)) for x in inputs[1:]]
-        await asyncio.sleep(0.05)  # the other five queue up meanwhile
-        gate.set()
-        results = await asyncio.gather(*tasks)
-        batcher.stop(5)
-        return results, sizes
-
-    results, sizes = asyncio.run(scenario())
-    for i, rows in enumerate(results):
-        assert rows == [[10.0 * i, 10.0 * i]] * (1 + i % 3)
-    assert sizes[0] == 1, "the first request ran alone: the batcher never waits for company"
-    assert sum(sizes) == 12 and all(s <= 8 for s in sizes)
-    assert len(sizes) < 6, "requests that queued up meanwhile shared a forward pass"
+    return run_batch
 
 
-def test_a_failing_batch_fails_only_its_own_requests() -> None:
-    async def scenario() -> list[object]:
-        gate, sizes = threading.Event(), []
-        batcher = MicroBatcher(_gated_infer(gate, sizes), max_batch_size=2)
-        batcher.start()
-        inputs = [torch.ones(1, 4), torch.ones(1, 4), -torch.ones(1, 4), torch.ones(1, 4), torch.ones(1, 4)]
-        tasks = [asyncio.create_task(batcher.submit(inputs[0]))]
-        await asyncio.sleep(0.05)
-        tasks += [asyncio.create_task(batcher.submit(x)) for x in inputs[1:]]
-        await asyncio.sleep(0.05)
-        gate.set()
-        results = await asyncio.gather(*tasks, return_exceptions=True)
-        batcher.stop(5)
-        return results
-
-    results = asyncio.run(scenario())
-    # Batches: [0], [1, 2], [3, 4]: only the batch holding the negative input fails.
-    assert results[0] == [[10.0, 10.0]]
-    assert isinstance(results[1], ValueError) and isinstance(results[2], ValueError)
-    assert results[3] == [[10.0, 10.0]] and results[4] == [[10.0, 10.0]]
+async def _submit_while_busy(batcher: MicroBatcher[int, int], gate: threading.Event, items: list[int]) -> list[object]:
+    tasks = [asyncio.create_task(batcher.submit(items[0]))]
+    await asyncio.sleep(0.05)  # the first item is taken at once, alone, and held at the gate
+    tasks += [asyncio.create_task(batcher.submit(i)) for i in items[1:]]
+    await asyncio.sleep(0.05)  # the others queue up meanwhile
+    gate.set()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    batcher.stop(5)
+    return results
 
 
-def test_batched_results_equal_unbatched(client: object) -> None:
+def test_waiting_items_are_batched_in_order_and_each_gets_its_own_result() -> None:
+    gate, batches = threading.Event(), []
+    batcher: MicroBatcher[int, int] = MicroBatcher(_gated(gate, batches), max_batch_size=4)
+    batcher.start()
+    results = asyncio.run(_submit_while_busy(batcher, gate, list(range(1, 8))))
+    assert results == [10, 20, 30, 40, 50, 60, 70]
+    assert batches == [[1], [2, 3, 4, 5], [6, 7]], "never waits when idle; groups what queued, up to the limit"
+
+
+def test_errors_stay_with_their_item_and_a_failed_batch_fails_only_itself() -> None:
+    gate, batches = threading.Event(), []
+    batcher: MicroBatcher[int, int] = MicroBatcher(_gated(gate, batches), max_batch_size=2)
+    batcher.start()
+    results = asyncio.run(_submit_while_busy(batcher, gate, [1, 2, -3, 99, 5, 6]))
+    # Batches: [1], [2, -3], [99, 5], [6].
+    assert results[0] == 10 and results[1] == 20
+    assert isinstance(results[2], ValueError)
+    assert isinstance(results[3], RuntimeError) and isinstance(results[4], RuntimeError)
+    assert results[5] == 60
+
+
+def test_batched_results_equal_unbatched_and_keep_request_order(client: object) -> None:
     service = client.app.state.runtime.service  # type: ignore[attr-defined]
-    torch.manual_seed(0)
-    batch = torch.randn(16, 1, 28, 28)
-    together = torch.tensor(service.probabilities(batch))
-    alone = torch.tensor([service.probabilities(batch[i : i + 1])[0] for i in range(16)])
-    assert torch.allclose(together, alone, atol=1e-6)
+    multipart = "multipart/form-data; boundary=b"
+
+    def body(*seeds: int) -> bytes:
+        parts = b"".join(
+            b'--b\r\nContent-Disposition: form-data; name="file"; filename="%d.png"\r\n\r\n' % s + png(seed=s) + b"\r\n"
+            for s in seeds
+        )
+        return parts + b"--b--\r\n"
+
+    items: list[Upload | DecodedRequest] = [
+        Upload(body(1, 2), multipart, None),
+        Upload(b"garbage", "image/png", None),
+        Upload(b"", "application/json", None),
+        Upload(body(3), multipart, None),
+    ]
+    together = service.run_batch(items)
+    alone = [service.run_batch([item])[0] for item in items]
+    assert isinstance(together[2], UploadError) and together[2].status == 415
+    for batched, single in zip(together, alone, strict=True):
+        if isinstance(batched, BaseException):
+            continue
+        (_, rows), (_, single_rows) = batched, single  # type: ignore[misc]
+        assert torch.allclose(torch.tensor(rows), torch.tensor(single_rows), atol=1e-6)
+    assert [d.filenames for d, _ in (together[0], together[3])] == [["1.png", "2.png"], ["3.png"]]  # type: ignore[index]
+    assert together[1][0].errors[0].status == 400 and together[1][1] == []  # type: ignore[index]
+    x = np.stack([service.to_input(png(seed=s)) for s in (1, 2)])
+    assert torch.allclose(torch.tensor(together[0][1]), torch.tensor(service.probabilities(x)), atol=1e-6)  # type: ignore[index]
 
 
 def test_concurrency_cap_answers_503_with_retry_after() -> None:
-    from fastapi import HTTPException
-
     runtime = Runtime(Settings(max_concurrency=2))
     with runtime.admit(), runtime.admit():
         with pytest.raises(HTTPException) as refused, runtime.admit():
@@ -88,3 +103,37 @@ def test_concurrency_cap_answers_503_with_retry_after() -> None:
     assert runtime.in_flight == 0
     with runtime.admit():
         assert runtime.in_flight == 1
+
+
+def _request(
+    messages: list[dict[str, object]], delay: float = 0.0, headers: list[tuple[bytes, bytes]] | None = None
+) -> Request:
+    async def receive() -> dict[str, object]:
+        await asyncio.sleep(delay)
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    scope = {"type": "http", "method": "POST", "path": "/predict", "headers": headers or [], "query_string": b""}
+    return Request(scope, receive)  # type: ignore[arg-type]
+
+
+def test_read_body_limits_time_size_and_disconnects() -> None:
+    async def read(request: Request, limit: int = 100, timeout: float = 1.0) -> bytes:
+        return await read_body(request, limit, timeout)
+
+    chunks = [
+        {"type": "http.request", "body": b"x" * 60, "more_body": True},
+        {"type": "http.request", "body": b"y" * 60},
+    ]
+    with pytest.raises(UploadError) as too_big:
+        asyncio.run(read(_request(list(chunks))))
+    assert too_big.value.status == 413, "a body that grows past the limit is refused mid-stream"
+    with pytest.raises(UploadError) as declared:
+        asyncio.run(read(_request([], headers=[(b"content-length", b"1000")])))
+    assert declared.value.status == 413
+    with pytest.raises(UploadError) as slow:
+        asyncio.run(read(_request(list(chunks), delay=0.3), limit=1000, timeout=0.4))
+    assert slow.value.status == 408
+    with pytest.raises(UploadError) as gone:
+        asyncio.run(read(_request([{"type": "http.request", "body": b"x", "more_body": True}]), limit=1000))
+    assert gone.value.status == 400 and "disconnected" in gone.value.message
+    assert asyncio.run(read(_request(list(chunks)), limit=1000)) == b"x" * 60 + b"y" * 60
