@@ -36,6 +36,13 @@ class Settings(BaseSettings):
     workers: int = Field(1, ge=1, le=64)
     keep_alive_s: int = Field(5, ge=1)
 
+    @field_validator("checkpoint", mode="before")
+    @classmethod
+    def _checkpoint(cls, value: object) -> object:
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("is empty: unset it to serve the bundled checkpoint, or give a path")
+        return value
+
     @field_validator("device")
     @classmethod
     def _device(cls, value: str) -> str:

@@ -141,3 +141,17 @@ def test_serves_on_the_gpu(tiny_checkpoint: Path) -> None:
         assert response.status_code == 200
         assert response.json()["predictions"][0]["top_k"][0]["index"] in range(10)
         assert cpu is not None
+
+
+def test_settings_refuse_an_empty_checkpoint_and_a_bad_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydantic import ValidationError
+
+    monkeypatch.setenv("FASHION_SERVE_CHECKPOINT", "")
+    with pytest.raises(ValidationError, match="unset it to serve the bundled checkpoint"):
+        Settings()
+    monkeypatch.delenv("FASHION_SERVE_CHECKPOINT")
+    monkeypatch.setenv("FASHION_SERVE_DEVICE", "tpu")
+    with pytest.raises(ValidationError, match="auto, cpu, cuda or cuda:N"):
+        Settings()
+    monkeypatch.setenv("FASHION_SERVE_DEVICE", "cuda:1")
+    assert Settings().device == "cuda:1"
