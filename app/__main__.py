@@ -26,8 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m app", description=__doc__)
     parser.add_argument("--host", default=settings.host, help=f"bind address (default: {settings.host})")
     parser.add_argument("--port", type=int, default=settings.port, help=f"port (default: {settings.port})")
+    default_workers = settings.workers or len(os.sched_getaffinity(0))
     parser.add_argument(
-        "--workers", type=int, default=settings.workers, help=f"processes (default: {settings.workers})"
+        "--workers", type=int, default=default_workers, help=f"processes (default: one per CPU, {default_workers})"
     )
     args = parser.parse_args(argv)
     configure_logging(settings.log_format, settings.log_level)

@@ -25,7 +25,7 @@ class Settings(BaseSettings):
     max_k: int = Field(10, ge=1)
     torch_threads: int = Field(1, ge=1, le=256)
     max_batch_size: int = Field(32, ge=1, le=1024)
-    max_concurrency: int = Field(64, ge=1)
+    max_concurrency: int = Field(128, ge=1)
     max_connections: int = Field(1024, ge=1)
     body_timeout_s: float = Field(30.0, gt=0)
     shutdown_grace_s: int = Field(8, ge=0)
@@ -33,7 +33,7 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    workers: int = Field(1, ge=1, le=64)
+    workers: int | None = Field(None, ge=1, le=64)  # None: one per CPU this process may use
     keep_alive_s: int = Field(5, ge=1)
 
     @field_validator("checkpoint", mode="before")

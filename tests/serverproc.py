@@ -25,7 +25,7 @@ def start_server(env: dict[str, str] | None = None, *args: str) -> tuple[subproc
     process = subprocess.Popen(
         [sys.executable, "-m", "app", "--host", "127.0.0.1", "--port", str(port), *args],
         cwd=ROOT,
-        env={**os.environ, "FASHION_SERVE_DEVICE": "cpu", **(env or {})},
+        env={**os.environ, "FASHION_SERVE_DEVICE": "cpu", "FASHION_SERVE_WORKERS": "1", **(env or {})},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
