@@ -67,32 +67,41 @@ def _multipart(data: bytes) -> tuple[bytes, bytes]:
     return body, b"multipart/form-data; boundary=" + boundary
 
 
-def test_sigterm_finishes_the_request_in_flight_then_exits_cleanly(tmp_path: Path) -> None:
+def test_sigterm_under_load_loses_no_request_and_exits_cleanly(tmp_path: Path) -> None:
+    """20 uploads are mid-body when SIGTERM arrives: every one is answered 200, then exit 0 in the grace."""
     checkpoint = write_tiny_checkpoint(tmp_path / "m.pt")
     process, port = start_server({"FASHION_SERVE_CHECKPOINT": str(checkpoint), "FASHION_SERVE_SHUTDOWN_GRACE_S": "5"})
+    connections: list[socket.socket] = []
     try:
         wait_ready(process, port)
         body, content_type = _multipart(png())
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
-            head = (
+        for i in range(20):
+            conn = socket.create_connection(("127.0.0.1", port), timeout=10)
+            conn.sendall(
                 b"POST /predict?k=1 HTTP/1.1\r\nHost: test\r\nContent-Type: " + content_type + b"\r\n"
-                b"Content-Length: " + str(len(body)).encode() + b"\r\nX-Request-ID: in-flight\r\n\r\n"
-            )
-            conn.sendall(head + body[:40])  # the request is in progress...
-            time.sleep(0.3)
-            sent_at = time.monotonic()
-            process.send_signal(signal.SIGTERM)  # ...when the orchestrator stops the container
-            time.sleep(0.3)
+                b"Content-Length: "
+                + str(len(body)).encode()
+                + b"\r\nX-Request-ID: in-flight-%d\r\n\r\n" % i
+                + body[:40]
+            )  # the request is in progress...
+            connections.append(conn)
+        time.sleep(0.3)
+        sent_at = time.monotonic()
+        process.send_signal(signal.SIGTERM)  # ...when the orchestrator stops the container
+        time.sleep(0.3)
+        for conn in connections:
             conn.sendall(body[40:])
-            status, text = _read_response(conn)
-        assert status == 200, text
-        assert '"top_k"' in text
+        answers = [_read_response(conn) for conn in connections]
+        assert [status for status, _ in answers] == [200] * 20, answers
+        assert all('"top_k"' in text for _, text in answers)
         output, _ = process.communicate(timeout=10)
         assert process.returncode == 0
         assert time.monotonic() - sent_at < 5 + 2
         assert "SIGTERM: readiness off" in output
-        assert "[in-flight] POST /predict 200" in output
+        assert all(f"[in-flight-{i}] POST /predict 200" in output for i in range(20))
     finally:
+        for conn in connections:
+            conn.close()
         if process.poll() is None:
             process.kill()
             process.communicate()
