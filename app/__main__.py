@@ -34,13 +34,15 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(settings.log_format, settings.log_level)
     log = logging.getLogger("app")
 
+    # Check the checkpoint before uvicorn starts: a broken one then fails once, with one line and
+    # exit 1, instead of a lifespan traceback (or, with workers, every worker failing and restarting).
+    # With one worker the process keeps torch imported, so this costs only the (small) file read.
+    try:
+        load_checkpoint(settings.checkpoint, device="cpu")
+    except CheckpointError as exc:
+        log.critical("cannot start: checkpoint %s: %s", settings.checkpoint, exc)
+        return 1
     if args.workers > 1:
-        # Fail once, clearly, rather than have every worker fail and be restarted.
-        try:
-            load_checkpoint(settings.checkpoint, device="cpu")
-        except CheckpointError as exc:
-            log.critical("cannot start: checkpoint %s: %s", settings.checkpoint, exc)
-            return 1
         # Each worker counts its own requests; this directory lets /metrics add them up.
         os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="fashion-serve-metrics-"))
 

@@ -18,9 +18,10 @@ from tests.serverproc import start_server, wait_ready
 def _fails_to_start(checkpoint: Path, *args: str) -> str:
     process, _ = start_server({"FASHION_SERVE_CHECKPOINT": str(checkpoint)}, *args)
     output, _ = process.communicate(timeout=60)
-    assert process.returncode != 0
+    assert process.returncode == 1
     critical = [line for line in output.splitlines() if "CRITICAL" in line]
     assert len(critical) == 1, output
+    assert "Traceback" not in output, output
     return critical[0]
 
 
