@@ -21,8 +21,9 @@ from app.observability import configure_logging
 from app.routes import docs, health, metrics, model, predict
 from app.routes.docs import STATIC_DIR
 from app.runtime import Health, Runtime
-from app.service import Answer, ClassifierService, DecodedRequest, Upload
+from app.service import Answer, ClassifierService
 from app.settings import Settings
+from app.upload import DecodedRequest, Upload
 from models import CheckpointError
 
 logger = logging.getLogger("app")

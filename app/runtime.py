@@ -10,8 +10,9 @@ from fastapi import HTTPException
 
 from app.batching import MicroBatcher
 from app.observability import Metrics
-from app.service import Answer, ClassifierService, DecodedRequest, Upload
+from app.service import Answer, ClassifierService
 from app.settings import Settings
+from app.upload import DecodedRequest, Upload
 
 
 @dataclass

@@ -1,13 +1,21 @@
-"""Reading an upload: the body under a byte limit and a deadline, then its multipart parts."""
+"""Reading an upload: the body under a byte limit and a deadline, its multipart parts, and the
+images in it decoded one by one (each image's failure kept apart from the others)."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
+import numpy as np
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 from starlette.requests import ClientDisconnect, Request
+
+from app.decoding import ImageRejected, image_to_input
+from app.settings import Settings
+from models.preprocessing import Invert, PreprocessConfig
 
 MAX_BOUNDARY = 70  # RFC 2046
 EXTRA_PARTS = 16  # other form fields tolerated beside the files
@@ -142,3 +150,75 @@ def parse_multipart(body: bytes, content_type: str, field_name: str, max_files: 
     if parser.state != MultipartState.END:
         raise UploadError(400, "malformed or truncated multipart body: no closing boundary")
     return parts
+
+
+FIELD = "file"  # the multipart part name that carries images
+# Bodies up to this size are decoded on the inference thread, batched with the forward pass
+# (one thread hand-off per request); larger ones (photos) are decoded in the threadpool
+# first, so a big image never holds up the small ones queued behind it.
+INLINE_DECODE_BYTES = 64 * 1024
+
+
+class Upload(NamedTuple):
+    """A /predict body, not decoded yet."""
+
+    body: bytes
+    content_type: str
+    invert: Invert | None
+
+
+@dataclass
+class DecodedRequest:
+    """The images of one request: model inputs for those that decoded, errors for the rest."""
+
+    filenames: list[str | None]
+    inputs: np.ndarray | None  # (valid images, 1, 28, 28) float32, in request order
+    errors: dict[int, ImageRejected]  # request position -> why that image was refused
+
+    def merge(self, rows: list[list[float]]) -> list[list[float] | ImageRejected]:
+        """Put the model's rows back among the errors, in request order."""
+        it = iter(rows)
+        return [self.errors[i] if i in self.errors else next(it) for i in range(len(self.filenames))]
+
+
+def missing_file() -> UploadError:
+    return UploadError(422, f"no '{FIELD}' part: send images as multipart/form-data parts named '{FIELD}'")
+
+
+def decode_request(upload: Upload, preprocess: PreprocessConfig, settings: Settings) -> DecodedRequest:
+    """Split a /predict body into images and decode them; UploadError for a body we refuse."""
+    media_type = upload.content_type.split(";", 1)[0].strip().lower()
+    if media_type == "multipart/form-data":
+        parts = parse_multipart(upload.body, upload.content_type, FIELD, settings.max_files)
+        if not parts:
+            raise missing_file()
+        uploads = [(p.filename, bytes(p.data), p.content_type) for p in parts]
+    elif media_type.startswith("image/"):
+        uploads = [(None, upload.body, media_type)]
+    elif not media_type and not upload.body:
+        raise missing_file()
+    else:
+        raise UploadError(
+            415,
+            f"unsupported content type {media_type or '(none)'!r}: send multipart/form-data "
+            f"with '{FIELD}' parts, or one image as the body with an image/* content type",
+        )
+    return decode_uploads(uploads, preprocess, settings.max_image_pixels, upload.invert)
+
+
+def decode_uploads(
+    uploads: Sequence[tuple[str | None, bytes, str | None]],
+    preprocess: PreprocessConfig,
+    max_pixels: int,
+    invert: Invert | None,
+) -> DecodedRequest:
+    """Decode (filename, bytes, content type) uploads, isolating each image's failure."""
+    arrays: list[np.ndarray] = []
+    errors: dict[int, ImageRejected] = {}
+    for position, (_, data, content_type) in enumerate(uploads):
+        try:
+            arrays.append(image_to_input(data, content_type, preprocess, max_pixels, invert))
+        except ImageRejected as exc:
+            errors[position] = exc
+    inputs = np.stack(arrays) if arrays else None
+    return DecodedRequest([u[0] for u in uploads], inputs, errors)

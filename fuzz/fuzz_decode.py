@@ -19,7 +19,7 @@ import atheris
 with atheris.instrument_imports():
     from PIL import Image
 
-    from app.service import ImageRejected, image_to_input
+    from app.decoding import ImageRejected, image_to_input
     from app.settings import Settings
     from models.preprocessing import PreprocessConfig
 

@@ -9,17 +9,10 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
+from app.decoding import ALLOWED_CONTENT_TYPES
 from app.deps import RuntimeDep
-from app.service import (
-    ALLOWED_CONTENT_TYPES,
-    FIELD,
-    INLINE_DECODE_BYTES,
-    ServiceUnavailable,
-    Upload,
-    decode_request,
-    encode_predictions,
-)
-from app.upload import UploadError, read_body
+from app.service import ServiceUnavailable, encode_predictions
+from app.upload import FIELD, INLINE_DECODE_BYTES, Upload, UploadError, read_body
 
 router = APIRouter(tags=["predict"])
 IMAGE_TYPES = sorted(t for t in ALLOWED_CONTENT_TYPES if t.startswith("image/"))
@@ -114,9 +107,7 @@ async def predict(
         try:
             body = await read_body(request, settings.max_upload_bytes, settings.body_timeout_s)
             upload = Upload(body, request.headers.get("content-type", ""), invert)
-            item = (
-                upload if len(body) <= INLINE_DECODE_BYTES else await run_in_threadpool(decode_request, service, upload)
-            )
+            item = upload if len(body) <= INLINE_DECODE_BYTES else await run_in_threadpool(service.decode, upload)
             decoded, rows = await batcher.submit(item)
         except UploadError as exc:
             raise HTTPException(exc.status, detail=exc.message) from None

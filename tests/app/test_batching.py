@@ -11,9 +11,8 @@ from starlette.requests import Request
 
 from app.batching import MicroBatcher
 from app.runtime import Runtime
-from app.service import DecodedRequest, Upload
 from app.settings import Settings
-from app.upload import UploadError, read_body
+from app.upload import DecodedRequest, Upload, UploadError, read_body
 from tests.helpers import png
 
 

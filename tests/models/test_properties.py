@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from PIL import Image
 
-from app.service import ImageRejected, decode_image, image_to_input
+from app.decoding import ImageRejected, decode_image, image_to_input
 from models import PreprocessConfig, preprocess_image
 from tests.helpers import tiny_model
 
