@@ -20,6 +20,8 @@ from app.upload import DecodedRequest, Upload, UploadError, decode_request
 from models import LoadedModel, load_checkpoint
 from models.preprocessing import Invert
 
+Answer = tuple[DecodedRequest, list[list[float]]]  # a request's decoded images and their probability rows
+
 
 class ServiceUnavailable(Exception):
     """Inference cannot run right now (e.g. out of accelerator memory); the client should retry."""
@@ -166,6 +168,3 @@ def encode_predictions(
         else:
             results.append({"filename": filename, "top_k": service.top_k(outcome, k)})
     return results
-
-
-Answer = tuple[DecodedRequest, list[list[float]]]  # a request's decoded images and their probability rows
