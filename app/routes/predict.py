@@ -24,7 +24,7 @@ class TopK(BaseModel):
     probability: float
 
 
-class ImageError(BaseModel):
+class ImageFailure(BaseModel):
     status: int
     message: str
 
@@ -32,7 +32,7 @@ class ImageError(BaseModel):
 class Prediction(BaseModel):
     filename: str | None
     top_k: list[TopK] | None = None
-    error: ImageError | None = None
+    error: ImageFailure | None = None
 
 
 class PredictResponse(BaseModel):
