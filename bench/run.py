@@ -311,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
                 server.stop()
 
     if args.only:
+        if health_p99 is not None:
+            print(f"/health/live p99 while /predict runs at c=32: {health_p99:.2f} ms")
         return 0
 
     def rps(server: str, model: str = "mlp", per: int = 1, c: int = 32) -> float:
