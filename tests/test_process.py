@@ -52,6 +52,16 @@ def test_truncated_checkpoint_exits_nonzero(tmp_path: Path) -> None:
     assert "truncated or corrupt" in _fails_to_start(path)
 
 
+def test_mismatched_and_corrupt_checkpoints_exit_nonzero(tmp_path: Path) -> None:
+    path = write_tiny_checkpoint(tmp_path / "m.pt")
+    raw = torch.load(path, weights_only=True)
+    raw["state_dict"]["output.weight"] = torch.zeros(10, 99)
+    torch.save(raw, tmp_path / "mismatched.pt")
+    assert "has shape (10, 99), the architecture needs (10, 16)" in _fails_to_start(tmp_path / "mismatched.pt")
+    (tmp_path / "corrupt.pt").write_bytes(b"\x80\x02garbage, not a checkpoint")
+    assert "not a PyTorch checkpoint" in _fails_to_start(tmp_path / "corrupt.pt")
+
+
 def _read_response(conn: socket.socket) -> tuple[int, str]:
     """Status and body of one HTTP response, however the server splits it into segments."""
     response = http.client.HTTPResponse(conn)
