@@ -58,6 +58,8 @@ class MicroBatcher(Generic[Item, Result]):
 
     async def submit(self, item: Item) -> Result:
         """Queue one item and wait for its result (or its exception)."""
+        if not self._thread.is_alive():
+            raise RuntimeError("the inference thread is not running")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Result] = loop.create_future()
         self._queue.put(_Job(item, future, loop))
@@ -91,4 +93,7 @@ class MicroBatcher(Generic[Item, Result]):
                 logger.warning("a batch of %d requests failed: %r", len(jobs), exc)
                 outcomes = [exc] * len(jobs)
             for job, outcome in zip(jobs, outcomes, strict=True):
-                job.loop.call_soon_threadsafe(_resolve, job.future, outcome)
+                try:
+                    job.loop.call_soon_threadsafe(_resolve, job.future, outcome)
+                except RuntimeError:  # that caller's event loop is closed: nobody is waiting
+                    logger.debug("dropped a result for a closed event loop")

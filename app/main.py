@@ -99,7 +99,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             runtime.health.start_draining()
             if runtime.batcher is not None:
-                await run_in_threadpool(runtime.batcher.stop, settings.shutdown_grace_s)
+                # uvicorn has already drained the connections within the grace period.
+                await run_in_threadpool(runtime.batcher.stop, 2.0)
 
     app = FastAPI(
         title="fashion-serve",

@@ -14,11 +14,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from app.decoding import ImageRejected, image_to_input
+from app.decoding import ImageRejected
 from app.settings import Settings
 from app.upload import DecodedRequest, Upload, UploadError, decode_request
 from models import LoadedModel, load_checkpoint
-from models.preprocessing import Invert
 
 Answer = tuple[DecodedRequest, list[list[float]]]  # a request's decoded images and their probability rows
 
@@ -72,10 +71,6 @@ class ClassifierService:
     @property
     def num_classes(self) -> int:
         return len(self.loaded.class_names)
-
-    def to_input(self, data: bytes, content_type: str | None = None, invert: Invert | None = None) -> np.ndarray:
-        """Decode one upload into a (1, 28, 28) model input, or raise ImageRejected."""
-        return image_to_input(data, content_type, self.loaded.preprocess, self.settings.max_image_pixels, invert)
 
     def decode(self, upload: Upload) -> DecodedRequest:
         """Split a /predict body into images and decode them (raises UploadError)."""

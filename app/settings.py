@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 BUNDLED_CHECKPOINT = Path(__file__).resolve().parent.parent / "models" / "fashion_cnn.pt"
@@ -42,6 +42,12 @@ class Settings(BaseSettings):
         if isinstance(value, str) and not value.strip():
             raise ValueError("is empty: unset it to serve the bundled checkpoint, or give a path")
         return value
+
+    @model_validator(mode="after")
+    def _k_bounds(self) -> Settings:
+        if self.default_k > self.max_k:
+            raise ValueError(f"default_k ({self.default_k}) must not exceed max_k ({self.max_k})")
+        return self
 
     @field_validator("device")
     @classmethod

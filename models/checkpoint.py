@@ -42,6 +42,7 @@ COURSE_KEYS = frozenset({"input_size", "output_size", "hidden_layers", "state_di
 # The course normalized with transforms.Normalize((0.5,), (0.5,)).
 COURSE_PREPROCESS = PreprocessConfig(mean=0.5, std=0.5)
 MAX_PARAMETERS = 50_000_000
+MAX_FILE_BYTES = 1 << 30  # torch.load materializes every tensor in the file, so cap the file first
 
 
 class CheckpointError(Exception):
@@ -107,6 +108,8 @@ def _weights_only_reason(message: str) -> str:
 def _read(path: Path) -> Any:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist (or is not a file)")
+    if path.stat().st_size > MAX_FILE_BYTES:
+        raise CheckpointError(f"checkpoint {path} is {path.stat().st_size:,} bytes; the limit is {MAX_FILE_BYTES:,}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -179,8 +182,33 @@ def _check_state_dict(state_dict: Mapping[str, Any], expected: Mapping[str, torc
             )
         if got.is_floating_point() != want.is_floating_point():
             raise CheckpointError(f"state_dict[{key!r}] has dtype {got.dtype}, expected {want.dtype}")
-        checked[key] = got.to(want.dtype)
+        if got.is_floating_point() and not torch.isfinite(got).all():
+            raise CheckpointError(f"state_dict[{key!r}] holds NaN or infinite values")
+        tensor = got.to(want.dtype)
+        if tensor.untyped_storage().nbytes() > tensor.nbytes:  # a view: don't keep the rest alive
+            tensor = tensor.clone()
+        checked[key] = tensor
     return checked
+
+
+def _is_plain(value: Any, depth: int = 0) -> bool:
+    """JSON-like: what /model can show (no tensors, no NaN), nested at most a few levels."""
+    if value is None or isinstance(value, str | bool | int):
+        return True
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if depth < 4 and isinstance(value, list | tuple):
+        return all(_is_plain(v, depth + 1) for v in value)
+    if depth < 4 and isinstance(value, Mapping):
+        return all(isinstance(k, str) and _is_plain(v, depth + 1) for k, v in value.items())
+    return False
+
+
+def _plain_mapping(ckpt: Mapping[str, Any], key: str) -> dict[str, Any]:
+    value = ckpt.get(key) or {}
+    if not isinstance(value, Mapping) or not _is_plain(value):
+        raise CheckpointError(f"checkpoint entry {key!r} must be a dict of plain values (numbers, strings, lists)")
+    return dict(value)
 
 
 def _resolve_device(device: torch.device | str) -> torch.device:
@@ -216,9 +244,17 @@ def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = "
     state_dict = _check_state_dict(_require(ckpt, "state_dict", Mapping), shapes.state_dict())
 
     class_names = _require(ckpt, "class_names", list)
-    num_outputs = shapes(torch.empty(1, 1, 28, 28, device="meta")).shape[1]
+    try:
+        num_outputs = shapes(torch.empty(1, 1, 28, 28, device="meta")).shape[1]
+    except RuntimeError as exc:
+        raise CheckpointError(f"the architecture does not take 28x28 images: {exc}") from None
     if len(class_names) != num_outputs or not all(isinstance(c, str) for c in class_names):
         raise CheckpointError(f"class_names must be {num_outputs} strings, got {class_names!r:.200}")
+
+    metrics, training = _plain_mapping(ckpt, "metrics"), _plain_mapping(ckpt, "training")
+    created_at = ckpt.get("created_at")
+    if created_at is not None and not isinstance(created_at, str):
+        raise CheckpointError(f"checkpoint entry 'created_at' has type {type(created_at).__name__}, not str")
 
     # assign=True adopts the loaded tensors in place of the meta ones: no second copy.
     shapes.load_state_dict(state_dict, strict=True, assign=True)
@@ -230,7 +266,7 @@ def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = "
         class_names=tuple(class_names),
         preprocess=preprocess,
         format=ckpt["format"],
-        metrics=dict(ckpt.get("metrics") or {}),
-        training=dict(ckpt.get("training") or {}),
-        created_at=ckpt.get("created_at"),
+        metrics=metrics,
+        training=training,
+        created_at=created_at,
     )

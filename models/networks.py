@@ -130,7 +130,7 @@ def _probability(args: Mapping[str, Any], key: str) -> None:
 
 
 def _check_network(args: Mapping[str, Any]) -> None:
-    _int_in(args, "input_size", 1, 28 * 28)
+    _int_in(args, "input_size", 28 * 28, 28 * 28)  # served images are 28x28
     _int_in(args, "output_size", 2, MAX_CLASSES)
     _int_list(args, "hidden_layers", (1, MAX_DEPTH))
     _probability(args, "drop_p")

@@ -91,11 +91,14 @@ def _flatten_alpha(image: Image.Image) -> Image.Image:
 def to_grayscale(image: Image.Image) -> Image.Image:
     """Any mode -> 'L' (8-bit) or 'F' (0..255 float, for 16/32-bit input, scaled not clipped)."""
     mode = image.mode
-    if mode in ("L", "F"):
+    if mode == "L":
         return image
     if mode.startswith("I"):
         # 16-bit data (Pillow opens 16-bit PNGs as 'I;16' or 'I'): scale 0..65535 to 0..255.
         values = np.asarray(image, dtype=np.float32) * (255.0 / 65535.0)
+        return Image.fromarray(np.clip(values, 0.0, 255.0), mode="F")
+    if mode == "F":
+        values = np.nan_to_num(np.asarray(image, dtype=np.float32), nan=0.0, posinf=255.0, neginf=0.0)
         return Image.fromarray(np.clip(values, 0.0, 255.0), mode="F")
     has_alpha = mode in ("RGBA", "LA", "PA", "La", "RGBa") or (
         mode in ("P", "L", "RGB") and "transparency" in image.info
@@ -158,5 +161,6 @@ def preprocess_array(image: Image.Image, config: PreprocessConfig, invert: Inver
     square = fit_square(gray, config.size, background)
     pixels = np.asarray(square)
     if square.mode == "F":
-        pixels = np.clip(pixels, 0.0, 255.0)  # Lanczos overshoots; 'L' images clamp by themselves
+        # Lanczos overshoots ('L' images clamp by themselves); float files may hold NaN or inf.
+        pixels = np.clip(np.nan_to_num(pixels, nan=0.0, posinf=255.0, neginf=0.0), 0.0, 255.0)
     return normalize(pixels, config, invert=flip)[np.newaxis]

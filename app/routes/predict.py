@@ -58,7 +58,8 @@ REQUEST_BODY: dict[str, Any] = {
 def _check_k(request: Request, k: int | None, default_k: int, limit: int) -> int:
     if len(request.query_params.getlist("k")) > 1:
         raise HTTPException(422, detail=[{"type": "duplicate", "loc": ["query", "k"], "msg": "k given more than once"}])
-    k = default_k if k is None else k
+    if k is None:
+        return min(default_k, limit)
     if k > limit:
         raise HTTPException(
             422,
@@ -71,7 +72,7 @@ def _check_k(request: Request, k: int | None, default_k: int, limit: int) -> int
                 }
             ],
         )
-    return min(k, limit)
+    return k
 
 
 @router.post(

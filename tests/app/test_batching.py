@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from fastapi import HTTPException
 from starlette.requests import Request
 
 from app.batching import MicroBatcher
+from app.decoding import image_to_input
 from app.runtime import Runtime
 from app.settings import Settings
 from app.upload import DecodedRequest, Upload, UploadError, read_body
@@ -88,7 +90,7 @@ def test_batched_results_equal_unbatched_and_keep_request_order(client: object) 
         assert torch.allclose(torch.tensor(rows), torch.tensor(single_rows), atol=1e-6)
     assert [d.filenames for d, _ in (together[0], together[3])] == [["1.png", "2.png"], ["3.png"]]  # type: ignore[index]
     assert together[1][0].errors[0].status == 400 and together[1][1] == []  # type: ignore[index]
-    x = np.stack([service.to_input(png(seed=s)) for s in (1, 2)])
+    x = np.stack([image_to_input(png(seed=s), None, service.loaded.preprocess, 10**6) for s in (1, 2)])
     assert torch.allclose(torch.tensor(together[0][1]), torch.tensor(service.probabilities(x)), atol=1e-6)  # type: ignore[index]
 
 
@@ -136,3 +138,26 @@ def test_read_body_limits_time_size_and_disconnects() -> None:
         asyncio.run(read(_request([{"type": "http.request", "body": b"x", "more_body": True}]), limit=1000))
     assert gone.value.status == 400 and "disconnected" in gone.value.message
     assert asyncio.run(read(_request(list(chunks)), limit=1000)) == b"x" * 60 + b"y" * 60
+
+
+def test_a_closed_caller_loop_does_not_kill_the_inference_thread() -> None:
+    """Found in review: call_soon_threadsafe on a closed loop raised in the worker thread."""
+    batcher: MicroBatcher[int, int] = MicroBatcher(lambda items: [i * 2 for i in items], max_batch_size=4)
+    batcher.start()
+    gate = threading.Event()
+
+    async def abandon() -> None:
+        def slow(items: list[int]) -> list[int | BaseException]:
+            gate.wait(5)
+            return [i * 2 for i in items]
+
+        batcher._run_batch = slow  # the next batch waits until this loop is gone
+        asyncio.get_running_loop().create_task(batcher.submit(1))
+        await asyncio.sleep(0.05)
+
+    asyncio.run(abandon())  # closes its loop with the request still in the batcher
+    gate.set()
+    time.sleep(0.1)
+    batcher._run_batch = lambda items: [i * 2 for i in items]
+    assert asyncio.run(asyncio.wait_for(batcher.submit(21), 5)) == 42
+    batcher.stop(5)

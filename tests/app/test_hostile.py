@@ -223,3 +223,14 @@ def test_a_flood_beyond_the_concurrency_cap_is_refused_not_queued(tiny_checkpoin
     assert statuses.count(200) >= 4
     refused = [r for r in responses if r.status_code == 503]
     assert all(r.headers["retry-after"] == "1" and "busy" in r.json()["detail"] for r in refused)
+
+
+def test_float_tiff_with_nan_and_inf_is_answered_not_500(hostile_client: TestClient) -> None:
+    """Found in review: a NaN pixel reached the model and JSON-encoding NaN was a 500."""
+    values = np.full((28, 28), np.nan, dtype=np.float32)
+    values[10:18, 10:18] = np.inf
+    values[0, 0] = -np.inf
+    data = encode(Image.fromarray(values, mode="F"), "TIFF")
+    response = hostile_client.post("/predict?k=3", files={"file": ("nan.tif", data, "image/tiff")})
+    assert response.status_code == 200, response.text
+    assert all(0.0 <= t["probability"] <= 1.0 for t in response.json()["predictions"][0]["top_k"])

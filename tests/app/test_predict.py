@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -166,3 +167,22 @@ def test_invert_override_changes_the_input(client: TestClient) -> None:
     plain = client.post("/predict?k=10&invert=false", files={"file": ("a.png", data)}).json()
     flipped = client.post("/predict?k=10&invert=true", files={"file": ("a.png", data)}).json()
     assert plain["predictions"] != flipped["predictions"]
+
+
+def test_default_k_is_capped_by_max_k_and_the_class_count(tmp_path: Path) -> None:
+    """Found in review: a model with fewer classes than the default k made every request without k a 422."""
+    from pydantic import ValidationError
+
+    from models import build_model, save_checkpoint
+
+    with pytest.raises(ValidationError, match="default_k"):
+        Settings(max_k=2)
+    args = {"input_size": 784, "output_size": 2, "hidden_layers": [8], "drop_p": 0.0}
+    checkpoint = save_checkpoint(
+        tmp_path / "two.pt", build_model("network", args), "network", args, PreprocessConfig(), class_names=["a", "b"]
+    )
+    with TestClient(create_app(Settings(checkpoint=checkpoint, device="cpu"))) as client:  # default_k is 3
+        response = client.post("/predict", files={"file": ("a.png", png())})
+        assert response.status_code == 200, response.text
+        assert [t["label"] for t in response.json()["predictions"][0]["top_k"]] in (["a", "b"], ["b", "a"])
+        assert client.post("/predict?k=3", files={"file": ("a.png", png())}).status_code == 422

@@ -245,3 +245,47 @@ def test_loads_onto_the_gpu(tmp_path: Path) -> None:
     assert loaded.device.type == "cuda"
     x = torch.randn(2, 1, 28, 28)
     assert torch.allclose(loaded.model(x.cuda()).cpu(), tiny_model()(x), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"metrics": "x"}, "'metrics' must be a dict of plain values"),
+        ({"metrics": {"acc": torch.tensor(0.9)}}, "'metrics' must be a dict of plain values"),
+        ({"training": {"lr": float("nan")}}, "'training' must be a dict of plain values"),
+        ({"created_at": 12}, "'created_at' has type int"),
+        ({"model_args": {**TINY_ARGS, "input_size": 100}}, r"input_size must be an integer in \[784, 784\]"),
+    ],
+)
+def test_metadata_that_serving_could_not_show_is_refused(tmp_path: Path, changes: dict[str, Any], message: str) -> None:
+    """Found in review: these once loaded and then broke /model (500) or start-up (traceback)."""
+    path = _rewrite(write_tiny_checkpoint(tmp_path / "m.pt"), **changes)
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(path)
+
+
+def test_non_finite_weights_are_refused(tmp_path: Path) -> None:
+    path = write_tiny_checkpoint(tmp_path / "m.pt")
+    raw = raw_v1(path)
+    raw["state_dict"]["output.bias"][3] = float("nan")
+    torch.save(raw, path)
+    with pytest.raises(CheckpointError, match=r"state_dict\['output.bias'\] holds NaN"):
+        load_checkpoint(path)
+
+
+def test_oversized_file_is_refused_before_reading(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(checkpoint_module, "MAX_FILE_BYTES", 1000)
+    with pytest.raises(CheckpointError, match="bytes; the limit is 1,000"):
+        load_checkpoint(write_tiny_checkpoint(tmp_path / "m.pt"))
+
+
+def test_loaded_tensors_do_not_keep_a_larger_storage_alive(tmp_path: Path) -> None:
+    model = tiny_model()
+    big = torch.zeros(1_000_000)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["output.bias"] = big[:10]  # a view into a 4 MB storage
+    raw = raw_v1(write_tiny_checkpoint(tmp_path / "m.pt"))
+    raw["state_dict"] = state
+    torch.save(raw, tmp_path / "m.pt")
+    loaded = load_checkpoint(tmp_path / "m.pt")
+    assert loaded.model.output.bias.untyped_storage().nbytes() == 10 * 4
