@@ -211,12 +211,13 @@ def _plain_mapping(ckpt: Mapping[str, Any], key: str) -> dict[str, Any]:
     return dict(value)
 
 
-def _resolve_device(device: torch.device | str) -> torch.device:
+def resolve_device(device: torch.device | str) -> torch.device:
+    """'auto' -> the GPU when there is one, else the CPU; ValueError for CUDA on a machine without it."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     resolved = torch.device(device)
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise CheckpointError(f"device {device!r} requested but CUDA is not available")
+        raise ValueError(f"device {str(device)!r} requested but CUDA is not available")
     return resolved
 
 
@@ -258,7 +259,11 @@ def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = "
 
     # assign=True adopts the loaded tensors in place of the meta ones: no second copy.
     shapes.load_state_dict(state_dict, strict=True, assign=True)
-    model = shapes.to(_resolve_device(device)).eval()
+    try:
+        target = resolve_device(device)
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
+    model = shapes.to(target).eval()
     return LoadedModel(
         model=model,
         arch=arch,

@@ -13,11 +13,11 @@ import numpy as np
 import torch
 
 from models import ARCHITECTURES, CheckpointError, build_model, load_checkpoint, model_args_for, save_checkpoint
-from models.checkpoint import FASHION_MNIST_CLASSES
+from models.checkpoint import FASHION_MNIST_CLASSES, resolve_device
 from models.preprocessing import PreprocessConfig, normalize, normalize_tensor
 from training.data import DataNotFoundError, FashionMNIST, load_fashion_mnist
 from training.report import artifact_paths, plot_confusion, plot_curves, write_json
-from training.train import EpochResult, Evaluation, evaluate, fit, reseed, resolve_device
+from training.train import EpochResult, Evaluation, evaluate, fit, reseed
 
 AUGMENTATIONS: dict[str, int | None] = {"none": None, "flip": 0, "shift": 2}  # -> max_shift
 
@@ -74,6 +74,13 @@ def _model_args(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(f"invalid model arguments: {exc}") from None
 
 
+def _device(name: str) -> torch.device:
+    try:
+        return resolve_device(name)
+    except (ValueError, RuntimeError) as exc:
+        raise SystemExit(f"--device {name}: {exc}") from None
+
+
 def _load_data(args: argparse.Namespace) -> FashionMNIST:
     try:
         return load_fashion_mnist(args.data_dir, download=args.download)
@@ -103,7 +110,7 @@ def run_train(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model_args = _model_args(args)
-    device = resolve_device(args.device)
+    device = _device(args.device)
     data = _load_data(args)
     preprocess = PreprocessConfig()
     generator = reseed(args.seed)
@@ -198,7 +205,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     try:
-        loaded = load_checkpoint(args.checkpoint, device=resolve_device(args.device))
+        loaded = load_checkpoint(args.checkpoint, device=_device(args.device))
     except CheckpointError as exc:
         raise SystemExit(f"cannot load checkpoint: {exc}") from None
     data = _load_data(args)

@@ -198,3 +198,10 @@ def test_read_idx_rejects_a_bad_file(tmp_path: Path) -> None:
     (tmp_path / "text").write_bytes(b"hello world")
     with pytest.raises(ValueError, match="not an unsigned-byte IDX file"):
         read_idx(tmp_path / "text")
+
+
+def test_cuda_without_cuda_is_a_clear_exit(synthetic_data: Path, tmp_path: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(SystemExit, match="--device cuda: device 'cuda' requested but CUDA is not available"):
+        main(["train", "--device", "cuda", "--data-dir", str(synthetic_data), "--out", str(tmp_path / "m.pt")])
