@@ -9,11 +9,14 @@ import signal
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from types import FrameType
+from typing import Any
 
 import numpy as np
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.batching import MicroBatcher
 from app.middleware import RequestContextMiddleware
@@ -84,6 +87,35 @@ def _observe(runtime: Runtime) -> Callable[[int, float], None]:
     return on_batch
 
 
+class ServiceApp(FastAPI):
+    """FastAPI with one change to how requests flow: request context (id, metrics, access log)
+    wraps everything, and `/predict`, the hot path, is answered by its plain ASGI endpoint
+    before FastAPI's exception middleware and router. Every other path is ordinary FastAPI."""
+
+    def __init__(self, runtime: Runtime, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.state.runtime = runtime
+        self.predict = predict.PredictEndpoint(runtime)
+
+    def build_middleware_stack(self) -> ASGIApp:
+        rest = super().build_middleware_stack()
+        predict_endpoint = self.predict
+
+        async def route(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] == "http" and scope["path"] == "/predict":
+                await predict_endpoint(scope, receive, send)
+            else:
+                await rest(scope, receive, send)
+
+        known_paths = frozenset(r.path for r in self.routes if isinstance(r, Route))
+        return RequestContextMiddleware(route, metrics=self.state.runtime.metrics, routes=known_paths | {"/predict"})
+
+    def openapi(self) -> dict[str, Any]:
+        if self.openapi_schema is None:
+            self.openapi_schema = predict.openapi(super().openapi())
+        return self.openapi_schema
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the service; the model loads when the app starts (its lifespan), never at import."""
     settings = settings or Settings()
@@ -102,7 +134,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 # uvicorn has already drained the connections within the grace period.
                 await run_in_threadpool(runtime.batcher.stop, 2.0)
 
-    app = FastAPI(
+    app = ServiceApp(
+        runtime,
         title="fashion-serve",
         summary="Fashion-MNIST image classification over HTTP",
         version="0.1.0",
@@ -110,13 +143,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         docs_url=None,
         redoc_url=None,
     )
-    app.state.runtime = runtime
-    routers = (predict.router, model.router, health.router, metrics.router, docs.router)
-    for router in routers:
+    for router in (model.router, health.router, metrics.router, docs.router):
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    known_paths = frozenset(route.path for router in routers for route in router.routes) | {"/openapi.json"}  # type: ignore[attr-defined]
-    app.add_middleware(RequestContextMiddleware, metrics=runtime.metrics, routes=known_paths)
     return app
 
 

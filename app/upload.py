@@ -11,7 +11,7 @@ from typing import NamedTuple
 import numpy as np
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
-from starlette.requests import ClientDisconnect, Request
+from starlette.types import Receive
 
 from app.decoding import ImageRejected, image_to_input
 from app.settings import Settings
@@ -38,32 +38,38 @@ class Part:
     data: bytearray = field(default_factory=bytearray)
 
 
-async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes:
-    """The whole body, refusing it (413) as soon as it is known to exceed `max_bytes`.
+async def receive_body(receive: Receive, content_length: bytes | None, max_bytes: int, timeout_s: float) -> bytes:
+    """The whole body from ASGI `receive`, refusing it (413) as soon as it is known to exceed
+    `max_bytes`.
 
     A declared Content-Length over the limit is refused before a byte is read; a body that
     grows past it is refused mid-stream; a client that takes over `timeout_s` gets 408.
     """
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.isdigit():
+    if content_length is not None:
+        if not content_length.isdigit():
             raise UploadError(400, "invalid Content-Length header")
-        if int(declared) > max_bytes:
-            raise UploadError(413, f"request body of {declared} bytes exceeds the limit of {max_bytes} bytes")
+        if int(content_length) > max_bytes:
+            raise UploadError(
+                413, f"request body of {content_length.decode()} bytes exceeds the limit of {max_bytes} bytes"
+            )
     chunks: list[bytes] = []
     size = 0
     try:
         async with asyncio.timeout(timeout_s):
-            async for chunk in request.stream():
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":  # nobody is left to answer; a 4xx stays out of error logs
+                    raise UploadError(400, "client disconnected before sending the whole body")
+                chunk = message.get("body", b"")
                 size += len(chunk)
                 if size > max_bytes:
                     raise UploadError(413, f"request body exceeds the limit of {max_bytes} bytes")
                 chunks.append(chunk)
+                if not message.get("more_body", False):
+                    break
     except TimeoutError:
         raise UploadError(408, f"request body not received within {timeout_s:g} s") from None
-    except ClientDisconnect:  # nobody is left to answer; a 4xx keeps it out of the error logs
-        raise UploadError(400, "client disconnected before sending the whole body") from None
-    return b"".join(chunks)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def _disposition(value: bytes) -> tuple[str | None, str | None]:

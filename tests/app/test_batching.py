@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 from fastapi import HTTPException
-from starlette.requests import Request
+from starlette.types import Receive
 
 from app.batching import MicroBatcher
 from app.decoding import image_to_input
 from app.runtime import Runtime
 from app.settings import Settings
-from app.upload import DecodedRequest, Upload, UploadError, read_body
+from app.upload import DecodedRequest, Upload, UploadError, receive_body
 from tests.helpers import png
 
 
@@ -106,38 +106,39 @@ def test_concurrency_cap_answers_503_with_retry_after() -> None:
         assert runtime.in_flight == 1
 
 
-def _request(
-    messages: list[dict[str, object]], delay: float = 0.0, headers: list[tuple[bytes, bytes]] | None = None
-) -> Request:
+def _receiver(messages: list[dict[str, object]], delay: float = 0.0) -> Receive:
     async def receive() -> dict[str, object]:
         await asyncio.sleep(delay)
         return messages.pop(0) if messages else {"type": "http.disconnect"}
 
-    scope = {"type": "http", "method": "POST", "path": "/predict", "headers": headers or [], "query_string": b""}
-    return Request(scope, receive)  # type: ignore[arg-type]
+    return receive  # type: ignore[return-value]
 
 
-def test_read_body_limits_time_size_and_disconnects() -> None:
-    async def read(request: Request, limit: int = 100, timeout: float = 1.0) -> bytes:
-        return await read_body(request, limit, timeout)
+def test_receive_body_limits_time_size_and_disconnects() -> None:
+    async def read(receive: Receive, length: bytes | None = None, limit: int = 100, timeout: float = 1.0) -> bytes:
+        return await receive_body(receive, length, limit, timeout)
 
     chunks = [
         {"type": "http.request", "body": b"x" * 60, "more_body": True},
         {"type": "http.request", "body": b"y" * 60},
     ]
     with pytest.raises(UploadError) as too_big:
-        asyncio.run(read(_request(list(chunks))))
+        asyncio.run(read(_receiver(list(chunks))))
     assert too_big.value.status == 413, "a body that grows past the limit is refused mid-stream"
     with pytest.raises(UploadError) as declared:
-        asyncio.run(read(_request([], headers=[(b"content-length", b"1000")])))
+        asyncio.run(read(_receiver([]), length=b"1000"))
     assert declared.value.status == 413
+    with pytest.raises(UploadError) as invalid:
+        asyncio.run(read(_receiver([]), length=b"-5"))
+    assert invalid.value.status == 400
     with pytest.raises(UploadError) as slow:
-        asyncio.run(read(_request(list(chunks), delay=0.3), limit=1000, timeout=0.4))
+        asyncio.run(read(_receiver(list(chunks), delay=0.3), limit=1000, timeout=0.4))
     assert slow.value.status == 408
     with pytest.raises(UploadError) as gone:
-        asyncio.run(read(_request([{"type": "http.request", "body": b"x", "more_body": True}]), limit=1000))
+        asyncio.run(read(_receiver([{"type": "http.request", "body": b"x", "more_body": True}]), limit=1000))
     assert gone.value.status == 400 and "disconnected" in gone.value.message
-    assert asyncio.run(read(_request(list(chunks)), limit=1000)) == b"x" * 60 + b"y" * 60
+    assert asyncio.run(read(_receiver(list(chunks)), limit=1000)) == b"x" * 60 + b"y" * 60
+    assert asyncio.run(read(_receiver([{"type": "http.request", "body": b"z"}]), b"1", limit=1000)) == b"z"
 
 
 def test_a_closed_caller_loop_does_not_kill_the_inference_thread() -> None:

@@ -48,11 +48,67 @@ def test_default_k_and_k_bounds(client: TestClient) -> None:
     assert sum(t["probability"] for t in top) == pytest.approx(1.0, abs=1e-4)
 
 
-@pytest.mark.parametrize("query", ["k=0", "k=11", "k=-1", "k=abc", "k=1.5", "k=1&k=2", "invert=maybe"])
-def test_bad_parameters_are_422(client: TestClient, query: str) -> None:
+@pytest.mark.parametrize(
+    ("query", "error_type"),
+    [
+        ("k=0", "greater_than_equal"),
+        ("k=11", "less_than_equal"),
+        ("k=-1", "greater_than_equal"),
+        ("k=abc", "int_parsing"),
+        ("k=1.5", "int_parsing"),
+        ("k=", "int_parsing"),
+        ("k=1&k=2", "duplicate"),
+        ("invert=maybe", "literal_error"),
+        ("invert=true&invert=false", "duplicate"),
+    ],
+)
+def test_bad_parameters_are_422_in_fastapis_shape(client: TestClient, query: str, error_type: str) -> None:
     response = client.post(f"/predict?{query}", files={"file": ("a.png", png())})
     assert response.status_code == 422
-    assert "detail" in response.json()
+    [error] = response.json()["detail"]
+    assert error["type"] == error_type
+    assert error["loc"] == ["query", query.split("=")[0]]
+    assert error["msg"]
+
+
+def test_other_query_parameters_are_ignored_and_encoded_ones_understood(client: TestClient) -> None:
+    response = client.post("/predict?utm=x&%6B=2&invert=%66alse", files={"file": ("a.png", png())})
+    assert response.status_code == 200
+    assert len(response.json()["predictions"][0]["top_k"]) == 2
+
+
+def test_predict_only_accepts_post(client: TestClient) -> None:
+    response = client.get("/predict")
+    assert response.status_code == 405
+    assert response.headers["allow"] == "POST"
+    assert response.json() == {"detail": "Method Not Allowed"}
+    assert response.headers["x-request-id"]
+
+
+def test_a_bug_in_predict_is_a_logged_500_and_the_service_goes_on(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    service = client.app.state.runtime.service  # type: ignore[attr-defined]
+    real = service.top_k
+    monkeypatch.setattr(service, "top_k", lambda *args: 1 / 0)
+    response = client.post("/predict", files={"file": ("a.png", png())}, headers={"X-Request-ID": "bug-1"})
+    assert response.status_code == 500
+    assert response.json() == {"detail": "Internal Server Error"}
+    log = capsys.readouterr().err
+    assert "[bug-1] unhandled error in POST /predict" in log and "ZeroDivisionError" in log
+    monkeypatch.setattr(service, "top_k", real)
+    assert client.post("/predict", files={"file": ("a.png", png())}).status_code == 200
+
+
+def test_openapi_documents_predict(client: TestClient) -> None:
+    schema = client.get("/openapi.json").json()
+    operation = schema["paths"]["/predict"]["post"]
+    assert {p["name"] for p in operation["parameters"]} == {"k", "invert"}
+    assert set(operation["requestBody"]["content"]) >= {"multipart/form-data", "image/png", "image/jpeg"}
+    ok = operation["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
+    assert ok == "#/components/schemas/PredictResponse"
+    for name in ("PredictResponse", "Prediction", "TopK", "ImageFailure", "HTTPError"):
+        assert name in schema["components"]["schemas"]
 
 
 def test_raw_image_body(client: TestClient) -> None:
