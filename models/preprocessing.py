@@ -113,12 +113,13 @@ def to_grayscale(image: Image.Image) -> Image.Image:
         raise ImageError(f"unsupported image mode {mode!r}") from exc
 
 
-def _border_mean(gray: Image.Image) -> float:
-    a = np.asarray(gray, dtype=np.float32)
-    if a.shape[0] <= 2 or a.shape[1] <= 2:
-        return float(a.mean())
-    ring = np.concatenate([a[0], a[-1], a[1:-1, 0], a[1:-1, -1]])
-    return float(ring.mean())
+def _border_mean(pixels: np.ndarray) -> float:
+    """The mean of the outermost ring of pixels: all of them minus the interior."""
+    height, width = pixels.shape
+    if height <= 2 or width <= 2:
+        return float(pixels.mean(dtype=np.float64))
+    ring = pixels.sum(dtype=np.float64) - pixels[1:-1, 1:-1].sum(dtype=np.float64)
+    return float(ring / (2 * (height + width) - 4))
 
 
 def should_invert(background: float, invert: Invert) -> bool:
@@ -156,11 +157,12 @@ def preprocess_array(image: Image.Image, config: PreprocessConfig, invert: Inver
     if image.width < 1 or image.height < 1:
         raise ImageError("image has no pixels")
     gray = to_grayscale(image)
-    background = _border_mean(gray)
+    pixels = np.asarray(gray)
+    background = _border_mean(pixels)
     flip = should_invert(background, invert or config.invert)
-    square = fit_square(gray, config.size, background)
-    pixels = np.asarray(square)
-    if square.mode == "F":
+    if gray.size != (config.size, config.size):
+        pixels = np.asarray(fit_square(gray, config.size, background))
+    if gray.mode == "F":
         # Lanczos overshoots ('L' images clamp by themselves); float files may hold NaN or inf.
         pixels = np.clip(np.nan_to_num(pixels, nan=0.0, posinf=255.0, neginf=0.0), 0.0, 255.0)
     return normalize(pixels, config, invert=flip)[np.newaxis]
