@@ -1,24 +1,20 @@
-"""`python -m app`: serve with uvicorn (uvloop + httptools), configured by FASHION_SERVE_* and these options."""
+"""`python -m app`: serve on pre-forked worker processes, configured by FASHION_SERVE_* and these options.
+
+gunicorn supervises; each worker is uvicorn (uvloop + httptools). The application, torch
+included, is imported once here and the workers are forked from this process, so start-up
+pays for one torch import instead of one per worker, and a worker that dies is replaced
+in milliseconds. Each worker loads the model itself, after the fork.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import os
-import signal
 import sys
 import tempfile
-from types import FrameType
 
-import uvicorn
-
-from app.observability import configure_logging
 from app.settings import Settings
-from models import CheckpointError, load_checkpoint
-
-
-def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,39 +27,26 @@ def main(argv: list[str] | None = None) -> int:
         "--workers", type=int, default=default_workers, help=f"processes (default: one per CPU, {default_workers})"
     )
     args = parser.parse_args(argv)
-    configure_logging(settings.log_format, settings.log_level)
-    log = logging.getLogger("app")
+    if args.workers > 1:
+        # Each worker counts its own requests; this directory lets /metrics add them up. It must
+        # be set before prometheus_client is imported (below), which reads it once.
+        os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="fashion-serve-metrics-"))
 
-    # Check the checkpoint before uvicorn starts: a broken one then fails once, with one line and
-    # exit 1, instead of a lifespan traceback (or, with workers, every worker failing and restarting).
-    # With one worker the process keeps torch imported, so this costs only the (small) file read.
+    from app.observability import configure_logging
+    from models import CheckpointError, load_checkpoint
+
+    configure_logging(settings.log_format, settings.log_level)
+    # Check the checkpoint before any worker starts: a broken one then fails once, with one
+    # line and exit 1, instead of a traceback per worker. torch stays imported for the workers.
     try:
         load_checkpoint(settings.checkpoint, device="cpu")
     except CheckpointError as exc:
-        log.critical("cannot start: checkpoint %s: %s", settings.checkpoint, exc)
+        logging.getLogger("app").critical("cannot start: checkpoint %s: %s", settings.checkpoint, exc)
         return 1
-    if args.workers > 1:
-        # Each worker counts its own requests; this directory lets /metrics add them up.
-        os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="fashion-serve-metrics-"))
 
-    # uvicorn drains, then re-raises the SIGTERM/SIGINT it caught against the handler it found
-    # installed; with this one a drained server exits 0 (a clean stop), not "killed by signal".
-    for stop_signal in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(stop_signal, _exit_cleanly)
-    uvicorn.run(
-        "app.main:app",
-        host=args.host,
-        port=args.port,
-        workers=args.workers,
-        loop="uvloop",
-        http="httptools",
-        log_config=None,
-        timeout_keep_alive=settings.keep_alive_s,
-        limit_concurrency=settings.max_connections,
-        timeout_graceful_shutdown=settings.shutdown_grace_s,
-        access_log=False,
-    )
-    return 0
+    from app.serving import serve
+
+    return serve(settings, args.host, args.port, args.workers)
 
 
 if __name__ == "__main__":

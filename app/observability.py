@@ -56,7 +56,7 @@ def configure_logging(log_format: str, level: str) -> None:
     handler.addFilter(_RequestIdFilter())
     handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
     logging.captureWarnings(True)  # e.g. Pillow's "Corrupt EXIF data" on a bad upload
-    for name in ("app", "models", "uvicorn", "uvicorn.error", "uvicorn.access", "py.warnings"):
+    for name in ("app", "models", "uvicorn", "uvicorn.error", "uvicorn.access", "gunicorn.error", "py.warnings"):
         logger = logging.getLogger(name)
         logger.handlers = [handler]
         logger.propagate = False

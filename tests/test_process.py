@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import os
 import signal
 import socket
 import time
@@ -154,3 +155,37 @@ def test_json_logs(tmp_path: Path) -> None:
     assert all({"time", "level", "logger", "request_id", "message"} <= set(r) for r in records)
     assert process.returncode == 0
     assert not [line for line in output.splitlines() if line.strip() and not line.startswith("{")], output
+
+
+def _children(pid: int) -> set[int]:
+    return {int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
+
+
+def test_a_killed_worker_is_replaced_and_service_goes_on(tmp_path: Path) -> None:
+    checkpoint = write_tiny_checkpoint(tmp_path / "m.pt")
+    process, port = start_server({"FASHION_SERVE_CHECKPOINT": str(checkpoint)}, "--workers", "2")
+    try:
+        wait_ready(process, port)
+        deadline = time.monotonic() + 30
+        while len(workers := _children(process.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(workers) == 2
+        victim = min(workers)
+        os.kill(victim, signal.SIGKILL)  # e.g. the kernel's OOM killer
+        while (len(replaced := _children(process.pid)) < 2 or victim in replaced) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert victim not in replaced and len(replaced) == 2
+        body, content_type = _multipart(png())
+        for _ in range(10):  # whichever worker answers, each one is ready and predicts
+            wait_ready(process, port, timeout=10)
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+                conn.sendall(
+                    b"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Type: " + content_type + b"\r\n"
+                    b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+                )
+                assert _read_response(conn)[0] == 200
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=15)
+    assert process.returncode == 0, output
+    assert f"Worker (pid:{victim}) was sent SIGKILL" in output, output
