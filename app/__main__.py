@@ -44,9 +44,13 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("app").critical("cannot start: checkpoint %s: %s", settings.checkpoint, exc)
         return 1
 
-    from app.serving import serve
+    from app.serving import AddressInUse, serve
 
-    return serve(settings, args.host, args.port, args.workers)
+    try:
+        return serve(settings, args.host, args.port, args.workers)
+    except AddressInUse as exc:
+        logging.getLogger("app").critical("cannot start: %s", exc)
+        return 1
 
 
 if __name__ == "__main__":

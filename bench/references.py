@@ -2,13 +2,16 @@
 
 - `naive`: the course-style app: decode and forward inline in an `async def` handler.
 - `empty`: an upload endpoint that reads the file and does nothing: the ceiling.
-Both read the checkpoint path from BENCH_CHECKPOINT.
+Both read the checkpoint path from BENCH_CHECKPOINT. `python -m bench.references NAME --port P
+--workers N` serves one with exactly the service's server settings (app.serving).
 """
 
 from __future__ import annotations
 
+import argparse
 import io
 import os
+import sys
 
 import torch
 from fastapi import FastAPI, UploadFile
@@ -47,3 +50,22 @@ async def ready() -> dict[str, str]:
 async def empty_predict(file: UploadFile) -> dict[str, object]:
     await file.read()
     return {"predictions": []}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from app.observability import configure_logging
+    from app.serving import serve
+    from app.settings import Settings
+
+    parser = argparse.ArgumentParser(prog="python -m bench.references")
+    parser.add_argument("name", choices=["naive", "empty"])
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--workers", type=int, default=1)
+    args = parser.parse_args(argv)
+    settings = Settings()
+    configure_logging(settings.log_format, settings.log_level)
+    return serve(settings, "127.0.0.1", args.port, args.workers, application=f"bench.references:{args.name}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

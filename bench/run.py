@@ -100,26 +100,11 @@ def start(name: str, checkpoint: Path, workers: int) -> Server:
         "BENCH_CHECKPOINT": str(checkpoint),
         "OMP_NUM_THREADS": "1",
     }
-    if name == "service":
-        command = [sys.executable, "-m", "app", "--port", str(port), "--workers", str(workers)]
-    else:
-        command = [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            f"bench.references:{name}",
-            "--port",
-            str(port),
-            "--workers",
-            str(workers),
-            "--loop",
-            "uvloop",
-            "--http",
-            "httptools",
-            "--log-level",
-            "warning",
-            "--no-access-log",
-        ]
+    # The references run on the service's own server stack (gunicorn + uvicorn workers,
+    # uvloop + httptools, one listening socket per worker), so only the app differs.
+    module = "app" if name == "service" else "bench.references"
+    command = [sys.executable, "-m", module, *([] if name == "service" else [name])]
+    command += ["--port", str(port), "--workers", str(workers)]
     started = time.perf_counter()
     process = subprocess.Popen(command, cwd=ROOT, env=env)
     while True:

@@ -6,6 +6,8 @@ import http.client
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import pytest
 import torch
 
 from tests.helpers import png, write_tiny_checkpoint
-from tests.serverproc import start_server, wait_ready
+from tests.serverproc import ROOT, start_server, wait_ready
 
 
 def _fails_to_start(checkpoint: Path, *args: str) -> str:
@@ -189,3 +191,77 @@ def test_a_killed_worker_is_replaced_and_service_goes_on(tmp_path: Path) -> None
         output, _ = process.communicate(timeout=15)
     assert process.returncode == 0, output
     assert f"Worker (pid:{victim}) was sent SIGKILL" in output, output
+
+
+def test_an_address_in_use_is_one_clear_line(tmp_path: Path) -> None:
+    checkpoint = write_tiny_checkpoint(tmp_path / "m.pt")
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        process = subprocess.run(
+            [sys.executable, "-m", "app", "--host", "127.0.0.1", "--port", str(port), "--workers", "2"],
+            cwd=ROOT,
+            env={**os.environ, "FASHION_SERVE_CHECKPOINT": str(checkpoint), "FASHION_SERVE_DEVICE": "cpu"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert process.returncode == 1
+    critical = [line for line in process.stderr.splitlines() if "CRITICAL" in line]
+    assert critical == [line for line in process.stderr.splitlines() if line.strip()], process.stderr
+    assert f"cannot start: 127.0.0.1:{port}: Address already in use" in critical[0]
+
+
+def _established_by_process(pids: set[int], port: int) -> dict[int, int]:
+    """How many established connections to `port` each process holds (from /proc)."""
+    inodes = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].split(":")[1], 16) == port and fields[3] == "01":
+            inodes.add(fields[9])
+    counts = {}
+    for pid in pids:
+        links = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
+        counts[pid] = sum(link[8:-1] in inodes for link in links if link.startswith("socket:["))
+    return counts
+
+
+def test_connections_are_spread_over_the_workers(tmp_path: Path) -> None:
+    """Found in benchmarking: with one shared listening socket, the first worker to wake took
+    most of a burst of new keep-alive connections (32 of 32) and the other worker idled."""
+    checkpoint = write_tiny_checkpoint(tmp_path / "m.pt")
+    process, port = start_server({"FASHION_SERVE_CHECKPOINT": str(checkpoint)}, "--workers", "2")
+    connections = []
+    try:
+        wait_ready(process, port)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # both workers listening: each answers ready
+            time.sleep(0.2)
+            if len(_children(process.pid)) == 2 and _all_workers_listen(_children(process.pid), port):
+                break
+        connections = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(32)]
+        for conn in connections:  # one request each, so every connection has been accepted
+            conn.sendall(b"GET /health/live HTTP/1.1\r\nHost: test\r\n\r\n")
+            assert _read_response(conn)[0] == 200
+        counts = _established_by_process(_children(process.pid), port)
+        assert sum(counts.values()) == 32
+        assert min(counts.values()) >= 4, counts  # an even split has 16 each; <= 3 has p ~ 1e-6
+    finally:
+        for conn in connections:
+            conn.close()
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=15)
+
+
+def _all_workers_listen(pids: set[int], port: int) -> bool:
+    listening = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].split(":")[1], 16) == port and fields[3] == "0A":
+            listening.add(fields[9])
+    for pid in pids:
+        links = {os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()}
+        if not any(f"socket:[{inode}]" in links for inode in listening):
+            return False
+    return True
