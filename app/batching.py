@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,9 +44,12 @@ def _resolve(future: asyncio.Future[Result], outcome: Result | BaseException) ->
 class MicroBatcher(Generic[Item, Result]):
     """Runs `run_batch` on one dedicated thread over at most `max_batch_size` waiting items."""
 
-    def __init__(self, run_batch: Callable[[list[Item]], list[Result | BaseException]], max_batch_size: int) -> None:
+    def __init__(
+        self, run_batch: Callable[[list[Item]], list[Result | BaseException]], max_batch_size: int, nice: int = 0
+    ) -> None:
         self._run_batch = run_batch
         self._max_batch_size = max_batch_size
+        self._nice = nice
         self._queue: queue.SimpleQueue[_Job[Item, Result] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
 
@@ -78,7 +83,17 @@ class MicroBatcher(Generic[Item, Result]):
             jobs.append(job)
         return jobs, False
 
+    def _lower_priority(self) -> None:
+        """Raise this thread's nice value by `nice` (Linux: nice is per thread)."""
+        if self._nice and sys.platform == "linux":
+            tid = threading.get_native_id()
+            try:
+                os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + self._nice)
+            except OSError as exc:
+                logger.warning("could not lower the inference thread's priority: %s", exc)
+
     def _run(self) -> None:
+        self._lower_priority()
         stopping = False
         while not stopping:
             first = self._queue.get()

@@ -151,7 +151,7 @@ def fashion_pngs(limit: int) -> list[bytes]:
 
 
 class LivenessProbe(threading.Thread):
-    """GET /health/live every 20 ms and keep the latencies."""
+    """GET /health/live every 5 ms and keep the latencies (about 1,000 per 6 s row)."""
 
     def __init__(self, port: int) -> None:
         super().__init__(daemon=True)
@@ -177,7 +177,7 @@ class LivenessProbe(threading.Thread):
                 self.failures += 1
                 conn.close()
                 conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
-            self.stopping.wait(0.02)
+            self.stopping.wait(0.005)
 
     def p99_ms(self) -> float:
         return statistics.quantiles(self.latencies, n=100)[98] * 1000 if len(self.latencies) > 2 else float("nan")

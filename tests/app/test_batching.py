@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import threading
 import time
 
@@ -162,3 +164,31 @@ def test_a_closed_caller_loop_does_not_kill_the_inference_thread() -> None:
     batcher._run_batch = lambda items: [i * 2 for i in items]
     assert asyncio.run(asyncio.wait_for(batcher.submit(21), 5)) == 42
     batcher.stop(5)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread nice values are Linux behaviour")
+def test_the_inference_thread_runs_at_a_lower_priority_than_its_callers() -> None:
+    before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    batcher: MicroBatcher[int, int] = MicroBatcher(
+        lambda items: [os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) for _ in items],
+        max_batch_size=4,
+        nice=5,
+    )
+    batcher.start()
+
+    async def ask() -> int:
+        return await batcher.submit(0)
+
+    assert asyncio.run(ask()) == min(before + 5, 19)
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before  # the caller's is untouched
+    batcher.stop(1.0)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread nice values are Linux behaviour")
+def test_the_service_starts_its_inference_thread_lowered(client: object) -> None:
+    from app.main import INFERENCE_NICE
+
+    thread = client.app.state.runtime.batcher._thread  # type: ignore[attr-defined]
+    assert thread.name == "inference" and thread.native_id is not None
+    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    assert os.getpriority(os.PRIO_PROCESS, thread.native_id) == min(mine + INFERENCE_NICE, 19)
