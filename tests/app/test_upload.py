@@ -6,8 +6,19 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from python_multipart.multipart import parse_options_header
 
-from app.upload import UploadError, _Collector, _parse_any, _parse_plain, parse_multipart
+from app.upload import (
+    _PLAIN_DISPOSITION,
+    _PLAIN_MULTIPART_TYPE,
+    UploadError,
+    _boundary,
+    _Collector,
+    _disposition,
+    _parse_any,
+    _parse_plain,
+    parse_multipart,
+)
 
 BOUNDARY = b"xYzZY"
 Outcome = list[tuple[str | None, str | None, str | None, bytes]] | tuple[int, str]
@@ -122,3 +133,49 @@ def test_the_fast_path_agrees_with_python_multipart(
         fast = plain(candidate)
         if fast is not None:
             assert fast == general(candidate), candidate
+
+
+quoted_text = st.text(alphabet=st.sampled_from([*'ab;= "\\:/.\tä', "\r"]), max_size=8)
+disposition = st.one_of(
+    st.builds(lambda n: f'form-data; name="{n}"', quoted_text),
+    st.builds(lambda n, f: f'form-data; name="{n}"; filename="{f}"', quoted_text, quoted_text),
+    st.builds(lambda n, f: f'form-data; filename="{f}"; name="{n}"', quoted_text, quoted_text),
+    st.builds(lambda n: f"form-data; name={n}", quoted_text),
+    quoted_text,
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(value=disposition)
+def test_the_plain_disposition_reading_agrees_with_python_multipart(value: str) -> None:
+    raw = value.encode("latin-1", "replace")
+    kind, params = parse_options_header(raw)
+    expected = (None, None)
+    if kind == b"form-data":
+        name, filename = params.get(b"name"), params.get(b"filename")
+        expected = (
+            name.decode("utf-8", "replace") if name is not None else None,
+            filename.decode("utf-8", "replace") if filename is not None else None,
+        )
+    assert _disposition(raw) == expected
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    value=st.one_of(
+        st.builds(
+            lambda b, sep: f"multipart/form-data;{sep}boundary={b}",
+            st.text(alphabet=st.sampled_from(list("aZ09'()+_,-./:=? \";")), max_size=12),
+            st.sampled_from(["", " ", "  ", "\t"]),
+        ),
+        st.text(st.characters(max_codepoint=255), max_size=30),  # headers arrive as latin-1
+    )
+)
+def test_the_plain_boundary_reading_agrees_with_python_multipart(value: str) -> None:
+    assert _boundary(value) == parse_options_header(value)[1].get(b"boundary")
+
+
+def test_the_plain_readings_take_what_clients_send() -> None:
+    assert _PLAIN_DISPOSITION.fullmatch(b'form-data; name="file"; filename="shirt 1.png"')
+    assert _PLAIN_MULTIPART_TYPE.fullmatch("multipart/form-data; boundary=a1b2c3d4e5f6")
+    assert _disposition(b'form-data; name="file"; filename="C:\\\\x\\\\a.png"') == ("file", "a.png")  # IE6's path
