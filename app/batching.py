@@ -15,6 +15,7 @@ import os
 import queue
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -42,13 +43,22 @@ def _resolve(future: asyncio.Future[Result], outcome: Result | BaseException) ->
 
 
 class MicroBatcher(Generic[Item, Result]):
-    """Runs `run_batch` on one dedicated thread over at most `max_batch_size` waiting items."""
+    """Runs `run_batch` on one dedicated thread over at most `max_batch_size` waiting items.
+
+    `max_wait_s` > 0 trades latency for bigger batches: a batch that is not full waits up
+    to that long for more items. The default, 0, never waits.
+    """
 
     def __init__(
-        self, run_batch: Callable[[list[Item]], list[Result | BaseException]], max_batch_size: int, nice: int = 0
+        self,
+        run_batch: Callable[[list[Item]], list[Result | BaseException]],
+        max_batch_size: int,
+        max_wait_s: float = 0.0,
+        nice: int = 0,
     ) -> None:
         self._run_batch = run_batch
         self._max_batch_size = max_batch_size
+        self._max_wait_s = max_wait_s
         self._nice = nice
         self._queue: queue.SimpleQueue[_Job[Item, Result] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
@@ -71,11 +81,14 @@ class MicroBatcher(Generic[Item, Result]):
         return await future
 
     def _take_waiting(self, first: _Job[Item, Result]) -> tuple[list[_Job[Item, Result]], bool]:
-        """The first job plus those already queued, up to the batch size; and whether to stop."""
+        """The first job plus those queued (or arriving within `max_wait_s`), up to the batch
+        size; and whether to stop."""
         jobs = [first]
+        deadline = time.monotonic() + self._max_wait_s
         while len(jobs) < self._max_batch_size:
+            remaining = deadline - time.monotonic()
             try:
-                job = self._queue.get_nowait()
+                job = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
             except queue.Empty:
                 break
             if job is None:

@@ -63,7 +63,7 @@ async def _start(runtime: Runtime) -> None:
         logger.critical("cannot start: checkpoint %s: %s", settings.checkpoint, exc)
         raise
     batcher: MicroBatcher[Upload | DecodedRequest, Answer] = MicroBatcher(
-        service.run_batch, settings.max_batch_size, nice=INFERENCE_NICE
+        service.run_batch, settings.max_batch_size, settings.max_batch_wait_ms / 1000, nice=INFERENCE_NICE
     )
     batcher.start()
     runtime.service, runtime.batcher = service, batcher

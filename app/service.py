@@ -58,6 +58,7 @@ class ClassifierService:
         self.observe_batch = observe_batch  # told (images, seconds) of every forward pass
         self.loaded_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         self.name = Path(checkpoint.path).stem
+        self.device = loaded.device  # asked once: it walks the model's parameters
 
     @classmethod
     def load(cls, settings: Settings, observe_batch: Callable[[int, float], None] | None = None) -> ClassifierService:
@@ -84,15 +85,19 @@ class ClassifierService:
         so the request is retried rather than failed and the next batch can succeed.
         """
         try:
-            log_ps = self.loaded.model(torch.from_numpy(batch).to(self.loaded.device, non_blocking=True))
+            x = torch.from_numpy(batch)
+            if self.device.type != "cpu":
+                x = x.to(self.device, non_blocking=True)
+            log_ps = self.loaded.model(x)
             return log_ps.exp().tolist()
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             raise ServiceUnavailable("the accelerator ran out of memory; retry shortly") from None
 
     def run_batch(self, items: list[Upload | DecodedRequest]) -> list[Answer | BaseException]:
-        """The micro-batcher's step: decode what is not decoded yet, then one forward pass for
-        every image of every request. A request refused as a whole gets its UploadError."""
+        """The micro-batcher's step: decode what is not decoded yet, then forward passes of at
+        most `max_batch_size` images over every image of every request, in order. A request
+        refused as a whole gets its UploadError."""
         decoded: list[DecodedRequest | BaseException] = []
         for item in items:
             if isinstance(item, DecodedRequest):
@@ -105,10 +110,14 @@ class ClassifierService:
         arrays = [d.inputs for d in decoded if isinstance(d, DecodedRequest) and d.inputs is not None]
         rows: list[list[float]] = []
         if arrays:
-            start = time.perf_counter()
-            rows = self.probabilities(arrays[0] if len(arrays) == 1 else np.concatenate(arrays))
-            if self.observe_batch:
-                self.observe_batch(len(rows), time.perf_counter() - start)
+            inputs = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+            step = self.settings.max_batch_size
+            for first in range(0, len(inputs), step):
+                start = time.perf_counter()
+                chunk = self.probabilities(inputs[first : first + step])
+                if self.observe_batch:
+                    self.observe_batch(len(chunk), time.perf_counter() - start)
+                rows += chunk
         answers: list[Answer | BaseException] = []
         offset = 0
         for d in decoded:
@@ -139,7 +148,7 @@ class ClassifierService:
             "num_parameters": sum(p.numel() for p in model.parameters()),
             "classes": list(self.loaded.class_names),
             "input_shape": [1, 28, 28],
-            "device": str(self.loaded.device),
+            "device": str(self.device),
             "preprocess": self.loaded.preprocess.to_dict(),
             "metrics": self.loaded.metrics,
             "training": self.loaded.training,

@@ -25,6 +25,7 @@ class Settings(BaseSettings):
     max_k: int = Field(10, ge=1)
     torch_threads: int = Field(1, ge=1, le=256)
     max_batch_size: int = Field(32, ge=1, le=1024)
+    max_batch_wait_ms: float = Field(0.0, ge=0.0, le=1000.0)
     max_concurrency: int = Field(128, ge=1)
     max_connections: int = Field(1024, ge=1)
     body_timeout_s: float = Field(30.0, gt=0)

@@ -96,6 +96,48 @@ def test_batched_results_equal_unbatched_and_keep_request_order(client: object) 
     assert torch.allclose(torch.tensor(together[0][1]), torch.tensor(service.probabilities(x)), atol=1e-6)  # type: ignore[index]
 
 
+def test_a_forward_pass_never_holds_more_than_max_batch_size_images(tiny_checkpoint: object) -> None:
+    """Found in review: the limit counted requests, so 32 requests of 16 images made one pass of 512."""
+    from app.service import ClassifierService
+
+    service = ClassifierService.load(Settings(checkpoint=tiny_checkpoint, device="cpu", max_batch_size=3))
+    passes: list[int] = []
+    service.observe_batch = lambda images, seconds: passes.append(images)
+    multipart = "multipart/form-data; boundary=b"
+    body = b"".join(
+        b'--b\r\nContent-Disposition: form-data; name="file"; filename="%d.png"\r\n\r\n' % s + png(seed=s) + b"\r\n"
+        for s in range(5)
+    )
+    items: list[Upload | DecodedRequest] = [Upload(body + b"--b--\r\n", multipart, None)] * 2
+    answers = service.run_batch(items)
+    assert passes == [3, 3, 3, 1]
+    x = np.stack([image_to_input(png(seed=s), None, service.loaded.preprocess, 10**6) for s in range(5)])
+    expected = torch.tensor(service.probabilities(x))
+    for answer in answers:
+        assert torch.allclose(torch.tensor(answer[1]), expected, atol=1e-6)  # type: ignore[index]
+
+
+def test_max_wait_lets_a_batch_fill_and_zero_never_waits() -> None:
+    for wait, expected in ((0.0, [[1], [2]]), (5.0, [[1, 2]])):
+        batches: list[list[int]] = []
+
+        def record(items: list[int], batches: list[list[int]] = batches) -> list[int | BaseException]:
+            batches.append(list(items))
+            return [i * 10 for i in items]
+
+        batcher: MicroBatcher[int, int] = MicroBatcher(record, max_batch_size=2, max_wait_s=wait)
+        batcher.start()
+
+        async def two_apart(batcher: MicroBatcher[int, int] = batcher) -> list[int]:
+            first = asyncio.ensure_future(batcher.submit(1))
+            await asyncio.sleep(0.2)  # long after an idle batcher has taken the first item
+            return [*await asyncio.gather(first, batcher.submit(2))]
+
+        assert asyncio.run(two_apart()) == [10, 20]
+        assert batches == expected, wait  # with a wait, the full batch goes at once (not after 5 s)
+        batcher.stop(1.0)
+
+
 def test_concurrency_cap_answers_503_with_retry_after() -> None:
     runtime = Runtime(Settings(max_concurrency=2))
     with runtime.admit(), runtime.admit():
