@@ -17,7 +17,7 @@ import torch
 from app.decoding import ImageRejected
 from app.settings import Settings
 from app.upload import DecodedRequest, Upload, UploadError, decode_request
-from models import LoadedModel, load_checkpoint
+from models import LoadedModel, for_inference, load_checkpoint
 
 Answer = tuple[DecodedRequest, list[list[float]]]  # a request's decoded images and their probability rows
 
@@ -59,6 +59,7 @@ class ClassifierService:
         self.loaded_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         self.name = Path(checkpoint.path).stem
         self.device = loaded.device  # asked once: it walks the model's parameters
+        self.model = for_inference(loaded.model)  # BatchNorm folded, channels-last; /model shows the original
 
     @classmethod
     def load(cls, settings: Settings, observe_batch: Callable[[int, float], None] | None = None) -> ClassifierService:
@@ -88,7 +89,7 @@ class ClassifierService:
             x = torch.from_numpy(batch)
             if self.device.type != "cpu":
                 x = x.to(self.device, non_blocking=True)
-            log_ps = self.loaded.model(x)
+            log_ps = self.model(x)
             return log_ps.exp().tolist()
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()

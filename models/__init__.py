@@ -7,7 +7,15 @@ from models.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from models.networks import ARCHITECTURES, Classifier, FashionCNN, Network, build_model, model_args_for
+from models.networks import (
+    ARCHITECTURES,
+    Classifier,
+    FashionCNN,
+    Network,
+    build_model,
+    for_inference,
+    model_args_for,
+)
 from models.preprocessing import ImageError, PreprocessConfig, normalize, normalize_tensor, preprocess_image
 
 __all__ = [
@@ -21,6 +29,7 @@ __all__ = [
     "Network",
     "PreprocessConfig",
     "build_model",
+    "for_inference",
     "load_checkpoint",
     "model_args_for",
     "normalize",

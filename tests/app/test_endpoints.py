@@ -111,7 +111,7 @@ def test_docs_work_offline(client: TestClient) -> None:
 
 def test_out_of_accelerator_memory_is_503_and_recovers(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
     service = client.app.state.runtime.service  # type: ignore[attr-defined]
-    model = service.loaded.model
+    model = service.model
     calls = {"n": 0}
     real_forward = model.forward
 

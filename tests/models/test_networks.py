@@ -1,0 +1,41 @@
+"""`for_inference`: the served form of a model computes what the checkpoint's model computes."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models import Classifier, FashionCNN, Network, for_inference
+
+
+def _trained_looking(model: nn.Module) -> nn.Module:
+    """Random weights and non-trivial BatchNorm statistics, as after training."""
+    torch.manual_seed(0)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-1, 1)
+            module.running_var.uniform_(0.5, 2)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.5, 0.5)
+    return model.eval()
+
+
+def test_the_cnn_is_folded_and_channels_last_and_computes_the_same() -> None:
+    model = _trained_looking(FashionCNN())
+    keys = list(model.state_dict())
+    served = for_inference(model)
+    x = torch.randn(8, 1, 28, 28)
+    with torch.inference_mode():
+        assert torch.allclose(served(x), model(x), atol=1e-4)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in served.modules())
+    convs = [m for m in served.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 4 and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    assert not served.training
+    # The checkpoint's model is untouched: /model still describes it.
+    assert list(model.state_dict()) == keys
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 4
+
+
+def test_models_without_convolutions_are_served_as_they_are() -> None:
+    for model in (Network(784, 10, [32, 16]), Classifier()):
+        assert for_inference(model) is model
