@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
-import uuid
 
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -28,7 +28,7 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
         incoming = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"x-request-id"), "")
-        request_id = incoming if VALID_REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
+        request_id = incoming if VALID_REQUEST_ID.fullmatch(incoming) else os.urandom(16).hex()
         token = request_id_var.set(request_id)
         status = 500
         start = time.perf_counter()
@@ -46,7 +46,6 @@ class RequestContextMiddleware:
             elapsed = time.perf_counter() - start
             path = scope["path"]
             route = path if path in self.routes else "other"
-            self.metrics.requests.labels(route, scope["method"], str(status)).inc()
-            self.metrics.request_latency.labels(route).observe(elapsed)
+            self.metrics.count_request(route, scope["method"], status, elapsed)
             logger.info("%s %s %d %.1fms", scope["method"], path, status, elapsed * 1000)
             request_id_var.reset(token)
