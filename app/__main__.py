@@ -17,6 +17,13 @@ import tempfile
 from app.settings import Settings
 
 
+def _positive(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
+
+
 def main(argv: list[str] | None = None) -> int:
     settings = Settings()
     parser = argparse.ArgumentParser(prog="python -m app", description=__doc__)
@@ -24,9 +31,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=settings.port, help=f"port (default: {settings.port})")
     default_workers = settings.workers or len(os.sched_getaffinity(0))
     parser.add_argument(
-        "--workers", type=int, default=default_workers, help=f"processes (default: one per CPU, {default_workers})"
+        "--workers",
+        type=_positive,
+        default=default_workers,
+        help=f"processes (default: one per CPU, {default_workers})",
     )
     args = parser.parse_args(argv)
+    if args.port == 0 and args.workers > 1:
+        parser.error("--port 0 (any free port) would give each worker a different port; name a port")
     if args.workers > 1:
         # Each worker counts its own requests; this directory lets /metrics add them up. It must
         # be set before prometheus_client is imported (below), which reads it once.

@@ -19,7 +19,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.batching import MicroBatcher
-from app.middleware import RequestContextMiddleware
+from app.middleware import RequestContextMiddleware, route_path
 from app.observability import configure_logging
 from app.routes import docs, health, metrics, model, predict
 from app.routes.docs import STATIC_DIR
@@ -97,25 +97,32 @@ def _observe(runtime: Runtime) -> Callable[[int, float], None]:
 class ServiceApp(FastAPI):
     """FastAPI with one change to how requests flow: request context (id, metrics, access log)
     wraps everything, and `/predict`, the hot path, is answered by its plain ASGI endpoint
-    before FastAPI's exception middleware and router. Every other path is ordinary FastAPI."""
+    before FastAPI's exception middleware and router. Every other path is ordinary FastAPI.
+
+    So middleware, exception handlers and dependency overrides added to this app do not
+    apply to `/predict`; a layer every request must pass (auth, rate limits) belongs in
+    front of it, or in `build_middleware_stack` below.
+    """
 
     def __init__(self, runtime: Runtime, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.state.runtime = runtime
         self.predict = predict.PredictEndpoint(runtime)
+        # The router knows the path too: `/predict/` gets FastAPI's redirect to `/predict`.
+        self.router.routes.append(Route("/predict", self.predict, methods=["POST"], include_in_schema=False))
 
     def build_middleware_stack(self) -> ASGIApp:
         rest = super().build_middleware_stack()
         predict_endpoint = self.predict
 
         async def route(scope: Scope, receive: Receive, send: Send) -> None:
-            if scope["type"] == "http" and scope["path"] == "/predict":
+            if scope["type"] == "http" and route_path(scope) == "/predict":
                 await predict_endpoint(scope, receive, send)
             else:
                 await rest(scope, receive, send)
 
         known_paths = frozenset(r.path for r in self.routes if isinstance(r, Route))
-        return RequestContextMiddleware(route, metrics=self.state.runtime.metrics, routes=known_paths | {"/predict"})
+        return RequestContextMiddleware(route, metrics=self.state.runtime.metrics, routes=known_paths)
 
     def openapi(self) -> dict[str, Any]:
         if self.openapi_schema is None:
@@ -139,7 +146,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             runtime.health.start_draining()
             if runtime.batcher is not None:
                 # uvicorn has already drained the connections within the grace period.
-                await run_in_threadpool(runtime.batcher.stop, 2.0)
+                await run_in_threadpool(runtime.batcher.stop, 1.0)
 
     app = ServiceApp(
         runtime,

@@ -17,6 +17,15 @@ logger = logging.getLogger("app.access")
 VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
+def route_path(scope: Scope) -> str:
+    """The request's path below the app's mount point (`root_path`), as Starlette's router sees it."""
+    path: str = scope["path"]
+    root_path: str = scope.get("root_path", "")
+    if root_path and path.startswith(root_path) and path[len(root_path) : len(root_path) + 1] in ("", "/"):
+        return path[len(root_path) :]
+    return path
+
+
 class RequestContextMiddleware:
     def __init__(self, app: ASGIApp, metrics: Metrics, routes: frozenset[str]) -> None:
         self.app = app
@@ -45,7 +54,8 @@ class RequestContextMiddleware:
         finally:
             elapsed = time.perf_counter() - start
             path = scope["path"]
-            route = path if path in self.routes else "other"
+            route = route_path(scope)
+            route = route if route in self.routes else "other"
             self.metrics.count_request(route, scope["method"], status, elapsed)
             logger.info("%s %s %d %.1fms", scope["method"], path, status, elapsed * 1000)
             request_id_var.reset(token)

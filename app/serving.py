@@ -8,11 +8,13 @@ is loaded by each worker's lifespan.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 from typing import Any
 
 from gunicorn import glogging
 from gunicorn.app.base import BaseApplication
+from gunicorn.arbiter import Arbiter
 from uvicorn.importer import import_from_string as import_app
 from uvicorn_worker import UvicornWorker
 
@@ -46,11 +48,26 @@ def _logger_class(settings: Settings) -> type[glogging.Logger]:
     return Logs
 
 
+class _Arbiter(Arbiter):
+    """SIGINT and SIGQUIT drain like SIGTERM. gunicorn's quick stop sends the workers SIGQUIT,
+    which uvicorn workers ignore (uvicorn-worker issue 2): they were SIGKILLed after the grace
+    period instead of finishing their requests (found in review)."""
+
+    def handle_int(self) -> None:
+        self.handle_term()
+
+    def handle_quit(self) -> None:
+        self.handle_term()
+
+
 class _Supervisor(BaseApplication):
     def __init__(self, application: str, options: dict[str, Any]) -> None:
         self.application = application
         self.options = options
         super().__init__()
+
+    def run(self) -> None:
+        _Arbiter(self).run()
 
     def load_config(self) -> None:
         for key, value in self.options.items():
@@ -61,32 +78,38 @@ class _Supervisor(BaseApplication):
 
 
 class AddressInUse(Exception):
-    """Something already listens on the address."""
+    """The address cannot be served: something else is bound there, or it does not resolve."""
 
 
-def check_address(host: str, port: int) -> None:
-    """Refuse an address another socket holds, before any worker tries it.
+def claim_address(host: str, port: int) -> socket.socket:
+    """Refuse an address another socket holds, then hold it for as long as the server runs.
 
     Each worker binds its own socket with SO_REUSEPORT (so the kernel spreads connections
     evenly over the workers); a second server started on the same port would join them
-    silently instead of failing. This probe binds without SO_REUSEPORT, which fails if
-    anything (that server included) is bound there.
+    silently instead of failing. So: first bind without SO_REUSEPORT, which fails if
+    anything is bound there; then keep a bound, never-listening SO_REUSEPORT socket open in
+    this process, beside which the workers can bind but another server's check cannot.
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT leftovers are fine
-        try:
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT leftovers are fine
             probe.bind((host, port))
-        except OSError as exc:
-            raise AddressInUse(f"{host}:{port}: {exc.strerror}") from None
+        claim = socket.socket(family, socket.SOCK_STREAM)
+        claim.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        claim.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        claim.bind((host, port))
+    except OSError as exc:
+        raise AddressInUse(f"{host}:{port}: {exc.strerror or exc}") from None
+    return claim
 
 
 def serve(settings: Settings, host: str, port: int, workers: int, application: str = "app.main:app") -> int:
-    """Serve `application` until SIGTERM or SIGINT, then drain and return 0.
+    """Serve `application` until SIGTERM, SIGINT or SIGQUIT, then drain and return 0.
 
     Raises AddressInUse before starting; gunicorn itself exits 3 if a worker cannot boot.
     """
-    check_address(host, port)
+    claim = claim_address(host, port)
     options: dict[str, Any] = {
         "bind": f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
         "workers": workers,
@@ -97,8 +120,11 @@ def serve(settings: Settings, host: str, port: int, workers: int, application: s
         # (32 of 32 in one bench run) and kept them for as long as they stayed open.
         "reuse_port": True,
         "keepalive": settings.keep_alive_s,
-        # uvicorn drains within shutdown_grace_s; gunicorn's hard stop comes a little later.
-        "graceful_timeout": settings.shutdown_grace_s + 2,
+        # uvicorn drains within shutdown_grace_s (then the batcher gets 1 s); gunicorn's hard
+        # stop comes after that, still inside Docker's 10 s with the default grace of 8 s.
+        "graceful_timeout": settings.shutdown_grace_s + 1,
+        # Heartbeat files: /dev/shm is a tmpfs even where the root filesystem is read-only.
+        "worker_tmp_dir": "/dev/shm" if os.access("/dev/shm", os.W_OK) else None,
         "logger_class": _logger_class(settings),
         "loglevel": settings.log_level,
         "accesslog": None,
@@ -107,5 +133,6 @@ def serve(settings: Settings, host: str, port: int, workers: int, application: s
         "control_socket_disable": True,  # no runtime control socket in $HOME or $XDG_RUNTIME_DIR
     }
     logging.getLogger("app").info("serving %s on http://%s with %d workers", application, options["bind"], workers)
-    _Supervisor(application, options).run()
+    with claim:
+        _Supervisor(application, options).run()
     return 0

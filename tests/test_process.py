@@ -265,3 +265,54 @@ def _all_workers_listen(pids: set[int], port: int) -> bool:
         if not any(f"socket:[{inode}]" in links for inode in listening):
             return False
     return True
+
+
+def test_sigint_to_the_supervisor_drains_like_sigterm(tmp_path: Path) -> None:
+    """Found in review: gunicorn turned SIGINT into SIGQUIT for the workers, which uvicorn workers
+    ignore, so they were killed after the grace period instead of finishing their requests."""
+    checkpoint = write_tiny_checkpoint(tmp_path / "m.pt")
+    process, port = start_server({"FASHION_SERVE_CHECKPOINT": str(checkpoint)}, "--workers", "2")
+    try:
+        wait_ready(process, port)
+        body, content_type = _multipart(png())
+        conn = socket.create_connection(("127.0.0.1", port), timeout=10)
+        conn.sendall(
+            b"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Type: " + content_type + b"\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body[:40]
+        )
+        time.sleep(0.3)
+        sent_at = time.monotonic()
+        process.send_signal(signal.SIGINT)  # to the supervisor only, as `docker run` forwards Ctrl-C
+        time.sleep(0.3)
+        conn.sendall(body[40:])
+        assert _read_response(conn)[0] == 200
+        conn.close()
+        output, _ = process.communicate(timeout=20)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 0, output
+    assert time.monotonic() - sent_at < 5, output  # drained, not killed after the 8 s grace
+    assert "SIGKILL" not in output and output.count("Application shutdown complete") == 2, output
+
+
+def test_a_second_server_on_the_same_port_is_refused(tmp_path: Path) -> None:
+    checkpoint = write_tiny_checkpoint(tmp_path / "m.pt")
+    first, port = start_server({"FASHION_SERVE_CHECKPOINT": str(checkpoint)}, "--workers", "2")
+    try:
+        wait_ready(first, port)
+        second = subprocess.run(
+            [sys.executable, "-m", "app", "--host", "127.0.0.1", "--port", str(port), "--workers", "2"],
+            cwd=ROOT,
+            env={**os.environ, "FASHION_SERVE_CHECKPOINT": str(checkpoint), "FASHION_SERVE_DEVICE": "cpu"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert second.returncode == 1
+        assert f"cannot start: 127.0.0.1:{port}: Address already in use" in second.stderr
+        wait_ready(first, port, timeout=5)
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=15)

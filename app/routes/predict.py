@@ -67,44 +67,33 @@ _K = TypeAdapter(Annotated[int, Field(ge=1)])
 _INVERT: TypeAdapter[InvertParam] = TypeAdapter(InvertParam)
 
 
-def _validated(adapter: TypeAdapter[Any], name: str, value: str) -> Any:
-    try:
-        return adapter.validate_python(value)
-    except ValidationError as exc:
-        errors = exc.errors(include_url=False, include_context=False)
-        raise Problem(422, [{**e, "loc": ["query", name]} for e in errors]) from None
-
-
 def parse_query(query_string: bytes, default_k: int, limit: int) -> tuple[int, InvertParam | None]:
-    """`k` and `invert` from the query string, validated as FastAPI would (422, same body)."""
-    k: int | None = None
-    invert: InvertParam | None = None
-    seen: set[str] = set()
+    """`k` and `invert` from the query string, validated as FastAPI validates query parameters:
+    every error at once, in its 422 body shape. Other parameters are ignored."""
+    given: dict[str, list[str]] = {}
     for name, value in parse_qsl(query_string.decode("latin-1"), keep_blank_values=True):
-        if name not in ("k", "invert"):
-            continue
-        if name in seen:
-            raise Problem(422, [{"type": "duplicate", "loc": ["query", name], "msg": f"{name} given more than once"}])
-        seen.add(name)
-        if name == "k":
-            k = _validated(_K, "k", value)
-        else:
-            invert = _validated(_INVERT, "invert", value)
-    if k is None:
-        return min(default_k, limit), invert
-    if k > limit:
-        raise Problem(
-            422,
-            [
-                {
-                    "type": "less_than_equal",
-                    "loc": ["query", "k"],
-                    "msg": f"Input should be less than or equal to {limit}",
-                    "input": k,
-                }
-            ],
+        if name in ("k", "invert"):
+            given.setdefault(name, []).append(value)
+    errors: list[dict[str, Any]] = []
+    parsed: dict[str, Any] = {}
+    for name, adapter in (("k", _K), ("invert", _INVERT)):
+        values = given.get(name, [])
+        if len(values) > 1:
+            errors.append({"type": "duplicate", "loc": ["query", name], "msg": f"{name} given more than once"})
+        elif values:
+            try:
+                parsed[name] = adapter.validate_python(values[0])
+            except ValidationError as exc:
+                errors += [{**error, "loc": ["query", name]} for error in exc.errors(include_url=False)]
+    k = parsed.get("k")
+    if k is not None and k > limit:
+        message = f"Input should be less than or equal to {limit}"
+        errors.append(
+            {"type": "less_than_equal", "loc": ["query", "k"], "msg": message, "input": k, "ctx": {"le": limit}}
         )
-    return k, invert
+    if errors:
+        raise Problem(422, errors)
+    return (min(default_k, limit) if k is None else k), parsed.get("invert")
 
 
 Answer = tuple[int, list[tuple[bytes, bytes]], bytes]  # status, raw headers, body
@@ -140,9 +129,10 @@ class PredictEndpoint:
 
     async def _answer(self, scope: Scope, receive: Receive) -> Answer:
         runtime = self.runtime
-        service, batcher = runtime.require_model()
         settings = runtime.settings
-        k, invert = parse_query(scope["query_string"], settings.default_k, min(settings.max_k, service.num_classes))
+        classes = runtime.service.num_classes if runtime.service else settings.max_k
+        k, invert = parse_query(scope["query_string"], settings.default_k, min(settings.max_k, classes))
+        service, batcher = runtime.require_model()
         content_type = ""
         content_length: bytes | None = None
         for name, value in scope["headers"]:
@@ -200,7 +190,7 @@ def openapi(schema: dict[str, Any]) -> dict[str, Any]:
 OPERATION: dict[str, Any] = {
     "tags": ["predict"],
     "summary": "Predict",
-    "operationId": "predict",
+    "operationId": "predict_predict_post",  # the id FastAPI gave the route: generated clients keep their names
     "description": (
         "Classify images sent as multipart parts named `file`, or one image as the raw body.\n\n"
         "Predictions come back in request order; an image that cannot be decoded gets an\n"

@@ -172,6 +172,9 @@ def test_receive_body_limits_time_size_and_disconnects() -> None:
     with pytest.raises(UploadError) as declared:
         asyncio.run(read(_receiver([]), length=b"1000"))
     assert declared.value.status == 413
+    with pytest.raises(UploadError) as endless:
+        asyncio.run(read(_receiver([]), length=b"9" * 5000))
+    assert endless.value.status == 413 and "over 10^18" in endless.value.message
     with pytest.raises(UploadError) as invalid:
         asyncio.run(read(_receiver([]), length=b"-5"))
     assert invalid.value.status == 400

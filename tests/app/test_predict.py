@@ -242,3 +242,25 @@ def test_default_k_is_capped_by_max_k_and_the_class_count(tmp_path: Path) -> Non
         assert response.status_code == 200, response.text
         assert [t["label"] for t in response.json()["predictions"][0]["top_k"]] in (["a", "b"], ["b", "a"])
         assert client.post("/predict?k=3", files={"file": ("a.png", png())}).status_code == 422
+
+
+def test_predict_below_a_root_path_and_with_a_trailing_slash(settings: Settings) -> None:
+    """Found in review: `/predict` was matched on the raw path, so a proxy's root_path gave 404,
+    and `/predict/` lost FastAPI's redirect."""
+    with TestClient(create_app(settings), root_path="/api") as client:
+        response = client.post("/api/predict", files={"file": ("a.png", png())})
+        assert response.status_code == 200, response.text
+        assert client.get("/api/health/live").status_code == 200
+    with TestClient(create_app(settings)) as client:
+        redirect = client.post("/predict/", files={"file": ("a.png", png())}, follow_redirects=False)
+        assert redirect.status_code == 307
+        assert redirect.headers["location"].endswith("/predict")
+
+
+def test_every_query_error_is_reported_at_once_as_fastapi_does(client: TestClient) -> None:
+    """Found in review: only the first error came back, without pydantic's `ctx`."""
+    response = client.post("/predict?invert=bad&k=0", files={"file": ("a.png", png())})
+    assert response.status_code == 422
+    errors = {e["loc"][1]: e for e in response.json()["detail"]}
+    assert errors["k"]["type"] == "greater_than_equal" and errors["k"]["ctx"] == {"ge": 1}
+    assert errors["invert"]["type"] == "literal_error" and errors["invert"]["input"] == "bad"

@@ -179,3 +179,18 @@ def test_the_plain_readings_take_what_clients_send() -> None:
     assert _PLAIN_DISPOSITION.fullmatch(b'form-data; name="file"; filename="shirt 1.png"')
     assert _PLAIN_MULTIPART_TYPE.fullmatch("multipart/form-data; boundary=a1b2c3d4e5f6")
     assert _disposition(b'form-data; name="file"; filename="C:\\\\x\\\\a.png"') == ("file", "a.png")  # IE6's path
+
+
+def test_a_body_of_endless_header_lines_is_not_copied_by_the_fast_path() -> None:
+    """Found in review: the fast path split the whole body into lines before counting them."""
+    import tracemalloc
+
+    body = b"--" + BOUNDARY + b"\r\n" + b"ab\r\n" * 2_500_000 + b"\r\nx\r\n--" + BOUNDARY + b"--"  # 10 MB of headers
+    tracemalloc.start()
+    try:
+        assert _parse_plain(body, BOUNDARY, _Collector("file", 3)) is None
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1_000_000, peak
+    assert general(body)[0] == 400  # python-multipart refuses it, streaming

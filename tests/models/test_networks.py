@@ -39,3 +39,19 @@ def test_the_cnn_is_folded_and_channels_last_and_computes_the_same() -> None:
 def test_models_without_convolutions_are_served_as_they_are() -> None:
     for model in (Network(784, 10, [32, 16]), Classifier()):
         assert for_inference(model) is model
+
+
+def test_batchnorm_without_running_statistics_or_with_hooks_is_left_unfolded() -> None:
+    """Found in review: folding needs running statistics, and a hook would be bypassed."""
+    model = _trained_looking(FashionCNN())
+    first = model.features[0]
+    first[1] = nn.BatchNorm2d(32, track_running_stats=False)  # batch statistics: nothing to fold
+    second = model.features[1]
+    second[1].register_forward_hook(lambda module, args, out: out * 2)
+    served = for_inference(model.eval())
+    assert isinstance(served.features[0][1], nn.BatchNorm2d)
+    assert isinstance(served.features[1][1], nn.BatchNorm2d)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in served.modules()) == 2  # the other two folded
+    x = torch.randn(4, 1, 28, 28)
+    with torch.inference_mode():
+        assert torch.allclose(served(x), model(x), atol=1e-4)
