@@ -193,20 +193,25 @@ def test_a_killed_worker_is_replaced_and_service_goes_on(tmp_path: Path) -> None
     assert f"Worker (pid:{victim}) was sent SIGKILL" in output, output
 
 
+def _start_on_a_taken_port(checkpoint: Path, port: int) -> subprocess.CompletedProcess[str]:
+    """`python -m app` on a port something already holds: it must refuse, not join."""
+    return subprocess.run(
+        [sys.executable, "-m", "app", "--host", "127.0.0.1", "--port", str(port), "--workers", "2"],
+        cwd=ROOT,
+        env={**os.environ, "FASHION_SERVE_CHECKPOINT": str(checkpoint), "FASHION_SERVE_DEVICE": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 def test_an_address_in_use_is_one_clear_line(tmp_path: Path) -> None:
     checkpoint = write_tiny_checkpoint(tmp_path / "m.pt")
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         port = holder.getsockname()[1]
-        process = subprocess.run(
-            [sys.executable, "-m", "app", "--host", "127.0.0.1", "--port", str(port), "--workers", "2"],
-            cwd=ROOT,
-            env={**os.environ, "FASHION_SERVE_CHECKPOINT": str(checkpoint), "FASHION_SERVE_DEVICE": "cpu"},
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        process = _start_on_a_taken_port(checkpoint, port)
     assert process.returncode == 1
     critical = [line for line in process.stderr.splitlines() if "CRITICAL" in line]
     assert critical == [line for line in process.stderr.splitlines() if line.strip()], process.stderr
@@ -302,14 +307,7 @@ def test_a_second_server_on_the_same_port_is_refused(tmp_path: Path) -> None:
     first, port = start_server({"FASHION_SERVE_CHECKPOINT": str(checkpoint)}, "--workers", "2")
     try:
         wait_ready(first, port)
-        second = subprocess.run(
-            [sys.executable, "-m", "app", "--host", "127.0.0.1", "--port", str(port), "--workers", "2"],
-            cwd=ROOT,
-            env={**os.environ, "FASHION_SERVE_CHECKPOINT": str(checkpoint), "FASHION_SERVE_DEVICE": "cpu"},
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        second = _start_on_a_taken_port(checkpoint, port)
         assert second.returncode == 1
         assert f"cannot start: 127.0.0.1:{port}: Address already in use" in second.stderr
         wait_ready(first, port, timeout=5)
