@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
 import tempfile
 
@@ -39,11 +40,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.port == 0 and args.workers > 1:
         parser.error("--port 0 (any free port) would give each worker a different port; name a port")
-    if args.workers > 1:
+    metrics_dir = None
+    if args.workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
         # Each worker counts its own requests; this directory lets /metrics add them up. It must
         # be set before prometheus_client is imported (below), which reads it once.
-        os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="fashion-serve-metrics-"))
+        metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="fashion-serve-metrics-")
+    supervisor = os.getpid()
+    try:
+        return _serve(settings, args.host, args.port, args.workers)
+    finally:
+        # Workers are forked from inside _serve and unwind through here when they exit: only the
+        # supervisor, at its own exit, removes the directory.
+        if metrics_dir and os.getpid() == supervisor:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
+
+def _serve(settings: Settings, host: str, port: int, workers: int) -> int:
     from app.observability import configure_logging
     from models import CheckpointError, load_checkpoint
 
@@ -59,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     from app.serving import AddressInUse, serve
 
     try:
-        return serve(settings, args.host, args.port, args.workers)
+        return serve(settings, host, port, workers)
     except AddressInUse as exc:
         logging.getLogger("app").critical("cannot start: %s", exc)
         return 1

@@ -314,3 +314,28 @@ def test_a_second_server_on_the_same_port_is_refused(tmp_path: Path) -> None:
     finally:
         first.send_signal(signal.SIGTERM)
         first.communicate(timeout=15)
+
+
+def test_the_metrics_directory_lives_as_long_as_the_supervisor(tmp_path: Path) -> None:
+    """Found in review: it was never removed. It must outlive any one worker."""
+    checkpoint = write_tiny_checkpoint(tmp_path / "m.pt")
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = {"FASHION_SERVE_CHECKPOINT": str(checkpoint), "TMPDIR": str(scratch)}
+    process, port = start_server(env, "--workers", "2")
+    try:
+        wait_ready(process, port)
+        [metrics_dir] = scratch.glob("fashion-serve-metrics-*")
+        deadline = time.monotonic() + 30
+        while len(workers := _children(process.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        os.kill(min(workers), signal.SIGTERM)  # one worker exits cleanly and is replaced
+        while (len(now := _children(process.pid)) < 2 or min(workers) in now) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        wait_ready(process, port)
+        assert metrics_dir.is_dir()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=15)
+    assert process.returncode == 0, output
+    assert not list(scratch.glob("fashion-serve-metrics-*"))
