@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,3 +51,19 @@ def wait_ready(process: subprocess.Popen[str], port: int, timeout: float = 60.0)
             pass
         time.sleep(0.1)
     raise TimeoutError("server not ready in time")
+
+
+@contextmanager
+def serving(env: dict[str, str] | None = None, *args: str) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    """A ready `python -m app`; stopped with SIGTERM (killed if it hangs) when the block ends."""
+    process, port = start_server(env, *args)
+    try:
+        wait_ready(process, port)
+        yield process, port
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tests.helpers import png, write_tiny_checkpoint
-from tests.serverproc import ROOT, start_server, wait_ready
+from tests.serverproc import ROOT, serving, start_server, wait_ready
 
 
 def _fails_to_start(checkpoint: Path, *args: str) -> str:
@@ -123,9 +123,8 @@ def test_sigterm_under_load_loses_no_request_and_exits_cleanly(tmp_path: Path) -
 
 def test_a_slow_body_gets_408_and_the_service_stays_ready(tmp_path: Path) -> None:
     checkpoint = write_tiny_checkpoint(tmp_path / "m.pt")
-    process, port = start_server({"FASHION_SERVE_CHECKPOINT": str(checkpoint), "FASHION_SERVE_BODY_TIMEOUT_S": "1"})
-    try:
-        wait_ready(process, port)
+    env = {"FASHION_SERVE_CHECKPOINT": str(checkpoint), "FASHION_SERVE_BODY_TIMEOUT_S": "1"}
+    with serving(env) as (process, port):
         body, content_type = _multipart(png())
         with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
             conn.sendall(
@@ -136,9 +135,6 @@ def test_a_slow_body_gets_408_and_the_service_stays_ready(tmp_path: Path) -> Non
         assert status == 408, text
         assert "not received within 1 s" in text
         wait_ready(process, port, timeout=5)
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.communicate(timeout=15)
 
 
 def test_json_logs(tmp_path: Path) -> None:
@@ -236,27 +232,23 @@ def test_connections_are_spread_over_the_workers(tmp_path: Path) -> None:
     """Found in benchmarking: with one shared listening socket, the first worker to wake took
     most of a burst of new keep-alive connections (32 of 32) and the other worker idled."""
     checkpoint = write_tiny_checkpoint(tmp_path / "m.pt")
-    process, port = start_server({"FASHION_SERVE_CHECKPOINT": str(checkpoint)}, "--workers", "2")
-    connections = []
-    try:
-        wait_ready(process, port)
+    with serving({"FASHION_SERVE_CHECKPOINT": str(checkpoint)}, "--workers", "2") as (process, port):
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:  # both workers listening: each answers ready
             time.sleep(0.2)
             if len(_children(process.pid)) == 2 and _all_workers_listen(_children(process.pid), port):
                 break
         connections = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(32)]
-        for conn in connections:  # one request each, so every connection has been accepted
-            conn.sendall(b"GET /health/live HTTP/1.1\r\nHost: test\r\n\r\n")
-            assert _read_response(conn)[0] == 200
-        counts = _established_by_process(_children(process.pid), port)
-        assert sum(counts.values()) == 32
-        assert min(counts.values()) >= 4, counts  # an even split has 16 each; <= 3 has p ~ 1e-6
-    finally:
-        for conn in connections:
-            conn.close()
-        process.send_signal(signal.SIGTERM)
-        process.communicate(timeout=15)
+        try:
+            for conn in connections:  # one request each, so every connection has been accepted
+                conn.sendall(b"GET /health/live HTTP/1.1\r\nHost: test\r\n\r\n")
+                assert _read_response(conn)[0] == 200
+            counts = _established_by_process(_children(process.pid), port)
+        finally:
+            for conn in connections:
+                conn.close()
+    assert sum(counts.values()) == 32
+    assert min(counts.values()) >= 4, counts  # an even split has 16 each; <= 3 has p ~ 1e-6
 
 
 def _all_workers_listen(pids: set[int], port: int) -> bool:
@@ -304,16 +296,11 @@ def test_sigint_to_the_supervisor_drains_like_sigterm(tmp_path: Path) -> None:
 
 def test_a_second_server_on_the_same_port_is_refused(tmp_path: Path) -> None:
     checkpoint = write_tiny_checkpoint(tmp_path / "m.pt")
-    first, port = start_server({"FASHION_SERVE_CHECKPOINT": str(checkpoint)}, "--workers", "2")
-    try:
-        wait_ready(first, port)
+    with serving({"FASHION_SERVE_CHECKPOINT": str(checkpoint)}, "--workers", "2") as (first, port):
         second = _start_on_a_taken_port(checkpoint, port)
         assert second.returncode == 1
         assert f"cannot start: 127.0.0.1:{port}: Address already in use" in second.stderr
         wait_ready(first, port, timeout=5)
-    finally:
-        first.send_signal(signal.SIGTERM)
-        first.communicate(timeout=15)
 
 
 def test_the_metrics_directory_lives_as_long_as_the_supervisor(tmp_path: Path) -> None:
