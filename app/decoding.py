@@ -1,14 +1,18 @@
-"""Untrusted image bytes -> model input: type and format allow-lists, size limits, and one
-exception type (with its HTTP status) for every way an upload can fail."""
+"""Untrusted image bytes -> model input: type and format allow-lists, size limits, every way an
+image can fail as a ServeError with its status, and `ModelInput`, what every protocol hands
+the service."""
 
 from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from app.errors import ServeError
 from models.preprocessing import ImageError, Invert, PreprocessConfig, preprocess_array
 
 # Decoders we accept; everything else is refused before any parser runs on the bytes.
@@ -31,13 +35,19 @@ ALLOWED_CONTENT_TYPES = frozenset(
 warnings.simplefilter("error", Image.DecompressionBombWarning)
 
 
-class ImageRejected(Exception):
-    """An upload that cannot be classified, with the HTTP status that says why."""
+@dataclass
+class ModelInput:
+    """One request's images as the model takes them: inputs for those that decoded, errors for
+    the rest (each image's failure kept apart from the others)."""
 
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
+    names: list[str | None]  # per image, in request order: a filename, or None
+    inputs: np.ndarray | None  # (valid images, 1, S, S) float32, in request order
+    errors: dict[int, ServeError] = field(default_factory=dict)  # request position -> why refused
+
+    @classmethod
+    def of(cls, inputs: np.ndarray) -> ModelInput:
+        """Inputs that are all valid (tensor protocols)."""
+        return cls([None] * len(inputs), inputs)
 
 
 def check_content_type(content_type: str | None) -> None:
@@ -46,32 +56,32 @@ def check_content_type(content_type: str | None) -> None:
         return
     media_type = content_type.split(";", 1)[0].strip().lower()
     if media_type not in ALLOWED_CONTENT_TYPES:
-        raise ImageRejected(415, f"unsupported content type {media_type!r}; send PNG, JPEG, GIF, WEBP, BMP or TIFF")
+        raise ServeError(415, f"unsupported content type {media_type!r}; send PNG, JPEG, GIF, WEBP, BMP or TIFF")
 
 
 def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     """Bytes -> a loaded PIL image, refusing non-images, other formats and oversized images."""
     if not data:
-        raise ImageRejected(400, "empty file")
+        raise ServeError(400, "empty file")
     try:
         image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except UnidentifiedImageError:
-        raise ImageRejected(400, f"not a decodable image (accepted formats: {', '.join(ALLOWED_FORMATS)})") from None
+        raise ServeError(400, f"not a decodable image (accepted formats: {', '.join(ALLOWED_FORMATS)})") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageRejected(413, f"image has more than {max_pixels} pixels") from None
+        raise ServeError(413, f"image has more than {max_pixels} pixels") from None
     except Exception as exc:  # malformed headers make Pillow raise many types; all are the client's
-        raise ImageRejected(400, f"corrupt image header: {exc!r}") from None
+        raise ServeError(400, f"corrupt image header: {exc!r}") from None
     width, height = image.size
     if width * height > max_pixels:
-        raise ImageRejected(413, f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
+        raise ServeError(413, f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
     try:
         image.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageRejected(413, f"image has more than {max_pixels} pixels") from None
+        raise ServeError(413, f"image has more than {max_pixels} pixels") from None
     except MemoryError:
-        raise ImageRejected(413, "image too large to decode") from None
+        raise ServeError(413, "image too large to decode") from None
     except Exception as exc:  # malformed files make Pillow raise many types; all are the client's
-        raise ImageRejected(400, f"image data is truncated or corrupt: {exc!r}") from None
+        raise ServeError(400, f"image data is truncated or corrupt: {exc!r}") from None
     return image
 
 
@@ -82,16 +92,34 @@ def image_to_input(
     max_pixels: int,
     invert: Invert | None = None,
 ) -> np.ndarray:
-    """Untrusted upload bytes -> a (1, 28, 28) float32 model input; every failure is ImageRejected."""
+    """Untrusted upload bytes -> a (1, 28, 28) float32 model input; every failure is ServeError."""
     check_content_type(content_type)
     image = decode_image(data, max_pixels)
     try:
         return preprocess_array(image, preprocess, invert=invert)
     except ImageError as exc:
-        raise ImageRejected(415, str(exc)) from None
+        raise ServeError(415, str(exc)) from None
     except MemoryError:
-        raise ImageRejected(413, "image too large to decode") from None
+        raise ServeError(413, "image too large to decode") from None
     except Exception as exc:
         # Decoders are lazy (frames, tiles) and Pillow's parsers raise many types on
         # malformed files (TypeError, KeyError, ... found by fuzz/fuzz_decode.py): all are 400.
-        raise ImageRejected(400, f"image data is truncated or corrupt: {exc!r}") from None
+        raise ServeError(400, f"image data is truncated or corrupt: {exc!r}") from None
+
+
+def decode_images(
+    uploads: Sequence[tuple[str | None, bytes, str | None]],
+    preprocess: PreprocessConfig,
+    max_pixels: int,
+    invert: Invert | None,
+) -> ModelInput:
+    """Decode (name, bytes, content type) uploads, isolating each image's failure."""
+    arrays: list[np.ndarray] = []
+    errors: dict[int, ServeError] = {}
+    for position, (_, data, content_type) in enumerate(uploads):
+        try:
+            arrays.append(image_to_input(data, content_type, preprocess, max_pixels, invert))
+        except ServeError as exc:
+            errors[position] = exc
+    inputs = np.stack(arrays) if arrays else None
+    return ModelInput([u[0] for u in uploads], inputs, errors)

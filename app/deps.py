@@ -1,4 +1,4 @@
-"""Dependencies handed to path operations; tests swap them through `app.dependency_overrides`."""
+"""Dependencies handed to FastAPI path operations, as `Annotated` aliases."""
 
 from typing import Annotated
 

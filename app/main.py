@@ -12,28 +12,33 @@ from types import FrameType
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
-from starlette.routing import Route
+from starlette.datastructures import URL
+from starlette.responses import RedirectResponse
+from starlette.routing import Route, get_route_path
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.batching import MicroBatcher
-from app.middleware import RequestContextMiddleware, route_path
+from app.decoding import ModelInput
+from app.errors import ServeError
+from app.middleware import RequestContextMiddleware
 from app.observability import configure_logging
-from app.routes import docs, health, metrics, model, predict
+from app.protocols import predict, v2
+from app.routes import docs, health, metrics, model
 from app.routes.docs import STATIC_DIR
 from app.runtime import Health, Runtime
-from app.service import Answer, ClassifierService
+from app.service import ClassifierService, Pending, Scored
 from app.settings import Settings
-from app.upload import DecodedRequest, Upload
 from models import CheckpointError
 
 logger = logging.getLogger("app")
 # The inference thread runs at a lower CPU priority than the event loop: where the CPUs are
 # busy (workers = CPUs, and each worker has both threads), the loop's I/O and health probes
-# are scheduled first and the model gets the rest, in bigger batches. Measured on 2 cores,
-# c=32: /health/live p99 4.6-5.3 ms -> 4.0-4.3 ms, same throughput (docs/performance.md).
+# are scheduled first and the model gets the rest, in bigger batches (measured: see
+# docs/performance.md).
 INFERENCE_NICE = 10
 
 
@@ -62,13 +67,13 @@ async def _start(runtime: Runtime) -> None:
     except CheckpointError as exc:
         logger.critical("cannot start: checkpoint %s: %s", settings.checkpoint, exc)
         raise
-    batcher: MicroBatcher[Upload | DecodedRequest, Answer] = MicroBatcher(
+    batcher: MicroBatcher[Pending, Scored] = MicroBatcher(
         service.run_batch, settings.max_batch_size, settings.max_batch_wait_ms / 1000, nice=INFERENCE_NICE
     )
     batcher.start()
     runtime.service, runtime.batcher = service, batcher
-    blank = DecodedRequest([None], np.zeros((1, 1, 28, 28), np.float32), {})
-    await batcher.submit(blank)  # warm-up through the real path
+    side = service.input_size
+    await batcher.submit(ModelInput.of(np.zeros((1, 1, side, side), np.float32)))  # warm-up through the real path
     runtime.metrics.model_info.labels(
         service.name, service.loaded.arch, service.checkpoint.sha256, str(service.loaded.device)
     ).set(1)
@@ -94,40 +99,70 @@ def _observe(runtime: Runtime) -> Callable[[int, float], None]:
     return on_batch
 
 
-class ServiceApp(FastAPI):
-    """FastAPI with one change to how requests flow: request context (id, metrics, access log)
-    wraps everything, and `/predict`, the hot path, is answered by its plain ASGI endpoint
-    before FastAPI's exception middleware and router. Every other path is ordinary FastAPI.
+class FastRoutes:
+    """Route HTTP requests for `routes` (plain ASGI endpoints) to them; everything else to `rest`.
 
-    So middleware, exception handlers and dependency overrides added to this app do not
-    apply to `/predict`; a layer every request must pass (auth, rate limits) belongs in
-    front of it, or in `build_middleware_stack` below.
+    Starlette's own Router does the same but cost the hot path measurably more per request
+    (docs/performance.md); this keeps its semantics that matter here: `scope["route"]` and
+    `path_params` set, and `/predict/` redirected to `/predict`.
     """
 
-    def __init__(self, runtime: Runtime, **kwargs: Any) -> None:
+    def __init__(self, routes: list[Route], rest: ASGIApp) -> None:
+        self.routes = [(route, route.path_regex.match) for route in routes]
+        self.rest = rest
+
+    def _match(self, path: str) -> tuple[Route, dict[str, str]] | None:
+        for route, match in self.routes:
+            found = match(path)
+            if found:
+                return route, found.groupdict()
+        return None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            path = get_route_path(scope)
+            matched = self._match(path)
+            if matched:
+                scope["route"], scope["path_params"] = matched
+                await matched[0].app(scope, receive, send)
+                return
+            if path.endswith("/") and self._match(path.rstrip("/")):
+                url = URL(scope=scope)
+                await RedirectResponse(url.replace(path=url.path.rstrip("/")))(scope, receive, send)
+                return
+        await self.rest(scope, receive, send)
+
+
+class ServiceApp(FastAPI):
+    """FastAPI with one change to how requests flow: request context (id, metrics, access log)
+    wraps everything, and the inference endpoints (`fast_routes`, the hot paths) are routed
+    and answered as plain ASGI before FastAPI's exception middleware and router. Every other
+    path is ordinary FastAPI.
+
+    So middleware, exception handlers and dependency overrides added to this app do not
+    apply to the fast routes; a layer every request must pass (auth, rate limits) belongs in
+    front of them, in `build_middleware_stack` below.
+    """
+
+    def __init__(self, runtime: Runtime, fast_routes: list[Route], **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.state.runtime = runtime
-        self.predict = predict.PredictEndpoint(runtime)
-        # The router knows the path too: `/predict/` gets FastAPI's redirect to `/predict`.
-        self.router.routes.append(Route("/predict", self.predict, methods=["POST"], include_in_schema=False))
+        self.fast_routes = fast_routes
 
     def build_middleware_stack(self) -> ASGIApp:
         rest = super().build_middleware_stack()
-        predict_endpoint = self.predict
-
-        async def route(scope: Scope, receive: Receive, send: Send) -> None:
-            if scope["type"] == "http" and route_path(scope) == "/predict":
-                await predict_endpoint(scope, receive, send)
-            else:
-                await rest(scope, receive, send)
-
-        known_paths = frozenset(r.path for r in self.routes if isinstance(r, Route))
-        return RequestContextMiddleware(route, metrics=self.state.runtime.metrics, routes=known_paths)
+        return RequestContextMiddleware(FastRoutes(self.fast_routes, rest), metrics=self.state.runtime.metrics)
 
     def openapi(self) -> dict[str, Any]:
         if self.openapi_schema is None:
-            self.openapi_schema = predict.openapi(super().openapi())
+            self.openapi_schema = v2.openapi(predict.openapi(super().openapi()))
         return self.openapi_schema
+
+
+async def _serve_error(request: Request, exc: Exception) -> Response:
+    """ServeError from a FastAPI route: FastAPI's `{"detail": ...}` body (v2 routes answer their own)."""
+    assert isinstance(exc, ServeError)
+    return JSONResponse({"detail": exc.detail}, exc.status, exc.headers)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -148,8 +183,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 # uvicorn has already drained the connections within the grace period.
                 await run_in_threadpool(runtime.batcher.stop, 1.0)
 
+    infer = v2.V2InferEndpoint(runtime)
+    fast_routes = [
+        Route("/predict", predict.PredictEndpoint(runtime)),
+        Route("/v2/models/{model}/infer", infer),
+        Route("/v2/models/{model}/versions/{version}/infer", infer),
+    ]
     app = ServiceApp(
         runtime,
+        fast_routes,
         title="fashion-serve",
         summary="Fashion-MNIST image classification over HTTP",
         version="0.1.0",
@@ -157,7 +199,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         docs_url=None,
         redoc_url=None,
     )
-    for router in (model.router, health.router, metrics.router, docs.router):
+    app.add_exception_handler(ServeError, _serve_error)
+    for router in (model.router, health.router, metrics.router, docs.router, v2.router):
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app

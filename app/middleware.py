@@ -17,20 +17,10 @@ logger = logging.getLogger("app.access")
 VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
-def route_path(scope: Scope) -> str:
-    """The request's path below the app's mount point (`root_path`), as Starlette's router sees it."""
-    path: str = scope["path"]
-    root_path: str = scope.get("root_path", "")
-    if root_path and path.startswith(root_path) and path[len(root_path) : len(root_path) + 1] in ("", "/"):
-        return path[len(root_path) :]
-    return path
-
-
 class RequestContextMiddleware:
-    def __init__(self, app: ASGIApp, metrics: Metrics, routes: frozenset[str]) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
         self.metrics = metrics
-        self.routes = routes  # known paths label the metrics; anything else is "other"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -53,9 +43,8 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send_with_id)
         finally:
             elapsed = time.perf_counter() - start
-            path = scope["path"]
-            route = route_path(scope)
-            route = route if route in self.routes else "other"
+            # The matched route's template labels the metrics (`/v2/models/{model}/infer`); anything else is "other".
+            route = getattr(scope.get("route"), "path", "other")
             self.metrics.count_request(route, scope["method"], status, elapsed)
-            logger.info("%s %s %d %.1fms", scope["method"], path, status, elapsed * 1000)
+            logger.info("%s %s %d %.1fms", scope["method"], scope["path"], status, elapsed * 1000)
             request_id_var.reset(token)

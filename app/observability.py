@@ -108,7 +108,7 @@ class Metrics:
         )
         self.images_per_request = Histogram(
             "fashion_serve_request_images",
-            "Images per /predict request",
+            "Images per inference request (/predict or v2)",
             buckets=(1, 2, 4, 8, 16, 32, 64),
             registry=self.registry,
         )

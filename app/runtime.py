@@ -1,4 +1,5 @@
-"""What the running service holds: the model, the batcher, health and admission state."""
+"""What the running service holds (the model, the batcher, health, admission) and the one way
+into it that every protocol takes: `Runtime.infer`."""
 
 from __future__ import annotations
 
@@ -6,13 +7,18 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from fastapi import HTTPException
+from starlette.concurrency import run_in_threadpool
 
 from app.batching import MicroBatcher
+from app.errors import unavailable
 from app.observability import Metrics
-from app.service import Answer, ClassifierService
+from app.service import ClassifierService, Pending, Scored
 from app.settings import Settings
-from app.upload import DecodedRequest, Upload
+
+# Requests whose encoded images are up to this size are decoded on the inference thread,
+# batched with the forward pass (one thread hand-off per request); larger ones (photos) are
+# decoded in the threadpool first, so a big image never holds up the small ones behind it.
+INLINE_DECODE_BYTES = 64 * 1024
 
 
 @dataclass
@@ -40,25 +46,37 @@ class Runtime:
     metrics: Metrics = field(default_factory=Metrics)
     health: Health = field(default_factory=Health)
     service: ClassifierService | None = None
-    batcher: MicroBatcher[Upload | DecodedRequest, Answer] | None = None
+    batcher: MicroBatcher[Pending, Scored] | None = None
     in_flight: int = 0
 
-    def require_model(self) -> tuple[ClassifierService, MicroBatcher[Upload | DecodedRequest, Answer]]:
+    def require_model(self) -> ClassifierService:
+        """The loaded service, or a 503 saying why there is none yet."""
         if self.service is None or self.batcher is None:
-            raise HTTPException(503, detail=self.health.reason, headers={"Retry-After": "1"})
-        return self.service, self.batcher
+            raise unavailable(self.health.reason)
+        return self.service
 
     @contextlib.contextmanager
     def admit(self) -> Iterator[None]:
         """Bound the requests in progress: past `max_concurrency`, answer 503 instead of queueing."""
         if self.in_flight >= self.settings.max_concurrency:
-            raise HTTPException(
-                503,
-                detail=f"server busy: {self.in_flight} requests in progress; retry shortly",
-                headers={"Retry-After": "1"},
-            )
+            raise unavailable(f"server busy: {self.in_flight} requests in progress; retry shortly")
         self.in_flight += 1
         try:
             yield
         finally:
             self.in_flight -= 1
+
+    async def infer(self, request: Pending, encoded_bytes: int = 0) -> Scored:
+        """Score a request's model input in the shared batches. A decoder (encoded images) runs
+        on the inference thread with its batch when the images are small, else in the threadpool.
+
+        Raises ServeError: the request refused as a whole, not ready, or out of accelerator memory.
+        """
+        batcher = self.batcher
+        if batcher is None:
+            raise unavailable(self.health.reason)
+        if callable(request) and encoded_bytes > INLINE_DECODE_BYTES:
+            request = await run_in_threadpool(request)
+        scored = await batcher.submit(request)
+        self.metrics.images_per_request.observe(len(scored.input.names))
+        return scored

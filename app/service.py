@@ -1,12 +1,12 @@
-"""The serving seam: set up the model on its device, decode requests (app.upload), predict
-in batches, encode the answers. Nothing here knows about HTTP beyond status codes."""
+"""The serving seam's middle: a model on its device that turns decoded requests into class
+probabilities, in batches. It knows nothing of HTTP or of any protocol's wire format."""
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,16 +14,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from app.decoding import ImageRejected
+from app.decoding import ModelInput
+from app.errors import ServeError, unavailable
 from app.settings import Settings
-from app.upload import DecodedRequest, Upload, UploadError, decode_request
 from models import LoadedModel, for_inference, load_checkpoint
 
-Answer = tuple[DecodedRequest, list[list[float]]]  # a request's decoded images and their probability rows
-
-
-class ServiceUnavailable(Exception):
-    """Inference cannot run right now (e.g. out of accelerator memory); the client should retry."""
+# What the batcher takes: a decoded request, or a decoder to run on the inference thread
+# (cheap decodes ride along with the forward pass: one thread hand-off per request).
+Pending = ModelInput | Callable[[], ModelInput]
 
 
 @dataclass(frozen=True)
@@ -32,6 +30,22 @@ class CheckpointInfo:
     sha256: str
     size_bytes: int
     format: str
+
+
+@dataclass
+class Scored:
+    """A request's model input and the model's answer for each of its valid images."""
+
+    input: ModelInput
+    probabilities: np.ndarray  # (valid images, classes) float32, in request order
+
+    def per_image(self) -> list[int | ServeError]:
+        """In request order: each image's row in `probabilities`, or the error that refused it."""
+        errors = self.input.errors
+        if not errors:
+            return list(range(len(self.input.names)))
+        row = iter(range(len(self.probabilities)))
+        return [errors[i] if i in errors else next(row) for i in range(len(self.input.names))]
 
 
 def _sha256(path: Path) -> str:
@@ -43,7 +57,7 @@ def _sha256(path: Path) -> str:
 
 
 class ClassifierService:
-    """A loaded model and what it takes to turn uploads into ranked classes."""
+    """A loaded model and what it takes to turn model input into class probabilities."""
 
     def __init__(
         self,
@@ -57,7 +71,8 @@ class ClassifierService:
         self.settings = settings
         self.observe_batch = observe_batch  # told (images, seconds) of every forward pass
         self.loaded_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-        self.name = Path(checkpoint.path).stem
+        self.name = settings.served_name
+        self.class_names = tuple(loaded.class_names)
         self.device = loaded.device  # asked once: it walks the model's parameters
         self.model = for_inference(loaded.model)  # BatchNorm folded, channels-last; /model shows the original
 
@@ -72,69 +87,64 @@ class ClassifierService:
 
     @property
     def num_classes(self) -> int:
-        return len(self.loaded.class_names)
+        return len(self.class_names)
 
-    def decode(self, upload: Upload) -> DecodedRequest:
-        """Split a /predict body into images and decode them (raises UploadError)."""
-        return decode_request(upload, self.loaded.preprocess, self.settings)
+    @property
+    def input_size(self) -> int:
+        return self.loaded.preprocess.size
 
     @torch.inference_mode()
-    def probabilities(self, batch: np.ndarray) -> list[list[float]]:
-        """(N, 1, 28, 28) float32 inputs -> N rows of class probabilities.
+    def probabilities(self, batch: np.ndarray) -> np.ndarray:
+        """(N, 1, S, S) float32 inputs -> (N, classes) float32 class probabilities.
 
-        CUDA running out of memory becomes ServiceUnavailable, after freeing the cache,
-        so the request is retried rather than failed and the next batch can succeed.
+        CUDA running out of memory becomes a 503, after freeing the cache, so the request is
+        retried rather than failed and the next batch can succeed.
         """
         try:
             x = torch.from_numpy(batch)
             if self.device.type != "cpu":
                 x = x.to(self.device, non_blocking=True)
-            log_ps = self.model(x)
-            return log_ps.exp().tolist()
+            return self.model(x).exp().cpu().numpy()
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
-            raise ServiceUnavailable("the accelerator ran out of memory; retry shortly") from None
+            raise unavailable("the accelerator ran out of memory; retry shortly") from None
 
-    def run_batch(self, items: list[Upload | DecodedRequest]) -> list[Answer | BaseException]:
+    def run_batch(self, items: list[Pending]) -> list[Scored | BaseException]:
         """The micro-batcher's step: decode what is not decoded yet, then forward passes of at
         most `max_batch_size` images over every image of every request, in order. A request
-        refused as a whole gets its UploadError."""
-        decoded: list[DecodedRequest | BaseException] = []
+        refused as a whole gets its ServeError."""
+        decoded: list[ModelInput | ServeError] = []
         for item in items:
-            if isinstance(item, DecodedRequest):
+            if isinstance(item, ModelInput):
                 decoded.append(item)
                 continue
             try:
-                decoded.append(self.decode(item))
-            except UploadError as exc:
+                decoded.append(item())
+            except ServeError as exc:
                 decoded.append(exc)
-        arrays = [d.inputs for d in decoded if isinstance(d, DecodedRequest) and d.inputs is not None]
-        rows: list[list[float]] = []
-        if arrays:
+        arrays = [d.inputs for d in decoded if isinstance(d, ModelInput) and d.inputs is not None]
+        if not arrays:
+            rows = np.empty((0, self.num_classes), np.float32)
+        else:
             inputs = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
             step = self.settings.max_batch_size
+            chunks = []
             for first in range(0, len(inputs), step):
                 start = time.perf_counter()
-                chunk = self.probabilities(inputs[first : first + step])
+                chunks.append(self.probabilities(inputs[first : first + step]))
                 if self.observe_batch:
-                    self.observe_batch(len(chunk), time.perf_counter() - start)
-                rows += chunk
-        answers: list[Answer | BaseException] = []
+                    self.observe_batch(len(chunks[-1]), time.perf_counter() - start)
+            rows = chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
+        answers: list[Scored | BaseException] = []
         offset = 0
         for d in decoded:
-            if isinstance(d, BaseException):
+            if isinstance(d, ServeError):
                 answers.append(d)
                 continue
             count = 0 if d.inputs is None else len(d.inputs)
-            answers.append((d, rows[offset : offset + count]))
+            answers.append(Scored(d, rows[offset : offset + count]))
             offset += count
         return answers
-
-    def top_k(self, probabilities: list[float], k: int) -> list[dict[str, Any]]:
-        """One row of probabilities -> the k most likely classes, most likely first (ties: lower index)."""
-        order = sorted(range(len(probabilities)), key=probabilities.__getitem__, reverse=True)[:k]
-        names = self.loaded.class_names
-        return [{"label": names[i], "index": i, "probability": round(probabilities[i], 6)} for i in order]
 
     def describe(self) -> dict[str, Any]:
         model = self.loaded.model
@@ -147,8 +157,8 @@ class ClassifierService:
             "state_dict_keys": list(state_dict),
             "parameters": {key: list(t.shape) for key, t in state_dict.items()},
             "num_parameters": sum(p.numel() for p in model.parameters()),
-            "classes": list(self.loaded.class_names),
-            "input_shape": [1, 28, 28],
+            "classes": list(self.class_names),
+            "input_shape": [1, self.input_size, self.input_size],
             "device": str(self.device),
             "preprocess": self.loaded.preprocess.to_dict(),
             "metrics": self.loaded.metrics,
@@ -157,19 +167,3 @@ class ClassifierService:
             "checkpoint": vars(self.checkpoint),
             "loaded_at": self.loaded_at,
         }
-
-
-def encode_predictions(
-    service: ClassifierService,
-    filenames: Sequence[str | None],
-    outcomes: Sequence[list[float] | ImageRejected],
-    k: int,
-) -> list[dict[str, Any]]:
-    """Per image, in request order: its top-k, or the error that kept it from being classified."""
-    results: list[dict[str, Any]] = []
-    for filename, outcome in zip(filenames, outcomes, strict=True):
-        if isinstance(outcome, ImageRejected):
-            results.append({"filename": filename, "error": {"status": outcome.status, "message": outcome.message}})
-        else:
-            results.append({"filename": filename, "top_k": service.top_k(outcome, k)})
-    return results

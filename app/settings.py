@@ -36,6 +36,14 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     workers: int | None = Field(None, ge=1, le=64)  # None: one per CPU this process may use
     keep_alive_s: int = Field(5, ge=1)
+    model_name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # None: the checkpoint's stem
+    model_version: str = Field("1", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    v2_max_images: int = Field(256, ge=1, le=4096)
+
+    @property
+    def served_name(self) -> str:
+        """The model's name in every API: FASHION_SERVE_MODEL_NAME, else the checkpoint file's stem."""
+        return self.model_name or self.checkpoint.stem
 
     @field_validator("checkpoint", mode="before")
     @classmethod

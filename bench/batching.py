@@ -29,11 +29,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=5.0, help="per group size")
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 8, 32, 128])
     args = parser.parse_args(argv)
+    from functools import partial
+
     import torch
 
-    from app.service import ClassifierService
+    from app.protocols.predict import decode_body
+    from app.service import ClassifierService, Pending
     from app.settings import Settings
-    from app.upload import DecodedRequest, Upload
     from bench.run import fashion_pngs, write_bodies
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -44,7 +46,9 @@ def main(argv: list[str] | None = None) -> int:
         bodies = [(Path(tmp) / f"body_{i}.bin").read_bytes() for i in range(256)]
     settings = Settings(checkpoint=args.checkpoint, device=args.device, max_batch_size=max(args.sizes))
     service = ClassifierService.load(settings)
-    uploads: list[Upload | DecodedRequest] = [Upload(body, content_type, None) for body in bodies]
+    uploads: list[Pending] = [
+        partial(decode_body, body, content_type, service.loaded.preprocess, settings) for body in bodies
+    ]
     name = torch.cuda.get_device_name() if service.device.type == "cuda" else "cpu"
     print(f"{args.checkpoint.name} on {service.device} ({name}), torch {torch.__version__}")
 

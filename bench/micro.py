@@ -41,12 +41,15 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.update(
         FASHION_SERVE_CHECKPOINT=str(args.checkpoint), FASHION_SERVE_DEVICE="cpu", FASHION_SERVE_LOG_LEVEL="warning"
     )
+    from functools import partial
+
     import numpy as np
     import torch
 
-    from app.service import ClassifierService
+    from app.multipart import parse_multipart
+    from app.protocols.predict import decode_body
+    from app.service import ClassifierService, Pending
     from app.settings import Settings
-    from app.upload import DecodedRequest, Upload, decode_request, parse_multipart
     from bench.run import fashion_pngs, write_bodies
 
     torch.set_num_threads(1)
@@ -57,19 +60,19 @@ def main(argv: list[str] | None = None) -> int:
         bodies = [(Path(tmp) / f"body_{i}.bin").read_bytes() for i in range(256)]
     settings = Settings()
     service = ClassifierService.load(settings)
-    uploads: list[Upload | DecodedRequest] = [Upload(body, content_type, None) for body in bodies]
-    inputs = [decode_request(Upload(body, content_type, None), service.loaded.preprocess, settings) for body in bodies]
+    preprocess = service.loaded.preprocess
+    uploads: list[Pending] = [partial(decode_body, body, content_type, preprocess, settings) for body in bodies]
+    inputs = [decode_body(body, content_type, preprocess, settings) for body in bodies]
     arrays = [d.inputs for d in inputs if d.inputs is not None]
     batches = [np.concatenate(arrays[j * 16 : (j + 1) * 16]) for j in range(16)]
 
     print(f"checkpoint: {args.checkpoint.name}; torch {torch.__version__}, 1 thread; microseconds, best of 7")
-    preprocess = service.loaded.preprocess
 
     def split(i: int) -> object:
         return parse_multipart(bodies[i % 256], content_type, "file", 16)
 
     def decode(i: int) -> object:
-        return decode_request(Upload(bodies[i % 256], content_type, None), preprocess, settings)
+        return decode_body(bodies[i % 256], content_type, preprocess, settings)
 
     def forward_1(i: int) -> object:
         return service.probabilities(arrays[i % 256])
@@ -99,8 +102,10 @@ def main(argv: list[str] | None = None) -> int:
 
 async def _event_loop_share(bodies: list[bytes], content_type: str) -> float:
     """Middleware + endpoint per /predict through the real app, the inference step stubbed."""
+    from functools import partial
+
     from app.main import create_app
-    from app.upload import Upload
+    from app.protocols.predict import decode_body
 
     app = create_app()
     lifespan: asyncio.Queue[dict[str, str]] = asyncio.Queue()
@@ -113,7 +118,9 @@ async def _event_loop_share(bodies: list[bytes], content_type: str) -> float:
     await lifespan.put({"type": "lifespan.startup"})
     await started.wait()
     runtime = app.state.runtime
-    answer = runtime.service.run_batch([Upload(bodies[0], content_type, None)])[0]
+    service = runtime.service
+    first = partial(decode_body, bodies[0], content_type, service.loaded.preprocess, service.settings)
+    answer = service.run_batch([first])[0]
 
     async def answered(item: object) -> object:
         return answer

@@ -2,7 +2,7 @@
 
     scripts/fuzz -max_total_time=60 [corpus_dir]
 
-Any exception other than ImageRejected is a finding: the service would answer 500.
+Any exception other than ServeError is a finding: the service would answer 500.
 Findings so far are kept in tests/fuzz_findings/ and replayed by the test suite.
 Seeds: a few valid images of every accepted format, written to the corpus on first run.
 """
@@ -19,7 +19,8 @@ import atheris
 with atheris.instrument_imports():
     from PIL import Image
 
-    from app.decoding import ImageRejected, image_to_input
+    from app.decoding import image_to_input
+    from app.errors import ServeError
     from app.settings import Settings
     from models.preprocessing import PreprocessConfig
 
@@ -53,10 +54,10 @@ def seeds(folder: Path) -> None:
 
 
 def test_one_input(data: bytes) -> None:
-    """Exactly what the service runs on each upload; ImageRejected is the only allowed failure."""
+    """Exactly what the service runs on each upload; ServeError is the only allowed failure."""
     try:
         x = image_to_input(data, None, CONFIG, MAX_PIXELS)
-    except ImageRejected as exc:
+    except ServeError as exc:
         assert exc.status in (400, 413, 415), exc.status
         return
     assert x.shape == (1, 28, 28)

@@ -41,3 +41,14 @@ def encode(image: Image.Image, fmt: str = "PNG", **params: object) -> bytes:
 
 def png(size: tuple[int, int] = (28, 28), mode: str = "L", seed: int = 0) -> bytes:
     return encode(Image.fromarray(garment(size, seed)).convert(mode))
+
+
+def multipart(files: list[tuple[str, bytes]], boundary: str = "b", field: str = "file") -> tuple[bytes, str]:
+    """A plain multipart/form-data body of (filename, data) parts named `field`, and its content type."""
+    body = b"".join(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{name}"\r\n\r\n'.encode()
+        + data
+        + b"\r\n"
+        for name, data in files
+    )
+    return body + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"

@@ -12,5 +12,4 @@ router = APIRouter(tags=["model"])
 @router.get("/model")
 def describe_model(runtime: RuntimeDep) -> dict[str, Any]:
     """Architecture, state_dict keys and shapes, classes, preprocessing, metrics and checkpoint facts."""
-    service, _ = runtime.require_model()
-    return service.describe()
+    return runtime.require_model().describe()

@@ -5,19 +5,21 @@ import os
 import sys
 import threading
 import time
+from functools import partial
 
 import numpy as np
 import pytest
-import torch
-from fastapi import HTTPException
 from starlette.types import Receive
 
+from app.asgi import receive_body
 from app.batching import MicroBatcher
 from app.decoding import image_to_input
+from app.errors import ServeError
+from app.protocols.predict import decode_body
 from app.runtime import Runtime
+from app.service import Pending, Scored
 from app.settings import Settings
-from app.upload import DecodedRequest, Upload, UploadError, receive_body
-from tests.helpers import png
+from tests.helpers import multipart, png
 
 
 def _gated(gate: threading.Event, batches: list[list[int]]):  # type: ignore[no-untyped-def]
@@ -65,35 +67,34 @@ def test_errors_stay_with_their_item_and_a_failed_batch_fails_only_itself() -> N
     assert results[5] == 60
 
 
+def _pending(service: object, body: bytes, content_type: str) -> Pending:
+    return partial(decode_body, body, content_type, service.loaded.preprocess, service.settings)  # type: ignore[attr-defined]
+
+
+def _images(*seeds: int) -> tuple[bytes, str]:
+    return multipart([(f"{s}.png", png(seed=s)) for s in seeds])
+
+
 def test_batched_results_equal_unbatched_and_keep_request_order(client: object) -> None:
     service = client.app.state.runtime.service  # type: ignore[attr-defined]
-    multipart = "multipart/form-data; boundary=b"
-
-    def body(*seeds: int) -> bytes:
-        parts = b"".join(
-            b'--b\r\nContent-Disposition: form-data; name="file"; filename="%d.png"\r\n\r\n' % s + png(seed=s) + b"\r\n"
-            for s in seeds
-        )
-        return parts + b"--b--\r\n"
-
-    items: list[Upload | DecodedRequest] = [
-        Upload(body(1, 2), multipart, None),
-        Upload(b"garbage", "image/png", None),
-        Upload(b"", "application/json", None),
-        Upload(body(3), multipart, None),
+    items = [
+        _pending(service, *_images(1, 2)),
+        _pending(service, b"garbage", "image/png"),
+        _pending(service, b"", "application/json"),
+        _pending(service, *_images(3)),
     ]
     together = service.run_batch(items)
     alone = [service.run_batch([item])[0] for item in items]
-    assert isinstance(together[2], UploadError) and together[2].status == 415
+    assert isinstance(together[2], ServeError) and together[2].status == 415
     for batched, single in zip(together, alone, strict=True):
         if isinstance(batched, BaseException):
             continue
-        (_, rows), (_, single_rows) = batched, single  # type: ignore[misc]
-        assert torch.allclose(torch.tensor(rows), torch.tensor(single_rows), atol=1e-6)
-    assert [d.filenames for d, _ in (together[0], together[3])] == [["1.png", "2.png"], ["3.png"]]  # type: ignore[index]
-    assert together[1][0].errors[0].status == 400 and together[1][1] == []  # type: ignore[index]
+        assert np.allclose(batched.probabilities, single.probabilities, atol=1e-6)
+    assert [s.input.names for s in (together[0], together[3])] == [["1.png", "2.png"], ["3.png"]]
+    assert together[1].input.errors[0].status == 400 and len(together[1].probabilities) == 0
+    assert together[1].per_image() == [together[1].input.errors[0]]
     x = np.stack([image_to_input(png(seed=s), None, service.loaded.preprocess, 10**6) for s in (1, 2)])
-    assert torch.allclose(torch.tensor(together[0][1]), torch.tensor(service.probabilities(x)), atol=1e-6)  # type: ignore[index]
+    assert np.allclose(together[0].probabilities, service.probabilities(x), atol=1e-6)
 
 
 def test_a_forward_pass_never_holds_more_than_max_batch_size_images(tiny_checkpoint: object) -> None:
@@ -103,18 +104,14 @@ def test_a_forward_pass_never_holds_more_than_max_batch_size_images(tiny_checkpo
     service = ClassifierService.load(Settings(checkpoint=tiny_checkpoint, device="cpu", max_batch_size=3))
     passes: list[int] = []
     service.observe_batch = lambda images, seconds: passes.append(images)
-    multipart = "multipart/form-data; boundary=b"
-    body = b"".join(
-        b'--b\r\nContent-Disposition: form-data; name="file"; filename="%d.png"\r\n\r\n' % s + png(seed=s) + b"\r\n"
-        for s in range(5)
-    )
-    items: list[Upload | DecodedRequest] = [Upload(body + b"--b--\r\n", multipart, None)] * 2
+    items = [_pending(service, *_images(*range(5)))] * 2
     answers = service.run_batch(items)
     assert passes == [3, 3, 3, 1]
     x = np.stack([image_to_input(png(seed=s), None, service.loaded.preprocess, 10**6) for s in range(5)])
-    expected = torch.tensor(service.probabilities(x))
+    expected = service.probabilities(x)
     for answer in answers:
-        assert torch.allclose(torch.tensor(answer[1]), expected, atol=1e-6)  # type: ignore[index]
+        assert isinstance(answer, Scored)
+        assert np.allclose(answer.probabilities, expected, atol=1e-6)
 
 
 def test_max_wait_lets_a_batch_fill_and_zero_never_waits() -> None:
@@ -141,9 +138,9 @@ def test_max_wait_lets_a_batch_fill_and_zero_never_waits() -> None:
 def test_concurrency_cap_answers_503_with_retry_after() -> None:
     runtime = Runtime(Settings(max_concurrency=2))
     with runtime.admit(), runtime.admit():
-        with pytest.raises(HTTPException) as refused, runtime.admit():
+        with pytest.raises(ServeError) as refused, runtime.admit():
             pass
-        assert refused.value.status_code == 503
+        assert refused.value.status == 503
         assert refused.value.headers == {"Retry-After": "1"}
     assert runtime.in_flight == 0
     with runtime.admit():
@@ -166,22 +163,22 @@ def test_receive_body_limits_time_size_and_disconnects() -> None:
         {"type": "http.request", "body": b"x" * 60, "more_body": True},
         {"type": "http.request", "body": b"y" * 60},
     ]
-    with pytest.raises(UploadError) as too_big:
+    with pytest.raises(ServeError) as too_big:
         asyncio.run(read(_receiver(list(chunks))))
     assert too_big.value.status == 413, "a body that grows past the limit is refused mid-stream"
-    with pytest.raises(UploadError) as declared:
+    with pytest.raises(ServeError) as declared:
         asyncio.run(read(_receiver([]), length=b"1000"))
     assert declared.value.status == 413
-    with pytest.raises(UploadError) as endless:
+    with pytest.raises(ServeError) as endless:
         asyncio.run(read(_receiver([]), length=b"9" * 5000))
     assert endless.value.status == 413 and "over 10^18" in endless.value.message
-    with pytest.raises(UploadError) as invalid:
+    with pytest.raises(ServeError) as invalid:
         asyncio.run(read(_receiver([]), length=b"-5"))
     assert invalid.value.status == 400
-    with pytest.raises(UploadError) as slow:
+    with pytest.raises(ServeError) as slow:
         asyncio.run(read(_receiver(list(chunks), delay=0.3), limit=1000, timeout=0.4))
     assert slow.value.status == 408
-    with pytest.raises(UploadError) as gone:
+    with pytest.raises(ServeError) as gone:
         asyncio.run(read(_receiver([{"type": "http.request", "body": b"x", "more_body": True}]), limit=1000))
     assert gone.value.status == 400 and "disconnected" in gone.value.message
     assert asyncio.run(read(_receiver(list(chunks)), limit=1000)) == b"x" * 60 + b"y" * 60

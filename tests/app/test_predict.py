@@ -10,6 +10,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from app.main import create_app
+from app.protocols import predict
 from app.settings import Settings
 from models import FASHION_MNIST_CLASSES, PreprocessConfig, preprocess_image
 from tests.helpers import encode, garment, png, tiny_model
@@ -88,15 +89,13 @@ def test_predict_only_accepts_post(client: TestClient) -> None:
 def test_a_bug_in_predict_is_a_logged_500_and_the_service_goes_on(
     client: TestClient, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    service = client.app.state.runtime.service  # type: ignore[attr-defined]
-    real = service.top_k
-    monkeypatch.setattr(service, "top_k", lambda *args: 1 / 0)
+    monkeypatch.setattr(predict, "top_k", lambda *args: 1 / 0)
     response = client.post("/predict", files={"file": ("a.png", png())}, headers={"X-Request-ID": "bug-1"})
     assert response.status_code == 500
     assert response.json() == {"detail": "Internal Server Error"}
     log = capsys.readouterr().err
     assert "[bug-1] unhandled error in POST /predict" in log and "ZeroDivisionError" in log
-    monkeypatch.setattr(service, "top_k", real)
+    monkeypatch.undo()
     assert client.post("/predict", files={"file": ("a.png", png())}).status_code == 200
 
 

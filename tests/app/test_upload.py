@@ -8,10 +8,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from python_multipart.multipart import parse_options_header
 
-from app.upload import (
+from app.errors import ServeError
+from app.multipart import (
     _PLAIN_DISPOSITION,
     _PLAIN_MULTIPART_TYPE,
-    UploadError,
     _boundary,
     _Collector,
     _disposition,
@@ -31,7 +31,7 @@ def _outcome(parts: object) -> Outcome:
 def plain(body: bytes, max_files: int = 3) -> Outcome | None:
     try:
         parts = _parse_plain(body, BOUNDARY, _Collector("file", max_files))
-    except UploadError as exc:
+    except ServeError as exc:
         return exc.status, exc.message
     return None if parts is None else _outcome(parts)
 
@@ -39,7 +39,7 @@ def plain(body: bytes, max_files: int = 3) -> Outcome | None:
 def general(body: bytes, max_files: int = 3) -> Outcome:
     try:
         return _outcome(_parse_any(body, BOUNDARY, _Collector("file", max_files)))
-    except UploadError as exc:
+    except ServeError as exc:
         return exc.status, exc.message
 
 

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from PIL import Image
 
-from app.decoding import ImageRejected, decode_image, image_to_input
+from app.decoding import decode_image, image_to_input
+from app.errors import ServeError
 from models import PreprocessConfig, preprocess_image
 from tests.helpers import tiny_model
 
@@ -59,7 +60,7 @@ def test_inverting_is_an_exact_mirror(image: Image.Image) -> None:
 def test_decoding_arbitrary_bytes_only_ever_rejects_cleanly(data: bytes) -> None:
     try:
         decode_image(data, max_pixels=1_000_000)
-    except ImageRejected as exc:
+    except ServeError as exc:
         assert exc.status in (400, 413)
 
 
@@ -71,18 +72,16 @@ def test_truncated_files_are_rejected_or_decoded_never_crash(image: Image.Image,
     data = buf.getvalue()[: max(1, int(len(buf.getvalue()) * cut))]
     try:
         x = image_to_input(data, None, PreprocessConfig(), max_pixels=1_000_000)
-    except ImageRejected as exc:
+    except ServeError as exc:
         assert exc.status in (400, 413)
     else:
         assert x.shape == (1, 28, 28)
 
 
 def _service_top_k(probabilities: list[float], k: int) -> list[dict[str, object]]:
-    from app.service import ClassifierService
+    from app.protocols.predict import top_k
 
-    service = ClassifierService.__new__(ClassifierService)
-    service.loaded = type("Loaded", (), {"class_names": tuple(f"c{i}" for i in range(len(probabilities)))})()  # type: ignore[assignment]
-    return service.top_k(probabilities, k)
+    return top_k(probabilities, k, [f"c{i}" for i in range(len(probabilities))])
 
 
 @settings(max_examples=300, deadline=None)
@@ -114,6 +113,6 @@ FINDINGS = sorted((Path(__file__).resolve().parent.parent / "fuzz_findings").ite
 @pytest.mark.parametrize("finding", FINDINGS, ids=[f.name for f in FINDINGS])
 def test_fuzz_findings_are_rejected_cleanly(finding: Path) -> None:
     """Inputs that once crashed decoding (found by fuzz/fuzz_decode.py) now get a clean 4xx."""
-    with pytest.raises(ImageRejected) as rejected:
+    with pytest.raises(ServeError) as rejected:
         image_to_input(finding.read_bytes(), None, PreprocessConfig(), 1_000_000)
     assert rejected.value.status in (400, 413, 415)

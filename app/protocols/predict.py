@@ -1,5 +1,7 @@
-"""POST /predict: top-k classes for one or more uploaded images.
+"""The service's own protocol: POST /predict, top-k classes for one or more uploaded images.
 
+The adapter parses the query and the body (multipart or one raw image) under the limits,
+hands `Runtime.infer` a decoder, and encodes the probabilities as ranked classes.
 The hot path, so it is a plain ASGI endpoint: no dependency injection, no response model,
 no per-request validation objects. On a 2-core machine FastAPI's route machinery cost as
 much as decoding and the forward pass together (docs/performance.md). The contract is the
@@ -9,23 +11,26 @@ and OPERATION below is what /openapi.json and /docs show.
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Sequence
+from functools import partial
 from typing import Annotated, Any, Literal
 from urllib.parse import parse_qsl
 
-from fastapi import HTTPException
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 from pydantic.json_schema import models_json_schema
-from starlette.concurrency import run_in_threadpool
 from starlette.types import Receive, Scope, Send
 
-from app.decoding import ALLOWED_CONTENT_TYPES
+from app.asgi import dump_json, header, receive_body, send_response
+from app.decoding import ALLOWED_CONTENT_TYPES, ModelInput, decode_images
+from app.errors import ServeError
+from app.multipart import parse_multipart
 from app.runtime import Runtime
-from app.service import ServiceUnavailable, encode_predictions
-from app.upload import FIELD, INLINE_DECODE_BYTES, Upload, UploadError, receive_body
+from app.service import Scored
+from app.settings import Settings
+from models.preprocessing import Invert, PreprocessConfig
 
+FIELD = "file"  # the multipart part name that carries images
 logger = logging.getLogger("app")
 IMAGE_TYPES = sorted(t for t in ALLOWED_CONTENT_TYPES if t.startswith("image/"))
 InvertParam = Literal["auto", "true", "false"]
@@ -51,16 +56,6 @@ class Prediction(BaseModel):
 class PredictResponse(BaseModel):
     model: str
     predictions: list[Prediction]
-
-
-class Problem(Exception):
-    """An answer other than 200: its status, FastAPI-style `detail` and extra headers."""
-
-    def __init__(self, status: int, detail: object, headers: dict[str, str] | None = None) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
-        self.headers = headers or {}
 
 
 _K = TypeAdapter(Annotated[int, Field(ge=1)])
@@ -92,18 +87,57 @@ def parse_query(query_string: bytes, default_k: int, limit: int) -> tuple[int, I
             {"type": "less_than_equal", "loc": ["query", "k"], "msg": message, "input": k, "ctx": {"le": limit}}
         )
     if errors:
-        raise Problem(422, errors)
+        raise ServeError(422, errors)
     return (min(default_k, limit) if k is None else k), parsed.get("invert")
 
 
-Answer = tuple[int, list[tuple[bytes, bytes]], bytes]  # status, raw headers, body
+def split_body(body: bytes, content_type: str, max_files: int) -> list[tuple[str | None, bytes, str | None]]:
+    """A /predict body -> its images as (filename, bytes, declared type); ServeError for a body we refuse."""
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    if media_type == "multipart/form-data":
+        parts = parse_multipart(body, content_type, FIELD, max_files)
+        if not parts:
+            raise missing_file()
+        return [(p.filename, bytes(p.data), p.content_type) for p in parts]
+    if media_type.startswith("image/"):
+        return [(None, body, media_type)]
+    if not media_type and not body:
+        raise missing_file()
+    raise ServeError(
+        415,
+        f"unsupported content type {media_type or '(none)'!r}: send multipart/form-data "
+        f"with '{FIELD}' parts, or one image as the body with an image/* content type",
+    )
 
 
-def _json(status: int, content: object, headers: Mapping[str, str] | None = None) -> Answer:
-    body = json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
-    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    raw += [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in (headers or {}).items()]
-    return status, raw, body
+def decode_body(
+    body: bytes, content_type: str, preprocess: PreprocessConfig, settings: Settings, invert: Invert | None = None
+) -> ModelInput:
+    """A /predict body -> its images as model input (each image's failure kept apart)."""
+    images = split_body(body, content_type, settings.max_files)
+    return decode_images(images, preprocess, settings.max_image_pixels, invert)
+
+
+def missing_file() -> ServeError:
+    return ServeError(422, f"no '{FIELD}' part: send images as multipart/form-data parts named '{FIELD}'")
+
+
+def top_k(probabilities: list[float], k: int, class_names: Sequence[str]) -> list[dict[str, Any]]:
+    """One row of probabilities -> the k most likely classes, most likely first (ties: lower index)."""
+    order = sorted(range(len(probabilities)), key=probabilities.__getitem__, reverse=True)[:k]
+    return [{"label": class_names[i], "index": i, "probability": round(probabilities[i], 6)} for i in order]
+
+
+def encode(scored: Scored, k: int, class_names: Sequence[str]) -> list[dict[str, Any]]:
+    """Per image, in request order: its top-k, or the error that kept it from being classified."""
+    rows = scored.probabilities.tolist()
+    results: list[dict[str, Any]] = []
+    for name, outcome in zip(scored.input.names, scored.per_image(), strict=True):
+        if isinstance(outcome, ServeError):
+            results.append({"filename": name, "error": {"status": outcome.status, "message": outcome.message}})
+        else:
+            results.append({"filename": name, "top_k": top_k(rows[outcome], k, class_names)})
+    return results
 
 
 class PredictEndpoint:
@@ -113,54 +147,41 @@ class PredictEndpoint:
         self.runtime = runtime
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers: dict[str, str] = {}
         try:
             if scope["method"] != "POST":
-                raise Problem(405, "Method Not Allowed", {"Allow": "POST"})
-            status, headers, body = await self._answer(scope, receive)
-        except Problem as exc:
-            status, headers, body = _json(exc.status, {"detail": exc.detail}, exc.headers)
-        except HTTPException as exc:  # the runtime's refusals (not ready, busy)
-            status, headers, body = _json(exc.status_code, {"detail": exc.detail}, exc.headers)
+                raise ServeError(405, "Method Not Allowed", {"Allow": "POST"})
+            status, content = 200, await self._answer(scope, receive)
+        except ServeError as exc:
+            status, content, headers = exc.status, {"detail": exc.detail}, exc.headers
         except Exception:  # a bug: logged with its traceback, answered like FastAPI would
             logger.exception("unhandled error in POST /predict")
-            status, headers, body = _json(500, {"detail": "Internal Server Error"})
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+            status, content = 500, {"detail": "Internal Server Error"}
+        await send_response(send, status, dump_json(content), headers=headers)
 
-    async def _answer(self, scope: Scope, receive: Receive) -> Answer:
+    async def _answer(self, scope: Scope, receive: Receive) -> dict[str, Any]:
         runtime = self.runtime
         settings = runtime.settings
         classes = runtime.service.num_classes if runtime.service else settings.max_k
         k, invert = parse_query(scope["query_string"], settings.default_k, min(settings.max_k, classes))
-        service, batcher = runtime.require_model()
-        content_type = ""
-        content_length: bytes | None = None
-        for name, value in scope["headers"]:
-            if name == b"content-type":
-                content_type = value.decode("latin-1")
-            elif name == b"content-length":
-                content_length = value
+        service = runtime.require_model()
+        content_type = (header(scope, b"content-type") or b"").decode("latin-1")
         with runtime.admit():
-            try:
-                body = await receive_body(receive, content_length, settings.max_upload_bytes, settings.body_timeout_s)
-                upload = Upload(body, content_type, invert)
-                item = upload if len(body) <= INLINE_DECODE_BYTES else await run_in_threadpool(service.decode, upload)
-                decoded, rows = await batcher.submit(item)
-            except UploadError as exc:
-                raise Problem(exc.status, exc.message) from None
-            except ServiceUnavailable as exc:
-                raise Problem(503, str(exc), {"Retry-After": "1"}) from None
-        runtime.metrics.images_per_request.observe(len(decoded.filenames))
-        if decoded.inputs is None:
-            first = next(iter(decoded.errors.values()))
-            if len(decoded.filenames) == 1:
-                raise Problem(first.status, first.message)
-            raise Problem(
-                first.status,
-                f"none of the {len(decoded.filenames)} images could be classified; first: {first.message}",
+            body = await receive_body(
+                receive, header(scope, b"content-length"), settings.max_upload_bytes, settings.body_timeout_s
             )
-        predictions = encode_predictions(service, decoded.filenames, decoded.merge(rows), k)
-        return _json(200, {"model": service.name, "predictions": predictions})
+
+            decode = partial(decode_body, body, content_type, service.loaded.preprocess, settings, invert)
+            scored = await runtime.infer(decode, len(body))
+        names = scored.input.names
+        if scored.input.inputs is None:
+            first = next(iter(scored.input.errors.values()))
+            if len(names) == 1:
+                raise first
+            raise ServeError(
+                first.status, f"none of the {len(names)} images could be classified; first: {first.message}"
+            )
+        return {"model": service.name, "predictions": encode(scored, k, service.class_names)}
 
 
 def _responses(description: str) -> dict[str, Any]:

@@ -1,34 +1,18 @@
-"""Reading an upload: the body under a byte limit and a deadline, its multipart parts, and the
-images in it decoded one by one (each image's failure kept apart from the others)."""
+"""multipart/form-data bodies split into their parts: a fast path for the plain form every common
+client sends, python-multipart's parser for anything else (both give the same answer)."""
 
 from __future__ import annotations
 
-import asyncio
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
 
-import numpy as np
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
-from starlette.types import Receive
 
-from app.decoding import ImageRejected, image_to_input
-from app.settings import Settings
-from models.preprocessing import Invert, PreprocessConfig
+from app.errors import ServeError
 
 MAX_BOUNDARY = 70  # RFC 2046
 EXTRA_PARTS = 16  # other form fields tolerated beside the files
-
-
-class UploadError(Exception):
-    """A request body we refuse, with its HTTP status."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 @dataclass
@@ -37,41 +21,6 @@ class Part:
     filename: str | None
     content_type: str | None
     data: bytes | bytearray = b""
-
-
-async def receive_body(receive: Receive, content_length: bytes | None, max_bytes: int, timeout_s: float) -> bytes:
-    """The whole body from ASGI `receive`, refusing it (413) as soon as it is known to exceed
-    `max_bytes`.
-
-    A declared Content-Length over the limit is refused before a byte is read; a body that
-    grows past it is refused mid-stream; a client that takes over `timeout_s` gets 408.
-    """
-    if content_length is not None:
-        if not content_length.isdigit():
-            raise UploadError(400, "invalid Content-Length header")
-        # Python's int() refuses more than 4300 digits (a 500, found in review); 18 are plenty.
-        declared = int(content_length) if len(content_length) <= 18 else None
-        if declared is None or declared > max_bytes:
-            size_text = content_length.decode() if declared is not None else "over 10^18"
-            raise UploadError(413, f"request body of {size_text} bytes exceeds the limit of {max_bytes} bytes")
-    chunks: list[bytes] = []
-    size = 0
-    try:
-        async with asyncio.timeout(timeout_s):
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":  # nobody is left to answer; a 4xx stays out of error logs
-                    raise UploadError(400, "client disconnected before sending the whole body")
-                chunk = message.get("body", b"")
-                size += len(chunk)
-                if size > max_bytes:
-                    raise UploadError(413, f"request body exceeds the limit of {max_bytes} bytes")
-                chunks.append(chunk)
-                if not message.get("more_body", False):
-                    break
-    except TimeoutError:
-        raise UploadError(408, f"request body not received within {timeout_s:g} s") from None
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 # The header values every common client sends, read with one regular expression; anything
@@ -109,7 +58,7 @@ class _Collector:
     def begin(self) -> None:
         self.seen += 1
         if self.seen > self.max_files + EXTRA_PARTS:
-            raise UploadError(413, f"too many parts: the limit is {self.max_files + EXTRA_PARTS} per request")
+            raise ServeError(413, f"too many parts: the limit is {self.max_files + EXTRA_PARTS} per request")
 
     def headers_done(self, headers: dict[bytes, bytes]) -> Part | None:
         """The part to collect data into, or None for a field we ignore."""
@@ -117,7 +66,7 @@ class _Collector:
         if name != self.field_name:
             return None
         if len(self.parts) >= self.max_files:
-            raise UploadError(413, f"too many files: the limit is {self.max_files} per request")
+            raise ServeError(413, f"too many files: the limit is {self.max_files} per request")
         raw_type = headers.get(b"content-type")
         part = Part(name, filename, raw_type.decode("latin-1") if raw_type else None)
         self.parts.append(part)
@@ -134,12 +83,12 @@ def _boundary(content_type: str) -> bytes | None:
 def parse_multipart(body: bytes, content_type: str, field_name: str, max_files: int) -> list[Part]:
     """The parts named `field_name`, in order; other fields are ignored.
 
-    Raises UploadError: 400 for malformed multipart, 413 past `max_files` such parts or
+    Raises ServeError: 400 for malformed multipart, 413 past `max_files` such parts or
     past `max_files + EXTRA_PARTS` parts in all (a flood of tiny fields).
     """
     boundary = _boundary(content_type)
     if not boundary or len(boundary) > MAX_BOUNDARY:
-        raise UploadError(400, "multipart/form-data body without a valid boundary parameter")
+        raise ServeError(400, "multipart/form-data body without a valid boundary parameter")
     parts = _parse_plain(body, boundary, _Collector(field_name, max_files))
     if parts is None:
         parts = _parse_any(body, boundary, _Collector(field_name, max_files))
@@ -256,79 +205,7 @@ def _parse_any(body: bytes, boundary: bytes, collect: _Collector) -> list[Part]:
         parser.write(body)
         parser.finalize()
     except MultipartParseError as exc:
-        raise UploadError(400, f"malformed multipart body: {exc}") from None
+        raise ServeError(400, f"malformed multipart body: {exc}") from None
     if parser.state != MultipartState.END:
-        raise UploadError(400, "malformed or truncated multipart body: no closing boundary")
+        raise ServeError(400, "malformed or truncated multipart body: no closing boundary")
     return collect.parts
-
-
-FIELD = "file"  # the multipart part name that carries images
-# Bodies up to this size are decoded on the inference thread, batched with the forward pass
-# (one thread hand-off per request); larger ones (photos) are decoded in the threadpool
-# first, so a big image never holds up the small ones queued behind it.
-INLINE_DECODE_BYTES = 64 * 1024
-
-
-class Upload(NamedTuple):
-    """A /predict body, not decoded yet."""
-
-    body: bytes
-    content_type: str
-    invert: Invert | None
-
-
-@dataclass
-class DecodedRequest:
-    """The images of one request: model inputs for those that decoded, errors for the rest."""
-
-    filenames: list[str | None]
-    inputs: np.ndarray | None  # (valid images, 1, 28, 28) float32, in request order
-    errors: dict[int, ImageRejected]  # request position -> why that image was refused
-
-    def merge(self, rows: list[list[float]]) -> list[list[float] | ImageRejected]:
-        """Put the model's rows back among the errors, in request order."""
-        it = iter(rows)
-        return [self.errors[i] if i in self.errors else next(it) for i in range(len(self.filenames))]
-
-
-def missing_file() -> UploadError:
-    return UploadError(422, f"no '{FIELD}' part: send images as multipart/form-data parts named '{FIELD}'")
-
-
-def decode_request(upload: Upload, preprocess: PreprocessConfig, settings: Settings) -> DecodedRequest:
-    """Split a /predict body into images and decode them; UploadError for a body we refuse."""
-    media_type = upload.content_type.split(";", 1)[0].strip().lower()
-    if media_type == "multipart/form-data":
-        parts = parse_multipart(upload.body, upload.content_type, FIELD, settings.max_files)
-        if not parts:
-            raise missing_file()
-        uploads = [(p.filename, bytes(p.data), p.content_type) for p in parts]
-    elif media_type.startswith("image/"):
-        uploads = [(None, upload.body, media_type)]
-    elif not media_type and not upload.body:
-        raise missing_file()
-    else:
-        raise UploadError(
-            415,
-            f"unsupported content type {media_type or '(none)'!r}: send multipart/form-data "
-            f"with '{FIELD}' parts, or one image as the body with an image/* content type",
-        )
-    return decode_uploads(uploads, preprocess, settings.max_image_pixels, upload.invert)
-
-
-def decode_uploads(
-    uploads: Sequence[tuple[str | None, bytes, str | None]],
-    preprocess: PreprocessConfig,
-    max_pixels: int,
-    invert: Invert | None,
-) -> DecodedRequest:
-    """Decode (filename, bytes, content type) uploads, isolating each image's failure."""
-    arrays: list[np.ndarray] = []
-    errors: dict[int, ImageRejected] = {}
-    for position, (_, data, content_type) in enumerate(uploads):
-        try:
-            arrays.append(image_to_input(data, content_type, preprocess, max_pixels, invert))
-        except ImageRejected as exc:
-            errors[position] = exc
-    inputs = np.stack(arrays) if arrays else None
-    return DecodedRequest([u[0] for u in uploads], inputs, errors)
