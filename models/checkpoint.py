@@ -24,6 +24,7 @@ from torch import nn
 
 from models.networks import ARCHITECTURES, build_model, model_args_for
 from models.preprocessing import PreprocessConfig
+from models.trust import Calibration, OODStats, RecordError, last_linear
 
 FORMAT_VERSION = 1
 FASHION_MNIST_CLASSES: tuple[str, ...] = (
@@ -62,6 +63,8 @@ class LoadedModel:
     metrics: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     created_at: str | None = None
+    calibration: Calibration | None = None  # None: the checkpoint has no calibration record
+    ood: OODStats | None = None  # None: no out-of-distribution statistics
 
     @property
     def device(self) -> torch.device:
@@ -77,8 +80,14 @@ def save_checkpoint(
     class_names: Sequence[str] = FASHION_MNIST_CLASSES,
     metrics: Mapping[str, Any] | None = None,
     training: Mapping[str, Any] | None = None,
+    calibration: Calibration | None = None,
+    ood: OODStats | None = None,
+    created_at: str | None = None,
 ) -> Path:
-    """Write a format-v1 checkpoint atomically (temp file, then rename) and return its path."""
+    """Write a format-v1 checkpoint atomically (temp file, then rename) and return its path.
+
+    `calibration` and `ood` are optional records; `created_at` defaults to now.
+    """
     path = Path(path)
     checkpoint = {
         "format_version": FORMAT_VERSION,
@@ -89,8 +98,12 @@ def save_checkpoint(
         "preprocess": preprocess.to_dict(),
         "metrics": dict(metrics or {}),
         "training": dict(training or {}),
-        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "created_at": created_at or dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
+    if calibration is not None:
+        checkpoint["calibration"] = calibration.to_record()
+    if ood is not None:
+        checkpoint["ood"] = ood.to_record()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(checkpoint, tmp)
@@ -257,6 +270,17 @@ def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = "
     if created_at is not None and not isinstance(created_at, str):
         raise CheckpointError(f"checkpoint entry 'created_at' has type {type(created_at).__name__}, not str")
 
+    output = last_linear(shapes)
+    try:
+        calibration = Calibration.from_record(ckpt["calibration"]) if ckpt.get("calibration") is not None else None
+        ood = (
+            OODStats.from_record(ckpt["ood"], output.out_features, output.in_features)
+            if ckpt.get("ood") is not None
+            else None
+        )
+    except RecordError as exc:
+        raise CheckpointError(f"invalid checkpoint record: {exc}") from None
+
     # assign=True adopts the loaded tensors in place of the meta ones: no second copy.
     shapes.load_state_dict(state_dict, strict=True, assign=True)
     try:
@@ -274,4 +298,6 @@ def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = "
         metrics=metrics,
         training=training,
         created_at=created_at,
+        calibration=calibration,
+        ood=ood.to(target) if ood is not None else None,
     )

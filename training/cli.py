@@ -16,8 +16,11 @@ from models import ARCHITECTURES, CheckpointError, build_model, load_checkpoint,
 from models.checkpoint import FASHION_MNIST_CLASSES, resolve_device
 from models.preprocessing import PreprocessConfig, normalize, normalize_tensor
 from training.data import DataNotFoundError, FashionMNIST, load_fashion_mnist
+from training.fit_trust import fit_trust
 from training.report import artifact_paths, plot_confusion, plot_curves, write_json
 from training.train import EpochResult, Evaluation, evaluate, fit, reseed
+from training.trust_commands import add_commands as add_trust_commands
+from training.trust_commands import run_calibrate, run_ood_report
 
 AUGMENTATIONS: dict[str, int | None] = {"none": None, "flip": 0, "shift": 2}  # -> max_shift
 
@@ -57,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print the metrics as JSON")
     ev.add_argument("--limit", type=int, help="use only the first N test examples")
     _add_data_options(ev)
+    add_trust_commands(commands, _add_data_options)
     return parser
 
 
@@ -157,12 +161,14 @@ def run_train(args: argparse.Namespace) -> int:
     assert fit_result.best_state is not None
     model.load_state_dict(fit_result.best_state)
     test = evaluate(model, test_x, test_y)
+    trust = fit_trust(model, (train_x, train_y), (val_x, val_y), (test_x, test_y))
     best = fit_result.history[fit_result.best_epoch - 1]
     metrics = {
         **test_metrics(test, FASHION_MNIST_CLASSES),
         "best_epoch": fit_result.best_epoch,
         "val_accuracy": round(best.val_accuracy, 6),
         "val_loss": round(best.val_loss, 6),
+        **trust.metrics,
     }
     training = {
         "epochs": args.epochs,
@@ -180,7 +186,17 @@ def run_train(args: argparse.Namespace) -> int:
         "data_source": data.source,
     }
     model = model.to(memory_format=torch.contiguous_format)
-    out = save_checkpoint(args.out, model, args.arch, model_args, preprocess, metrics=metrics, training=training)
+    out = save_checkpoint(
+        args.out,
+        model,
+        args.arch,
+        model_args,
+        preprocess,
+        metrics=metrics,
+        training=training,
+        calibration=trust.calibration,
+        ood=trust.ood,
+    )
     paths = artifact_paths(out)
     plot_curves(fit_result.history, paths["curves"])
     plot_confusion(test.confusion, FASHION_MNIST_CLASSES, paths["confusion"])
@@ -231,6 +247,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("calibrate", "ood-report"):
+        run = run_calibrate if args.command == "calibrate" else run_ood_report
+        return run(args, _device(args.device), _load_data(args))
     return run_train(args) if args.command == "train" else run_evaluate(args)
 
 

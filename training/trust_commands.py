@@ -1,0 +1,161 @@
+"""`python -m training calibrate|ood-report`: fit the trust records into a checkpoint, and judge them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models import CheckpointError, LoadedModel, for_inference, load_checkpoint, save_checkpoint
+from models.preprocessing import normalize_tensor
+from models.trust import Trust
+from training.data import FashionMNIST
+from training.fit_trust import calibrated, expected_calibration_error, fit_trust
+from training.ood_data import ood_inputs
+from training.report import artifact_paths, write_json
+
+DEFAULT_SEED, DEFAULT_VAL_SIZE = 0, 5000  # what `train` uses; assumed for course checkpoints
+
+
+def add_commands(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    add_data_options: Callable[[argparse.ArgumentParser], None],
+) -> None:
+    calibrate = commands.add_parser(
+        "calibrate", help="fit the temperature and the OOD statistics into a checkpoint (written as format v1)"
+    )
+    calibrate.add_argument("checkpoint", type=Path)
+    calibrate.add_argument("--out", type=Path, help="where to write it (default: over CHECKPOINT)")
+    calibrate.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    add_data_options(calibrate)
+
+    report = commands.add_parser("ood-report", help="AUROC and share flagged per kind of non-garment image")
+    report.add_argument("checkpoint", type=Path)
+    report.add_argument("--per-kind", type=int, default=500, help="images of each kind (default 500)")
+    report.add_argument("--seed", type=int, default=0)
+    report.add_argument("--json", action="store_true", help="print the table as JSON")
+    report.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    add_data_options(report)
+
+
+def _load(args: argparse.Namespace, device: torch.device) -> LoadedModel:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return load_checkpoint(args.checkpoint, device=device)
+    except CheckpointError as exc:
+        raise SystemExit(f"cannot load checkpoint: {exc}") from None
+
+
+def training_split(loaded: LoadedModel, num_train: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train indices, validation indices): the split `train` made for this checkpoint."""
+    seed = loaded.training.get("seed", DEFAULT_SEED)
+    val_size = loaded.training.get("val_examples", DEFAULT_VAL_SIZE)
+    split = torch.randperm(num_train, generator=torch.Generator().manual_seed(seed))
+    return split[val_size:], split[:val_size]
+
+
+def run_calibrate(args: argparse.Namespace, device: torch.device, data: FashionMNIST) -> int:
+    loaded = _load(args, device)
+    train_idx, val_idx = training_split(loaded, len(data.train.labels))
+    if not loaded.training:
+        print(f"{args.checkpoint}: no training record; assuming seed {DEFAULT_SEED}, {DEFAULT_VAL_SIZE} for validation")
+
+    def split(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return normalize_tensor(images, loaded.preprocess).unsqueeze(1), labels
+
+    fit = fit_trust(
+        loaded.model,
+        split(data.train.images[train_idx], data.train.labels[train_idx]),
+        split(data.train.images[val_idx], data.train.labels[val_idx]),
+        split(data.test.images, data.test.labels),
+    )
+    metrics = {**loaded.metrics, **fit.metrics}
+    out = save_checkpoint(
+        args.out or args.checkpoint,
+        loaded.model,
+        loaded.arch,
+        loaded.model_args,
+        loaded.preprocess,
+        loaded.class_names,
+        metrics=metrics,
+        training=loaded.training,
+        calibration=fit.calibration,
+        ood=fit.ood,
+        created_at=loaded.created_at,
+    )
+    metrics_json = artifact_paths(out)["metrics"]
+    if metrics_json.is_file():
+        record = json.loads(metrics_json.read_text())
+        record["metrics"] = metrics
+        write_json(record, metrics_json)
+    print(
+        f"temperature {fit.calibration.temperature:.4f}: test ECE {fit.metrics['test_ece_uncalibrated']:.4f} -> "
+        f"{fit.metrics['test_ece_calibrated']:.4f}; OOD threshold {fit.ood.threshold:.2f} flags "
+        f"{100 * fit.metrics['ood_test_flagged']:.2f}% of test images; wrote {out}"
+    )
+    return 0
+
+
+def auroc(positives: torch.Tensor, negatives: torch.Tensor) -> float:
+    """P(a positive's score > a negative's), ties counting half (Mann-Whitney U)."""
+    scores = torch.cat([negatives, positives]).double()
+    _, inverse, counts = torch.unique(scores, return_inverse=True, return_counts=True)
+    below = torch.cumsum(counts, 0) - counts  # scores strictly below each distinct value
+    ranks = (below + (counts + 1) / 2.0)[inverse]  # mid-ranks, 1-based
+    n_pos, n_neg = len(positives), len(negatives)
+    return float((ranks[n_neg:].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+@torch.inference_mode()
+def _scores(trust: Trust, model: torch.nn.Module, x: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, ...]:
+    probs, scores = zip(*(trust(model, b.to(device)) for b in x.split(500)), strict=True)
+    assert all(s is not None for s in scores)
+    return torch.cat(probs).cpu(), torch.cat([s for s in scores if s is not None]).cpu()
+
+
+def run_ood_report(args: argparse.Namespace, device: torch.device, data: FashionMNIST) -> int:
+    loaded = _load(args, device)
+    if loaded.ood is None:
+        raise SystemExit(f"{args.checkpoint} has no OOD statistics: run `python -m training calibrate` first")
+    # Uncalibrated probabilities here; the calibrated ones are computed from them for the ECE.
+    trust, served = Trust(None, loaded.ood, device), for_inference(loaded.model)
+    threshold = loaded.ood.threshold
+    test_x = normalize_tensor(data.test.images, loaded.preprocess).unsqueeze(1)
+    test_probs, test_scores = _scores(trust, served, test_x, device)
+
+    def row(kind: str, scores: torch.Tensor, auc: float | None) -> dict[str, Any]:
+        flagged = float((scores > threshold).double().mean())
+        return {"kind": kind, "images": len(scores), "auroc": auc, "flagged": flagged}
+
+    rows = [row("test (garments)", test_scores, None)]
+    every = []
+    for kind, inputs in ood_inputs(loaded.preprocess, args.per_kind, args.seed).items():
+        _, scores = _scores(trust, served, torch.from_numpy(inputs), device)
+        every.append(scores)
+        rows.append(row(kind, scores, auroc(scores, test_scores)))
+    pooled = torch.cat(every)
+    rows.append(row("all non-garments", pooled, auroc(pooled, test_scores)))
+    labels = data.test.labels
+    temperature = loaded.calibration.temperature if loaded.calibration is not None else 1.0
+    ece = {
+        "uncalibrated": expected_calibration_error(test_probs, labels),
+        "calibrated": expected_calibration_error(calibrated(test_probs.log(), temperature), labels),
+    }
+    if args.json:
+        print(json.dumps({"checkpoint": str(args.checkpoint), "threshold": threshold, "rows": rows, "test_ece": ece}))
+        return 0
+    print(f"{args.checkpoint} ({loaded.arch}): OOD threshold {threshold:.2f}, {args.per_kind} images per kind")
+    print(f"  {'kind':<18} {'images':>6}  {'AUROC':>6}  {'flagged':>7}")
+    for line in rows:
+        shown = "" if line["auroc"] is None else f"{line['auroc']:.3f}"
+        print(f"  {line['kind']:<18} {line['images']:>6}  {shown:>6}  {100 * line['flagged']:6.1f}%")
+    print(
+        f"test ECE (15 bins): {ece['uncalibrated']:.4f} uncalibrated, "
+        f"{ece['calibrated']:.4f} calibrated (T = {temperature:.4f})"
+    )
+    return 0
