@@ -135,6 +135,36 @@ def write_bodies(folder: Path, images: list[bytes], per_request: int) -> str:
     return f"multipart/form-data; boundary={boundary}"
 
 
+def write_v2_bodies(folder: Path, checkpoint: Path, pngs: list[bytes], per_request: int, datatype: str) -> None:
+    """v2 binary-tensor bodies: normalized FP32 [N, 1, 28, 28], or BYTES [N] of the PNG files.
+    Each body's JSON header length goes in body_i.len (the Inference-Header-Content-Length)."""
+    import struct
+
+    import numpy as np
+
+    from models import load_checkpoint
+    from training.data import load_fashion_mnist
+
+    preprocess = load_checkpoint(checkpoint).preprocess
+    pixels = load_fashion_mnist().test.images[: len(pngs)].numpy()
+    count = max(1, len(pngs) // per_request)
+    for i in range(count):
+        chosen = [(i * per_request + j) % len(pngs) for j in range(per_request)]
+        if datatype == "FP32":
+            from models.preprocessing import normalize
+
+            blob = normalize(pixels[chosen], preprocess)[:, np.newaxis].astype("<f4").tobytes()
+            shape = [per_request, 1, 28, 28]
+        else:
+            blob = b"".join(struct.pack("<I", len(pngs[k])) + pngs[k] for k in chosen)
+            shape = [per_request]
+        tensor = {"name": "input", "datatype": datatype, "shape": shape, "parameters": {"binary_data_size": len(blob)}}
+        text = json.dumps({"inputs": [tensor], "parameters": {"binary_data_output": True}}).encode()
+        (folder / f"body_{i}.bin").write_bytes(text + blob)
+        (folder / f"body_{i}.len").write_text(str(len(text)))
+    (folder / "count").write_text(str(count))
+
+
 def fashion_pngs(limit: int) -> list[bytes]:
     """Real Fashion-MNIST test images, PNG-encoded."""
     import io
@@ -183,14 +213,22 @@ class LivenessProbe(threading.Thread):
         return statistics.quantiles(self.latencies, n=100)[98] * 1000 if len(self.latencies) > 2 else float("nan")
 
 
-def drive(server: Server, bodies: Path, content_type: str, connections: int, seconds: float, warmup: float) -> dict:
+def drive(
+    server: Server,
+    bodies: Path,
+    content_type: str,
+    connections: int,
+    seconds: float,
+    warmup: float,
+    path: str = "/predict?k=3",
+) -> dict:
     env = {
         **os.environ,
         "BENCH_BODIES": str(bodies),
         "BENCH_COUNT": (bodies / "count").read_text(),
         "BENCH_CONTENT_TYPE": content_type,
     }
-    url = f"http://127.0.0.1:{server.port}/predict?k=3"
+    url = f"http://127.0.0.1:{server.port}{path}"
     base = ["wrk", "-t1", f"-c{connections}", "-s", str(LUA), "--timeout", "10s", url]
     subprocess.run([*base[:3], f"-d{round(warmup)}s", *base[3:]], env=env, capture_output=True, check=True)
     cpu_before = server.cpu_seconds()
@@ -222,10 +260,11 @@ class Case:
     workers: int
     per_request: int
     concurrency: tuple[int, ...]
+    api: str = "predict"  # predict, or v2 with binary FP32 or BYTES (encoded PNG) input: v2-fp32, v2-bytes
 
 
 HEADER = (
-    f"{'server':<8} {'model':<5} {'wk':>2} {'img':>3} {'c':>4} {'req/s':>8} {'p50 ms':>7} {'p90 ms':>7} "
+    f"{'server':<8} {'api':<8} {'model':<5} {'wk':>2} {'img':>3} {'c':>4} {'req/s':>8} {'p50 ms':>7} {'p90 ms':>7} "
     f"{'p99 ms':>7} {'err':>4} {'cpu ms/req':>10} {'wrk cpu%':>8} {'rss MB/wk':>9} {'ready s':>7}"
 )
 
@@ -238,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mlp", type=Path, default=ROOT / "models" / "course_network.pt")
     parser.add_argument("--cnn", type=Path, default=ROOT / "models" / "fashion_cnn.pt")
     parser.add_argument("--quick", action="store_true", help="only the c=32 rows and the ratios")
-    parser.add_argument("--only", help="run just the rows of one server (naive, empty, service); no ratios")
+    parser.add_argument("--only", help="run just the rows of one server (naive, empty, service) or api (v2-fp32, ...)")
     args = parser.parse_args(argv)
     if shutil.which("wrk") is None:
         raise SystemExit("wrk not found: apt-get install wrk")
@@ -253,42 +292,53 @@ def main(argv: list[str] | None = None) -> int:
         Case("naive", "cnn", 1, 1, (32,)),
         Case("service", "cnn", w, 1, levels),
         Case("service", "cnn", w, 8, (8, 32)),
+        Case("service", "mlp", w, 1, (32,), "v2-fp32"),
+        Case("service", "mlp", w, 32, (32,), "v2-fp32"),
+        Case("service", "mlp", w, 1, (32,), "v2-bytes"),
     ]
     if args.only:
-        cases = [c for c in cases if c.server == args.only]
+        cases = [c for c in cases if args.only in (c.server, c.api)]
     checkpoints = {"mlp": args.mlp, "cnn": args.cnn}
     pngs = fashion_pngs(256)
     print(
         f"machine: {os.cpu_count()} CPUs, {platform_line()}; {args.seconds:g} s per row after {args.warmup:g} s warm-up"
     )
     print(HEADER)
-    results: dict[tuple[str, str, int, int], dict] = {}
+    results: dict[tuple[str, str, int, int, str], dict] = {}
     health_p99 = None
     health_failures = 0
     with tempfile.TemporaryDirectory() as tmp:
         for case in cases:
-            bodies = Path(tmp) / f"{case.per_request}"
+            bodies = Path(tmp) / f"{case.api}-{case.model}-{case.per_request}"
             if not bodies.exists():
                 bodies.mkdir()
-                content_type = write_bodies(bodies, pngs, case.per_request)
+                if case.api == "predict":
+                    content_type = write_bodies(bodies, pngs, case.per_request)
+                else:
+                    datatype = "FP32" if case.api == "v2-fp32" else "BYTES"
+                    write_v2_bodies(bodies, checkpoints[case.model], pngs, case.per_request, datatype)
+                    content_type = "application/octet-stream"
                 (bodies / "type").write_text(content_type)
             content_type = (bodies / "type").read_text()
+            name = checkpoints[case.model].stem
+            path = "/predict?k=3" if case.api == "predict" else f"/v2/models/{name}/infer"
             server = start(case.server, checkpoints[case.model], case.workers)
             try:
                 for c in case.concurrency:
                     probe = None
-                    if case.server == "service" and case.per_request == 1 and c == 32 and case.model == "mlp":
+                    if case.api == "predict" and case.per_request == 1 and c == 32 and case.model == "mlp":
                         probe = LivenessProbe(server.port)
                         probe.start()
-                    row = drive(server, bodies, content_type, c, args.seconds, args.warmup)
+                    row = drive(server, bodies, content_type, c, args.seconds, args.warmup, path)
                     if probe:
                         probe.stopping.set()
                         probe.join()
                         health_p99 = probe.p99_ms()
                         health_failures = probe.failures
-                    results[(case.server, case.model, case.per_request, c)] = row
+                    results[(case.server, case.model, case.per_request, c, case.api)] = row
                     print(
-                        f"{case.server:<8} {case.model:<5} {case.workers:>2} {case.per_request:>3} {c:>4} "
+                        f"{case.server:<8} {case.api:<8} {case.model:<5} {case.workers:>2} "
+                        f"{case.per_request:>3} {c:>4} "
                         f"{row['rps']:>8.0f} {row['p50']:>7.2f} {row['p90']:>7.2f} {row['p99']:>7.2f} "
                         f"{row['errors']:>4} {row['cpu_ms']:>10.2f} {row['wrk_cpu']:>8.0f} {row['rss']:>9.0f} "
                         f"{server.ready_s:>7.2f}",
@@ -302,16 +352,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"/health/live p99 while /predict runs at c=32: {health_p99:.2f} ms, {health_failures} failed")
         return 0
 
-    def rps(server: str, model: str = "mlp", per: int = 1, c: int = 32) -> float:
-        return results[(server, model, per, c)]["rps"]
+    def rps(server: str, model: str = "mlp", per: int = 1, c: int = 32, api: str = "predict") -> float:
+        return results[(server, model, per, c, api)]["rps"]
 
     print()
     print(f"c=32, course MLP: service / naive  = {rps('service') / rps('naive'):.2f}x   (target >= 3x)")
     print(f"c=32, course MLP: service / empty  = {rps('service') / rps('empty'):.2f}x   (target >= 0.7x)")
     print(f"c=32, CNN:        service / naive  = {rps('service', 'cnn') / rps('naive', 'cnn'):.2f}x")
     if not args.quick:
-        print(f"c=1,  course MLP: service p50 = {results[('service', 'mlp', 1, 1)]['p50']:.2f} ms   (target <= 0.6 ms)")
-    print(f"c=32, course MLP: service p99 = {results[('service', 'mlp', 1, 32)]['p99']:.2f} ms   (target <= 15 ms)")
+        p50 = results[("service", "mlp", 1, 1, "predict")]["p50"]
+        print(f"c=1,  course MLP: service p50 = {p50:.2f} ms   (target <= 0.6 ms)")
+    p99 = results[("service", "mlp", 1, 32, "predict")]["p99"]
+    print(f"c=32, course MLP: service p99 = {p99:.2f} ms   (target <= 15 ms)")
     print(
         f"/health/live p99 while /predict runs at c=32: {health_p99:.2f} ms, {health_failures} failed   "
         "(target <= 5 ms)"
@@ -319,6 +371,12 @@ def main(argv: list[str] | None = None) -> int:
     images_per_s = rps("service", "mlp", 8, 32) * 8
     ratio = images_per_s / rps("service")
     print(f"8 images per request, c=32, MLP: {images_per_s:.0f} images/s = {ratio:.2f}x single-image requests")
+    v2_fp32 = rps("service", api="v2-fp32") / rps("service")
+    v2_batch = rps("service", per=32, api="v2-fp32") * 32 / rps("service")
+    v2_bytes = rps("service", api="v2-bytes") / rps("service")
+    print(f"c=32, MLP: v2 FP32 binary, 1 image / /predict        = {v2_fp32:.2f}x req/s   (target >= 1.2x)")
+    print(f"c=32, MLP: v2 FP32 binary, 32 images, images/s / /predict = {v2_batch:.2f}x   (target >= 4x)")
+    print(f"c=32, MLP: v2 BYTES (PNG), 1 image / /predict        = {v2_bytes:.2f}x req/s   (target >= 0.9x)")
     return 0
 
 

@@ -4,6 +4,7 @@ service is still ready afterwards."""
 from __future__ import annotations
 
 import asyncio
+import json
 import struct
 import zlib
 from collections.abc import Callable
@@ -15,6 +16,8 @@ import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from app.main import create_app
@@ -234,3 +237,74 @@ def test_float_tiff_with_nan_and_inf_is_answered_not_500(hostile_client: TestCli
     response = hostile_client.post("/predict?k=3", files={"file": ("nan.tif", data, "image/tiff")})
     assert response.status_code == 200, response.text
     assert all(0.0 <= t["probability"] <= 1.0 for t in response.json()["predictions"][0]["top_k"])
+
+
+# --- the v2 protocol ---------------------------------------------------------------------------
+
+V2_INFER = "/v2/models/tiny/infer"
+
+
+def _v2_bytes(*images: bytes) -> tuple[bytes, dict[str, str]]:
+    blob = b"".join(struct.pack("<I", len(i)) + i for i in images)
+    tensor = {
+        "name": "input",
+        "datatype": "BYTES",
+        "shape": [len(images)],
+        "parameters": {"binary_data_size": len(blob)},
+    }
+    text = json.dumps({"inputs": [tensor]}).encode()
+    return text + blob, {"Inference-Header-Content-Length": str(len(text))}
+
+
+@pytest.mark.parametrize(
+    ("name", "image", "status"),
+    [
+        ("pixel bomb", pixel_bomb, 413),
+        ("zTXt text-chunk bomb", ztxt_bomb, 400),
+        ("gif header bomb", gif_header_bomb, 413),
+        ("truncated png", lambda: png()[:60], 400),
+        ("empty", lambda: b"", 400),
+    ],
+)
+def test_hostile_images_through_v2_are_refused_by_status(
+    hostile_client: TestClient, name: str, image: Callable[[], bytes], status: int
+) -> None:
+    body, headers = _v2_bytes(png(), image())
+    response = hostile_client.post(V2_INFER, content=body, headers=headers)
+    assert response.status_code == status, (name, response.text)
+    assert response.json()["error"].startswith("image 1:")
+    assert hostile_client.get("/v2/health/ready").status_code == 200
+
+
+def test_v2_declared_oversized_body_is_refused_before_reading(hostile_client: TestClient) -> None:
+    response = hostile_client.post(V2_INFER, content=b"{}", headers={"content-length": "99999999999"})
+    assert response.status_code in (400, 413)
+    assert "error" in response.json()
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-300, 300) | st.floats(allow_nan=True) | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    datatype=st.sampled_from(["FP32", "UINT8", "BYTES", "INT8"]) | _JSON,
+    shape=st.lists(st.integers(-2, 800), max_size=4) | _JSON,
+    data=_JSON,
+    parameters=_JSON,
+    outputs=_JSON,
+)
+def test_any_v2_json_gets_an_answer_never_a_500(
+    hostile_client: TestClient, datatype: object, shape: object, data: object, parameters: object, outputs: object
+) -> None:
+    request = {
+        "inputs": [{"name": "input", "datatype": datatype, "shape": shape, "data": data}],
+        "parameters": parameters,
+        "outputs": outputs,
+    }
+    response = hostile_client.post(V2_INFER, content=json.dumps(request).encode())
+    assert response.status_code in (200, 400, 413), response.text
+    assert response.status_code == 200 or "error" in response.json()
