@@ -54,7 +54,7 @@ def _load(args: argparse.Namespace, device: torch.device) -> LoadedModel:
 def training_split(loaded: LoadedModel, num_train: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(train indices, validation indices): the split `train` made for this checkpoint."""
     seed = loaded.training.get("seed", DEFAULT_SEED)
-    val_size = loaded.training.get("val_examples", DEFAULT_VAL_SIZE)
+    val_size = min(loaded.training.get("val_examples", DEFAULT_VAL_SIZE), num_train // 5)
     split = torch.randperm(num_train, generator=torch.Generator().manual_seed(seed))
     return split[val_size:], split[:val_size]
 
