@@ -18,6 +18,7 @@ from app.decoding import ModelInput
 from app.errors import ServeError, unavailable
 from app.settings import Settings
 from models import LoadedModel, for_inference, load_checkpoint
+from models.trust import Trust
 
 # What the batcher takes: a decoded request, or a decoder to run on the inference thread
 # (cheap decodes ride along with the forward pass: one thread hand-off per request).
@@ -37,7 +38,8 @@ class Scored:
     """A request's model input and the model's answer for each of its valid images."""
 
     input: ModelInput
-    probabilities: np.ndarray  # (valid images, classes) float32, in request order
+    probabilities: np.ndarray  # (valid images, classes) float32, calibrated when the checkpoint says how
+    ood_scores: np.ndarray | None = None  # (valid images,) float32; None without the checkpoint's statistics
 
     def per_image(self) -> list[int | ServeError]:
         """In request order: each image's row in `probabilities`, or the error that refused it."""
@@ -75,6 +77,7 @@ class ClassifierService:
         self.class_names = tuple(loaded.class_names)
         self.device = loaded.device  # asked once: it walks the model's parameters
         self.model = for_inference(loaded.model)  # BatchNorm folded, channels-last; /model shows the original
+        self.trust = Trust.from_loaded(loaded)  # calibration and OOD statistics, when the checkpoint has them
 
     @classmethod
     def load(cls, settings: Settings, observe_batch: Callable[[int, float], None] | None = None) -> ClassifierService:
@@ -93,9 +96,17 @@ class ClassifierService:
     def input_size(self) -> int:
         return self.loaded.preprocess.size
 
-    @torch.inference_mode()
+    @property
+    def ood_threshold(self) -> float | None:
+        return self.trust.threshold
+
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
-        """(N, 1, S, S) float32 inputs -> (N, classes) float32 class probabilities.
+        """(N, 1, S, S) float32 inputs -> (N, classes) float32 class probabilities."""
+        return self.score(batch)[0]
+
+    @torch.inference_mode()
+    def score(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(N, 1, S, S) float32 inputs -> class probabilities (N, classes) and OOD scores (N,) or None.
 
         CUDA running out of memory becomes a 503, after freeing the cache, so the request is
         retried rather than failed and the next batch can succeed.
@@ -104,7 +115,8 @@ class ClassifierService:
             x = torch.from_numpy(batch)
             if self.device.type != "cpu":
                 x = x.to(self.device, non_blocking=True)
-            return self.model(x).exp().cpu().numpy()
+            probabilities, scores = self.trust(self.model, x)
+            return probabilities.cpu().numpy(), None if scores is None else scores.cpu().numpy()
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             raise unavailable("the accelerator ran out of memory; retry shortly") from None
@@ -123,28 +135,34 @@ class ClassifierService:
             except ServeError as exc:
                 decoded.append(exc)
         arrays = [d.inputs for d in decoded if isinstance(d, ModelInput) and d.inputs is not None]
-        if not arrays:
-            rows = np.empty((0, self.num_classes), np.float32)
+        if arrays:
+            rows, scores = self._forward(arrays[0] if len(arrays) == 1 else np.concatenate(arrays))
         else:
-            inputs = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
-            step = self.settings.max_batch_size
-            chunks = []
-            for first in range(0, len(inputs), step):
-                start = time.perf_counter()
-                chunks.append(self.probabilities(inputs[first : first + step]))
-                if self.observe_batch:
-                    self.observe_batch(len(chunks[-1]), time.perf_counter() - start)
-            rows = chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
+            rows, scores = np.empty((0, self.num_classes), np.float32), None
         answers: list[Scored | BaseException] = []
         offset = 0
         for d in decoded:
             if isinstance(d, ServeError):
                 answers.append(d)
                 continue
-            count = 0 if d.inputs is None else len(d.inputs)
-            answers.append(Scored(d, rows[offset : offset + count]))
-            offset += count
+            part = slice(offset, offset + (0 if d.inputs is None else len(d.inputs)))
+            answers.append(Scored(d, rows[part], None if scores is None else scores[part]))
+            offset = part.stop
         return answers
+
+    def _forward(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Forward passes of at most `max_batch_size` images over `inputs`, joined."""
+        step = self.settings.max_batch_size
+        chunks = []
+        for first in range(0, len(inputs), step):
+            start = time.perf_counter()
+            chunks.append(self.score(inputs[first : first + step]))
+            if self.observe_batch:
+                self.observe_batch(len(chunks[-1][0]), time.perf_counter() - start)
+        if len(chunks) == 1:
+            return chunks[0]
+        rows = np.concatenate([c[0] for c in chunks])
+        return rows, None if chunks[0][1] is None else np.concatenate([c[1] for c in chunks])
 
     def describe(self) -> dict[str, Any]:
         model = self.loaded.model

@@ -65,3 +65,39 @@ def test_served_predictions_match_the_model_on_real_images(fmnist: FashionMNIST)
         response = client.post("/predict?k=1", files=photos)
         as_photos = [p["top_k"][0]["index"] for p in response.json()["predictions"]]
         assert np.mean(np.array(as_photos) == np.array(direct[:16])) >= 0.8
+
+
+def test_the_service_serves_calibrated_probabilities_and_the_ood_verdict(fmnist: FashionMNIST) -> None:
+    """The bundled checkpoint carries calibration and OOD statistics: /predict and v2 apply them."""
+    import json
+    import struct
+
+    loaded = load_checkpoint(BUNDLED_CHECKPOINT)
+    assert loaded.calibration is not None and loaded.ood is not None
+    garments = [encode(Image.fromarray(a)) for a in fmnist.test.images[:8].numpy()]
+    rng = np.random.default_rng(0)
+    noise = [encode(Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8))) for _ in range(4)]
+    with TestClient(create_app(Settings(device="cpu"))) as client:
+        files = [("file", (f"{i}.png", data, "image/png")) for i, data in enumerate(garments + noise)]
+        predictions = client.post("/predict?k=10", files=files).json()["predictions"]
+        blob = b"".join(struct.pack("<I", len(b)) + b for b in garments + noise)
+        tensor = {"name": "input", "datatype": "BYTES", "shape": [12], "parameters": {"binary_data_size": len(blob)}}
+        text = json.dumps({"inputs": [tensor]}).encode()
+        v2 = client.post(
+            "/v2/models/fashion_cnn/infer",
+            content=text + blob,
+            headers={"Inference-Header-Content-Length": str(len(text))},
+        ).json()
+    flags = [p["out_of_distribution"] for p in predictions]
+    assert sum(flags[:8]) <= 1 and all(flags[8:]), flags
+    outputs = {o["name"]: o for o in v2["outputs"]}
+    assert outputs["ood_score"]["shape"] == [12, 1]
+    assert [p["ood_score"] for p in predictions] == pytest.approx(outputs["ood_score"]["data"], rel=1e-3)
+    # Calibrated: softmax(log_probs / T) of the model's own output, not its plain exp().
+    x = normalize_tensor(fmnist.test.images[:8], loaded.preprocess).unsqueeze(1)
+    with torch.inference_mode():
+        calibrated = torch.softmax(loaded.model(x) / loaded.calibration.temperature, dim=1)
+    served = np.asarray(outputs["probabilities"]["data"], np.float32).reshape(12, 10)[:8]
+    np.testing.assert_allclose(served, calibrated.numpy(), atol=1e-5)
+    top = [p["top_k"][0]["probability"] for p in predictions[:8]]
+    assert top == pytest.approx(calibrated.max(dim=1).values.tolist(), abs=1e-5)

@@ -50,6 +50,8 @@ class ImageFailure(BaseModel):
 class Prediction(BaseModel):
     filename: str | None
     top_k: list[TopK] | None = None
+    ood_score: float | None = Field(None, description="higher = less like the training data; null without statistics")
+    out_of_distribution: bool | None = Field(None, description="ood_score past the checkpoint's threshold")
     error: ImageFailure | None = None
 
 
@@ -128,15 +130,25 @@ def top_k(probabilities: list[float], k: int, class_names: Sequence[str]) -> lis
     return [{"label": class_names[i], "index": i, "probability": round(probabilities[i], 6)} for i in order]
 
 
-def encode(scored: Scored, k: int, class_names: Sequence[str]) -> list[dict[str, Any]]:
-    """Per image, in request order: its top-k, or the error that kept it from being classified."""
+def encode(scored: Scored, k: int, class_names: Sequence[str], threshold: float | None) -> list[dict[str, Any]]:
+    """Per image, in request order: its top-k and OOD verdict, or the error that kept it from being classified."""
     rows = scored.probabilities.tolist()
+    scores = None if scored.ood_scores is None else scored.ood_scores.tolist()
     results: list[dict[str, Any]] = []
     for name, outcome in zip(scored.input.names, scored.per_image(), strict=True):
         if isinstance(outcome, ServeError):
             results.append({"filename": name, "error": {"status": outcome.status, "message": outcome.message}})
-        else:
-            results.append({"filename": name, "top_k": top_k(rows[outcome], k, class_names)})
+            continue
+        score = None if scores is None else scores[outcome]
+        flagged = None if score is None or threshold is None else score > threshold
+        results.append(
+            {
+                "filename": name,
+                "top_k": top_k(rows[outcome], k, class_names),
+                "ood_score": None if score is None else round(score, 4),
+                "out_of_distribution": flagged,
+            }
+        )
     return results
 
 
@@ -181,7 +193,8 @@ class PredictEndpoint:
             raise ServeError(
                 first.status, f"none of the {len(names)} images could be classified; first: {first.message}"
             )
-        return {"model": service.name, "predictions": encode(scored, k, service.class_names)}
+        predictions = encode(scored, k, service.class_names, service.ood_threshold)
+        return {"model": service.name, "predictions": predictions}
 
 
 def _responses(description: str) -> dict[str, Any]:

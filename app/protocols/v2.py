@@ -37,7 +37,7 @@ logger = logging.getLogger("app")
 
 INPUT = "input"
 PROBABILITIES = "probabilities"
-OUTPUTS = (PROBABILITIES,)
+OOD_SCORE = "ood_score"  # only for checkpoints with out-of-distribution statistics
 EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "health", "metadata"]
 HEADER_LENGTH = b"inference-header-content-length"
 BYTES_LENGTH = struct.Struct("<I")
@@ -124,7 +124,13 @@ def _split_binary(body: bytes, header_length: bytes | None) -> tuple[bytes, byte
     return body[:length], body[length:]
 
 
-def parse_infer_request(body: bytes, header_length: bytes | None, num_classes: int, max_images: int) -> InferRequest:
+def output_names(service: ClassifierService) -> tuple[str, ...]:
+    return (PROBABILITIES, OOD_SCORE) if service.ood_threshold is not None else (PROBABILITIES,)
+
+
+def parse_infer_request(
+    body: bytes, header_length: bytes | None, outputs: Sequence[str], num_classes: int, max_images: int
+) -> InferRequest:
     """A v2 inference request body -> what it asks for; ServeError 400/413 for anything malformed."""
     text, binary = _split_binary(body, header_length)
     try:
@@ -170,25 +176,27 @@ def parse_infer_request(body: bytes, header_length: bytes | None, num_classes: i
         shape,
         data,
         size is not None,
-        _parse_outputs(request.get("outputs"), binary_default, num_classes),
+        _parse_outputs(request.get("outputs"), binary_default, outputs, num_classes),
     )
 
 
-def _parse_outputs(outputs: object, binary_default: bool, num_classes: int) -> list[OutputRequest]:
+def _parse_outputs(
+    outputs: object, binary_default: bool, names: Sequence[str], num_classes: int
+) -> list[OutputRequest]:
     if outputs is None:
-        return [OutputRequest(name, binary=binary_default) for name in OUTPUTS]
+        return [OutputRequest(name, binary=binary_default) for name in names]
     if not isinstance(outputs, list) or not outputs:
         raise _bad("'outputs' must be a non-empty list")
     parsed = []
     for output in outputs:
         output = _object(output, "an output")
         name = output.get("name")
-        if name not in OUTPUTS:
-            raise _bad(f"unknown output {name!r}: the model's outputs are {list(OUTPUTS)}")
+        if not isinstance(name, str) or name not in names:
+            raise _bad(f"unknown output {name!r}: the model's outputs are {list(names)}")
         parameters = _object(output.get("parameters"), "output 'parameters'")
         k = parameters.get("classification", 0)
-        if type(k) is not int or not 0 <= k <= num_classes:
-            raise _bad(f"'classification' must be an integer from 1 to {num_classes}")
+        if type(k) is not int or not 0 <= k <= num_classes or (k and name != PROBABILITIES):
+            raise _bad(f"'classification' must be an integer from 1 to {num_classes}, on {PROBABILITIES!r}")
         binary = _flag(parameters, "binary_data") if "binary_data" in parameters else binary_default
         parsed.append(OutputRequest(name, k, binary))
     return parsed
@@ -302,7 +310,12 @@ def encode(request: InferRequest, scored: Scored, service: ClassifierService) ->
     blobs: list[bytes] = []
     outputs = []
     for output in request.outputs:
-        if output.classification:
+        if output.name == OOD_SCORE:
+            scores = scored.ood_scores
+            assert scores is not None  # only offered when the checkpoint has the statistics
+            values = scores if output.binary else scores.tolist()
+            outputs.append(_tensor(output.name, "FP32", [n, 1], values, output.binary, blobs))
+        elif output.classification:
             values = classification(probabilities, output.classification, service.class_names)
             outputs.append(_tensor(output.name, "BYTES", [n, output.classification], values, output.binary, blobs))
         elif output.binary:
@@ -354,7 +367,7 @@ class V2InferEndpoint:
                 receive, header(scope, b"content-length"), settings.max_upload_bytes, settings.body_timeout_s
             )
             request = parse_infer_request(
-                body, header(scope, HEADER_LENGTH), service.num_classes, settings.v2_max_images
+                body, header(scope, HEADER_LENGTH), output_names(service), service.num_classes, settings.v2_max_images
             )
             if request.datatype == "BYTES":
                 images = _images(request)
@@ -402,7 +415,8 @@ def _metadata(service: ClassifierService) -> dict[str, Any]:
         "versions": [service.settings.model_version],
         "platform": "pytorch",
         "inputs": [{"name": INPUT, "datatype": "FP32", "shape": [-1, 1, side, side]}],
-        "outputs": [{"name": PROBABILITIES, "datatype": "FP32", "shape": [-1, service.num_classes]}],
+        "outputs": [{"name": PROBABILITIES, "datatype": "FP32", "shape": [-1, service.num_classes]}]
+        + ([{"name": OOD_SCORE, "datatype": "FP32", "shape": [-1, 1]}] if service.ood_threshold is not None else []),
     }
 
 
@@ -415,7 +429,8 @@ def _config(service: ClassifierService) -> dict[str, Any]:
         "backend": "pytorch",
         "max_batch_size": service.settings.v2_max_images,
         "input": [{"name": INPUT, "data_type": "TYPE_FP32", "format": "FORMAT_NCHW", "dims": [1, side, side]}],
-        "output": [{"name": PROBABILITIES, "data_type": "TYPE_FP32", "dims": [service.num_classes]}],
+        "output": [{"name": PROBABILITIES, "data_type": "TYPE_FP32", "dims": [service.num_classes]}]
+        + ([{"name": OOD_SCORE, "data_type": "TYPE_FP32", "dims": [1]}] if service.ood_threshold is not None else []),
         "version_policy": {"specific": {"versions": [service.settings.model_version]}},
     }
 

@@ -15,6 +15,8 @@ from app.settings import Settings
 from models import FASHION_MNIST_CLASSES, PreprocessConfig, preprocess_image
 from tests.helpers import encode, garment, png, tiny_model
 
+NO_OOD = {"ood_score": None, "out_of_distribution": None}  # the tiny checkpoint has no OOD statistics
+
 
 def expected_top_k(data: bytes, k: int) -> list[dict[str, object]]:
     """What the tiny model says for these bytes, computed without the service."""
@@ -34,7 +36,7 @@ def test_single_png_gives_the_exact_top_k(client: TestClient) -> None:
     assert response.status_code == 200
     body = response.json()
     assert body["model"] == "tiny"
-    assert body["predictions"] == [{"filename": "shirt.png", "top_k": expected_top_k(data, 3)}]
+    assert body["predictions"] == [{"filename": "shirt.png", "top_k": expected_top_k(data, 3), **NO_OOD}]
     probabilities = [t["probability"] for t in body["predictions"][0]["top_k"]]
     assert probabilities == sorted(probabilities, reverse=True)
 
@@ -114,7 +116,7 @@ def test_raw_image_body(client: TestClient) -> None:
     data = png()
     response = client.post("/predict?k=2", content=data, headers={"content-type": "image/png"})
     assert response.status_code == 200
-    assert response.json()["predictions"] == [{"filename": None, "top_k": expected_top_k(data, 2)}]
+    assert response.json()["predictions"] == [{"filename": None, "top_k": expected_top_k(data, 2), **NO_OOD}]
 
 
 def _image(mode: str, size: tuple[int, int]) -> Image.Image:
