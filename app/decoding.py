@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from app.errors import ServeError
-from models.preprocessing import ImageError, Invert, PreprocessConfig, preprocess_array
+from models.preprocessing import ImageError, Invert, PreprocessConfig, preprocess_with_invert
 
 # Decoders we accept; everything else is refused before any parser runs on the bytes.
 ALLOWED_FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF")
@@ -93,10 +93,21 @@ def image_to_input(
     invert: Invert | None = None,
 ) -> np.ndarray:
     """Untrusted upload bytes -> a (1, 28, 28) float32 model input; every failure is ServeError."""
+    return image_to_input_with_invert(data, content_type, preprocess, max_pixels, invert)[0]
+
+
+def image_to_input_with_invert(
+    data: bytes,
+    content_type: str | None,
+    preprocess: PreprocessConfig,
+    max_pixels: int,
+    invert: Invert | None = None,
+) -> tuple[np.ndarray, bool]:
+    """`image_to_input` and which way the invert rule went for the image (True: inverted)."""
     check_content_type(content_type)
     image = decode_image(data, max_pixels)
     try:
-        return preprocess_array(image, preprocess, invert=invert)
+        return preprocess_with_invert(image, preprocess, invert=invert)
     except ImageError as exc:
         raise ServeError(415, str(exc)) from None
     except MemoryError:
@@ -114,12 +125,27 @@ def decode_images(
     invert: Invert | None,
 ) -> ModelInput:
     """Decode (name, bytes, content type) uploads, isolating each image's failure."""
+    return decode_images_with_invert(uploads, preprocess, max_pixels, invert)[0]
+
+
+def decode_images_with_invert(
+    uploads: Sequence[tuple[str | None, bytes, str | None]],
+    preprocess: PreprocessConfig,
+    max_pixels: int,
+    invert: Invert | None,
+) -> tuple[ModelInput, list[bool | None]]:
+    """`decode_images` and, per upload in request order, whether it was inverted (None: refused)."""
     arrays: list[np.ndarray] = []
+    inverted: list[bool | None] = []
     errors: dict[int, ServeError] = {}
     for position, (_, data, content_type) in enumerate(uploads):
         try:
-            arrays.append(image_to_input(data, content_type, preprocess, max_pixels, invert))
+            array, flipped = image_to_input_with_invert(data, content_type, preprocess, max_pixels, invert)
         except ServeError as exc:
             errors[position] = exc
+            inverted.append(None)
+            continue
+        arrays.append(array)
+        inverted.append(flipped)
     inputs = np.stack(arrays) if arrays else None
-    return ModelInput([u[0] for u in uploads], inputs, errors)
+    return ModelInput([u[0] for u in uploads], inputs, errors), inverted

@@ -152,6 +152,13 @@ def preprocess_image(image: Image.Image, config: PreprocessConfig, invert: Inver
 
 def preprocess_array(image: Image.Image, config: PreprocessConfig, invert: Invert | None = None) -> np.ndarray:
     """`preprocess_image` as a (1, size, size) float32 numpy array (what the server batches)."""
+    return preprocess_with_invert(image, config, invert)[0]
+
+
+def preprocess_with_invert(
+    image: Image.Image, config: PreprocessConfig, invert: Invert | None = None
+) -> tuple[np.ndarray, bool]:
+    """`preprocess_array` and which way the invert rule went for this image (True: inverted)."""
     image = _first_frame(image)
     ImageOps.exif_transpose(image, in_place=True)
     if image.width < 1 or image.height < 1:
@@ -165,4 +172,4 @@ def preprocess_array(image: Image.Image, config: PreprocessConfig, invert: Inver
     if gray.mode == "F":
         # Lanczos overshoots ('L' images clamp by themselves); float files may hold NaN or inf.
         pixels = np.clip(np.nan_to_num(pixels, nan=0.0, posinf=255.0, neginf=0.0), 0.0, 255.0)
-    return normalize(pixels, config, invert=flip)[np.newaxis]
+    return normalize(pixels, config, invert=flip)[np.newaxis], flip

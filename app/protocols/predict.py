@@ -120,6 +120,15 @@ def decode_body(
     return decode_images(images, preprocess, settings.max_image_pixels, invert)
 
 
+def none_classified(model_input: ModelInput) -> ServeError:
+    """The request's error when no image could be used: the image's own, or the first of several."""
+    first = next(iter(model_input.errors.values()))
+    count = len(model_input.names)
+    if count == 1:
+        return first
+    return ServeError(first.status, f"none of the {count} images could be classified; first: {first.message}")
+
+
 def missing_file() -> ServeError:
     return ServeError(422, f"no '{FIELD}' part: send images as multipart/form-data parts named '{FIELD}'")
 
@@ -185,14 +194,8 @@ class PredictEndpoint:
 
             decode = partial(decode_body, body, content_type, service.loaded.preprocess, settings, invert)
             scored = await runtime.infer(decode, len(body))
-        names = scored.input.names
         if scored.input.inputs is None:
-            first = next(iter(scored.input.errors.values()))
-            if len(names) == 1:
-                raise first
-            raise ServeError(
-                first.status, f"none of the {len(names)} images could be classified; first: {first.message}"
-            )
+            raise none_classified(scored.input)
         predictions = encode(scored, k, service.class_names, service.ood_threshold)
         return {"model": service.name, "predictions": predictions}
 

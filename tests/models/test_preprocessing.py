@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from models import PreprocessConfig, normalize, preprocess_image
-from models.preprocessing import ImageError
+from models.preprocessing import ImageError, preprocess_array, preprocess_with_invert
 from tests.helpers import encode, garment
 
 CONFIG = PreprocessConfig()  # mean 0.5, std 0.5: pixel 0 -> -1, pixel 255 -> +1
@@ -163,3 +163,13 @@ def test_tiny_images() -> None:
 def test_config_is_validated(bad: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         PreprocessConfig(**bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("background", "invert", "expected"), [(0, "auto", False), (255, "auto", True), (0, "true", True)]
+)
+def test_preprocess_with_invert_tells_which_way_the_rule_went(background: int, invert: str, expected: bool) -> None:
+    image = Image.new("L", (30, 20), background)
+    array, inverted = preprocess_with_invert(image, PreprocessConfig(), invert)  # type: ignore[arg-type]
+    assert inverted is expected
+    np.testing.assert_array_equal(array, preprocess_array(image, PreprocessConfig(), invert))  # type: ignore[arg-type]

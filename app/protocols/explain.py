@@ -1,0 +1,151 @@
+"""POST /explain: /predict's answer plus what the model saw and where it looked, per image.
+
+The same bodies, query and limits as /predict (its helpers parse them), the same forward pass
+for the classes (`Runtime.infer`, the shared batcher), and then, in the threadpool, a gradient
+pass for the saliency maps: gradients cannot be taken in the batcher's inference-mode step.
+Nothing here runs unless /explain is asked, so /predict's path is untouched. Not a hot path,
+so an ordinary FastAPI route.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+
+from app.asgi import header, receive_body
+from app.decoding import decode_images_with_invert
+from app.deps import RuntimeDep
+from app.errors import unavailable
+from app.protocols import predict
+from app.protocols.predict import ImageFailure, TopK, none_classified, parse_query, split_body
+from models.preprocessing import PreprocessConfig
+
+# SmoothGrad: the gradient averaged over this many copies of the input with Gaussian noise of
+# this standard deviation, as a share of the input's range (Smilkov et al. 2017 suggest 10-20 %).
+SMOOTHGRAD_SAMPLES = 16
+SMOOTHGRAD_NOISE = 0.15
+SALIENCY_METHOD = (
+    f"smoothgrad_x_input: |mean over {SMOOTHGRAD_SAMPLES} noisy copies (sigma {SMOOTHGRAD_NOISE:g} of the input "
+    "range) of d log p(top class) / d input, times (input - black image)|, divided by its maximum"
+)
+
+router = APIRouter(tags=["explain"])
+
+
+class Explanation(BaseModel):
+    filename: str | None
+    top_k: list[TopK] | None = None
+    ood_score: float | None = Field(None, description="as in /predict")
+    out_of_distribution: bool | None = Field(None, description="as in /predict")
+    inverted: bool | None = Field(None, description="which way the invert rule went for this image: true = inverted")
+    input: list[list[int]] | None = Field(
+        None,
+        description="the 28x28 model input as grayscale pixels 0..255, rows top to bottom, as the model saw it "
+        "(after EXIF rotation, inversion and fitting: a light garment on black)",
+    )
+    saliency: list[list[float]] | None = Field(
+        None, description="28x28 in 0..1: how much each input pixel moved the top class (see saliency_method)"
+    )
+    error: ImageFailure | None = None
+
+
+class ExplainResponse(BaseModel):
+    model: str
+    saliency_method: str
+    explanations: list[Explanation]
+
+
+def to_pixels(inputs: np.ndarray, preprocess: PreprocessConfig) -> np.ndarray:
+    """Normalized (N, 1, S, S) model input -> (N, S, S) uint8 grayscale pixels (`normalize` undone)."""
+    pixels = (inputs[:, 0] * preprocess.std + preprocess.mean) * 255.0
+    return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
+
+
+def saliency_maps(
+    model: torch.nn.Module, inputs: np.ndarray, targets: np.ndarray, preprocess: PreprocessConfig
+) -> np.ndarray:
+    """(N, 1, S, S) model input and (N,) target classes -> (N, S, S) float32 maps in [0, 1] (SALIENCY_METHOD).
+
+    The attribution is against a black image (the data set's background), so pixels that are
+    black in the model input get 0. The noise is seeded: the same image gives the same map.
+    """
+    device = next(model.parameters()).device
+    count, _, height, width = inputs.shape
+    x = torch.from_numpy(inputs).to(device)
+    black = -preprocess.mean / preprocess.std  # pixel 0 after `normalize`
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.randn((count * SMOOTHGRAD_SAMPLES, *inputs.shape[1:]), generator=generator)
+    noisy = x.repeat_interleave(SMOOTHGRAD_SAMPLES, dim=0) + noise.to(device) * (SMOOTHGRAD_NOISE / preprocess.std)
+    rows = torch.from_numpy(targets).to(device).repeat_interleave(SMOOTHGRAD_SAMPLES)
+    try:
+        with torch.enable_grad():
+            noisy.requires_grad_(True)
+            log_ps = model(noisy)
+            picked = log_ps.gather(1, rows[:, None]).sum()
+            (gradient,) = torch.autograd.grad(picked, noisy)  # the input's gradient only: the model's stay None
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        raise unavailable("the accelerator ran out of memory; retry shortly") from None
+    mean_gradient = gradient.reshape(count, SMOOTHGRAD_SAMPLES, height, width).mean(dim=1)
+    maps = (mean_gradient * (x[:, 0] - black)).abs()
+    peak = maps.flatten(1).amax(dim=1).clamp_min(torch.finfo(maps.dtype).tiny)
+    return (maps / peak[:, None, None]).cpu().numpy()
+
+
+@router.post(
+    "/explain",
+    response_model=ExplainResponse,
+    response_model_exclude_unset=True,
+    openapi_extra={
+        "parameters": predict.OPERATION["parameters"],
+        "requestBody": predict.OPERATION["requestBody"],
+        "responses": {
+            status: response
+            for status, response in predict.OPERATION["responses"].items()
+            if status not in ("200", "405")
+        },
+    },
+)
+async def explain(request: Request, runtime: RuntimeDep) -> dict[str, Any]:
+    """/predict's answer per image, plus the 28x28 input the model saw, which way the invert
+    rule went, and a saliency map for the top class.
+
+    The same bodies, `k`, `invert` and limits as /predict; an image that cannot be used gets
+    an `error` in its place while the others are answered.
+    """
+    settings = runtime.settings
+    classes = runtime.service.num_classes if runtime.service else settings.max_k
+    k, invert = parse_query(request.scope["query_string"], settings.default_k, min(settings.max_k, classes))
+    service = runtime.require_model()
+    preprocess = service.loaded.preprocess
+    with runtime.admit():
+        body = await receive_body(
+            request.receive,
+            header(request.scope, b"content-length"),
+            settings.max_upload_bytes,
+            settings.body_timeout_s,
+        )
+        uploads = split_body(body, request.headers.get("content-type", ""), settings.max_files)
+        decoded, inverted = await run_in_threadpool(
+            decode_images_with_invert, uploads, preprocess, settings.max_image_pixels, invert
+        )
+        if decoded.inputs is None:
+            raise none_classified(decoded)
+        scored = await runtime.infer(decoded)
+        targets = scored.probabilities.argmax(axis=1)
+        maps = await run_in_threadpool(saliency_maps, service.model, decoded.inputs, targets, preprocess)
+    pixels = to_pixels(decoded.inputs, preprocess)
+    explanations = predict.encode(scored, k, service.class_names, service.ood_threshold)
+    for position, row in enumerate(scored.per_image()):
+        if isinstance(row, int):
+            explanations[position].update(
+                inverted=inverted[position],
+                input=pixels[row].tolist(),
+                saliency=np.round(maps[row], 4).tolist(),
+            )
+    return {"model": service.name, "saliency_method": SALIENCY_METHOD, "explanations": explanations}
