@@ -27,7 +27,7 @@ from app.errors import ServeError
 from app.middleware import RequestContextMiddleware
 from app.observability import configure_logging
 from app.protocols import explain, predict, v2
-from app.routes import docs, health, metrics, model
+from app.routes import docs, health, metrics, model, page
 from app.routes.docs import STATIC_DIR
 from app.runtime import Health, Runtime
 from app.service import ClassifierService, Pending, Scored
@@ -200,7 +200,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
     )
     app.add_exception_handler(ServeError, _serve_error)
-    for router in (model.router, health.router, metrics.router, docs.router, v2.router, explain.router):
+    for router in (model.router, health.router, metrics.router, docs.router, v2.router, explain.router, page.router):
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
