@@ -152,7 +152,7 @@ function thumbnail(file) {
   objectUrls.push(url);
   const image = element("img", { class: "thumb", src: url, alt: `Your upload, ${file.name}` });
   image.addEventListener("error", () => {
-    image.replaceWith(element("p", { class: "thumb" }, "No preview: the browser cannot show this format."));
+    image.replaceWith(element("p", { class: "thumb no-preview" }, "No preview in this browser"));
   });
   return image;
 }
@@ -168,7 +168,8 @@ function resultCard(file, explanation, choice) {
   card.append(element("h3", {}, file.name));
   if (explanation.error) {
     card.classList.add("failed");
-    card.append(thumbnail(file), element("p", {}, plainError(explanation.error.status)));
+    if (file.type.startsWith("image/")) card.append(thumbnail(file));
+    card.append(element("p", {}, plainError(explanation.error.status)));
     card.append(element("p", { class: "error-detail" }, `The service said: ${explanation.error.message}`));
     return card;
   }
