@@ -3,22 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from models import ARCHITECTURES, CheckpointError, build_model, load_checkpoint, model_args_for, save_checkpoint
 from models.checkpoint import FASHION_MNIST_CLASSES, resolve_device
 from models.preprocessing import PreprocessConfig, normalize, normalize_tensor
+from training import distributed
 from training.data import DataNotFoundError, FashionMNIST, load_fashion_mnist
+from training.distributed import Distributed
 from training.fit_trust import fit_trust
 from training.report import artifact_paths, plot_confusion, plot_curves, write_json
-from training.train import EpochResult, Evaluation, evaluate, fit, reseed
+from training.train import EpochResult, Evaluation, FitResult, evaluate, fit, reseed
 from training.trust_commands import add_commands as add_trust_commands
 from training.trust_commands import run_calibrate, run_ood_report
 
@@ -110,15 +115,18 @@ def _print_epoch(record: EpochResult) -> None:
     )
 
 
-def run_train(args: argparse.Namespace) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model_args = _model_args(args)
-    device = _device(args.device)
-    data = _load_data(args)
-    preprocess = PreprocessConfig()
-    generator = reseed(args.seed)
+@dataclass(frozen=True)
+class Splits:
+    """Normalized (N, 1, 28, 28) inputs and labels on the training device."""
 
+    train: tuple[torch.Tensor, torch.Tensor]
+    val: tuple[torch.Tensor, torch.Tensor]
+    test: tuple[torch.Tensor, torch.Tensor]
+
+
+def _split(args: argparse.Namespace, data: FashionMNIST, preprocess: PreprocessConfig, device: torch.device) -> Splits:
+    """The first --limit examples; --val-size of the training set (at most a fifth) held out, the
+    same examples in every process."""
     train_images, train_labels = data.train.images, data.train.labels
     test_images, test_labels = data.test.images, data.test.labels
     if args.limit:
@@ -131,37 +139,123 @@ def run_train(args: argparse.Namespace) -> int:
     def inputs(images: torch.Tensor) -> torch.Tensor:
         return normalize_tensor(images, preprocess).unsqueeze(1).to(device)
 
-    train_x, val_x, test_x = inputs(train_images[train_idx]), inputs(train_images[val_idx]), inputs(test_images)
-    train_y, val_y, test_y = (t.to(device) for t in (train_labels[train_idx], train_labels[val_idx], test_labels))
+    return Splits(
+        train=(inputs(train_images[train_idx]), train_labels[train_idx].to(device)),
+        val=(inputs(train_images[val_idx]), train_labels[val_idx].to(device)),
+        test=(inputs(test_images), test_labels.to(device)),
+    )
 
+
+def _new_model(args: argparse.Namespace, model_args: dict[str, Any], device: torch.device) -> nn.Module:
     model = build_model(args.arch, model_args, device=device)
     if args.arch == "cnn":
         model = model.to(memory_format=torch.channels_last)  # faster convolutions on CPU
-    print(
-        f"training {args.arch} {model_args} on {device}: {len(train_y)} train / {len(val_y)} validation / "
-        f"{len(test_y)} test examples from {data.source}",
-        flush=True,
-    )
+    return model
+
+
+def _training_record(
+    args: argparse.Namespace, splits: Splits, duration: float, device: torch.device, source: str, world_size: int
+) -> dict[str, Any]:
+    return {
+        "epochs": args.epochs,
+        "seed": args.seed,
+        "batch_size": args.batch_size,  # per process
+        "world_size": world_size,
+        "optimizer": "Adam",
+        "lr": args.lr,
+        "lr_schedule": "one-cycle",
+        "augment": args.augment,
+        "train_examples": len(splits.train[1]),
+        "val_examples": len(splits.val[1]),
+        "duration_s": round(duration, 1),
+        "device": str(device),
+        "torch_version": str(torch.__version__),
+        "data_source": source,
+    }
+
+
+def _parameters_sha256(model: nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Train one model; under torchrun, data-parallel with rank 0 alone evaluating and writing files."""
+    ctx = distributed.from_environment()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model_args = _model_args(args)
+    device = _device(args.device)
+    try:
+        device = distributed.setup(ctx, device)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    try:
+        return _train(args, model_args, device, ctx)
+    finally:
+        distributed.teardown(ctx)
+
+
+def _train(args: argparse.Namespace, model_args: dict[str, Any], device: torch.device, ctx: Distributed) -> int:
+    data = _load_data(args)
+    preprocess = PreprocessConfig()
+    generator = reseed(args.seed + ctx.rank)  # own dropout and augmentation draws per process
+    splits = _split(args, data, preprocess, device)
+    model = _new_model(args, model_args, device)
+    if ctx.is_main:
+        where = f"{device} x {ctx.world_size} processes" if ctx.enabled else str(device)
+        print(
+            f"training {args.arch} {model_args} on {where}: {len(splits.train[1])} train / "
+            f"{len(splits.val[1])} validation / {len(splits.test[1])} test examples from {data.source}",
+            flush=True,
+        )
     start = time.perf_counter()
     fit_result = fit(
         model,
-        train_x,
-        train_y,
-        val_x,
-        val_y,
+        *splits.train,
+        *splits.val,
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
         generator=generator,
         max_shift=AUGMENTATIONS[args.augment],
         fill=float(normalize(np.zeros(1), preprocess)[0]),
-        on_epoch=_print_epoch,
+        on_epoch=_print_epoch if ctx.is_main else None,
+        ctx=ctx,
+        shuffle_seed=args.seed,
     )
     duration = time.perf_counter() - start
     assert fit_result.best_state is not None
     model.load_state_dict(fit_result.best_state)
-    test = evaluate(model, test_x, test_y)
-    trust = fit_trust(model, (train_x, train_y), (val_x, val_y), (test_x, test_y))
+    if ctx.enabled:
+        print(f"rank {ctx.rank}/{ctx.world_size}: parameters sha256 {_parameters_sha256(model)}", flush=True)
+    if not ctx.is_main:
+        return 0
+    training = _training_record(args, splits, duration, device, data.source, ctx.world_size)
+    out, paths, test = _evaluate_and_write(args, model, model_args, preprocess, splits, fit_result, training)
+    print(
+        f"best epoch {fit_result.best_epoch}: test accuracy {100 * test.accuracy:.2f}%, test loss {test.loss:.4f}; "
+        f"trained in {duration:.0f} s; wrote {out}, {', '.join(str(p) for p in paths.values())}"
+    )
+    return 0
+
+
+def _evaluate_and_write(
+    args: argparse.Namespace,
+    model: nn.Module,
+    model_args: dict[str, Any],
+    preprocess: PreprocessConfig,
+    splits: Splits,
+    fit_result: FitResult,
+    training: dict[str, Any],
+) -> tuple[Path, dict[str, Path], Evaluation]:
+    """Score the best weights on the test set, fit the trust records, write the checkpoint and its
+    curves, confusion matrix and metrics (each atomically)."""
+    test = evaluate(model, *splits.test)
+    trust = fit_trust(model, splits.train, splits.val, splits.test)
     best = fit_result.history[fit_result.best_epoch - 1]
     metrics = {
         **test_metrics(test, FASHION_MNIST_CLASSES),
@@ -169,21 +263,6 @@ def run_train(args: argparse.Namespace) -> int:
         "val_accuracy": round(best.val_accuracy, 6),
         "val_loss": round(best.val_loss, 6),
         **trust.metrics,
-    }
-    training = {
-        "epochs": args.epochs,
-        "seed": args.seed,
-        "batch_size": args.batch_size,
-        "optimizer": "Adam",
-        "lr": args.lr,
-        "lr_schedule": "one-cycle",
-        "augment": args.augment,
-        "train_examples": len(train_y),
-        "val_examples": len(val_y),
-        "duration_s": round(duration, 1),
-        "device": str(device),
-        "torch_version": str(torch.__version__),
-        "data_source": data.source,
     }
     model = model.to(memory_format=torch.contiguous_format)
     out = save_checkpoint(
@@ -212,11 +291,7 @@ def run_train(args: argparse.Namespace) -> int:
         },
         paths["metrics"],
     )
-    print(
-        f"best epoch {fit_result.best_epoch}: test accuracy {100 * test.accuracy:.2f}%, test loss {test.loss:.4f}; "
-        f"trained in {duration:.0f} s; wrote {out}, {', '.join(str(p) for p in paths.values())}"
-    )
-    return 0
+    return out, paths, test
 
 
 def run_evaluate(args: argparse.Namespace) -> int:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,18 @@ import matplotlib.pyplot as plt
 import torch
 
 from training.train import EpochResult
+
+
+@contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """A temporary path beside `path` to write to; renamed over `path` when the block succeeds, so a
+    reader never sees a half-written file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def plot_curves(history: Sequence[EpochResult], path: Path) -> None:
@@ -28,7 +42,8 @@ def plot_curves(history: Sequence[EpochResult], path: Path) -> None:
     ax_acc.set_xlabel("epoch")
     ax_acc.set_ylabel("validation accuracy (%)")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with replacing(path) as tmp:
+        fig.savefig(tmp, dpi=100, format=path.suffix.lstrip("."))
     plt.close(fig)
 
 
@@ -48,12 +63,14 @@ def plot_confusion(confusion: torch.Tensor, class_names: Sequence[str], path: Pa
                 j, i, str(value), ha="center", va="center", fontsize=7, color="white" if value > threshold else "black"
             )
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with replacing(path) as tmp:
+        fig.savefig(tmp, dpi=100, format=path.suffix.lstrip("."))
     plt.close(fig)
 
 
 def write_json(data: Mapping[str, Any], path: Path) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    with replacing(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def artifact_paths(checkpoint: Path) -> dict[str, Path]:

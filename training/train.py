@@ -14,7 +14,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
+
+from training.distributed import SINGLE, Distributed, all_sum, average_buffers, shard, shard_batches, steps_per_epoch
 
 
 def reseed(seed: int) -> torch.Generator:
@@ -82,6 +85,19 @@ def augment(x: torch.Tensor, max_shift: int, fill: float, generator: torch.Gener
     return padded[torch.arange(n).view(n, 1, 1), 0, rows[:, :, None], cols[:, None, :]].unsqueeze(1)
 
 
+def evaluate_across(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, ctx: Distributed) -> Evaluation:
+    """`evaluate` with the examples shared out among the processes and the sums reduced: every
+    process gets the figures of the whole set."""
+    if not ctx.enabled:
+        return evaluate(model, inputs, labels)
+    idx = shard(len(labels), ctx)
+    local = evaluate(model, inputs[idx], labels[idx])
+    loss_sum = all_sum(torch.tensor([local.loss * len(idx)], dtype=torch.float64), ctx).item()
+    confusion = all_sum(local.confusion, ctx)
+    n = len(labels)
+    return Evaluation(loss=loss_sum / n, accuracy=confusion.diagonal().sum().item() / n, confusion=confusion)
+
+
 @dataclass
 class EpochResult:
     epoch: int
@@ -112,44 +128,60 @@ def fit(
     max_shift: int | None = None,
     fill: float = 0.0,
     on_epoch: Callable[[EpochResult], Any] | None = None,
+    ctx: Distributed = SINGLE,
+    shuffle_seed: int = 0,
 ) -> FitResult:
     """Train with Adam and a one-cycle learning rate; keep the weights of the best validation epoch.
 
     Best means highest validation accuracy, then lowest validation loss. `max_shift` turns on
     augmentation (see `augment`), with `fill` as the background value of shifted-in pixels.
+    One process draws the data order from `generator`. Under torchrun (`ctx`), the model is
+    wrapped in DistributedDataParallel, each process trains on its share of an order drawn
+    from `shuffle_seed` and the epoch (`batch_size` per process), BatchNorm statistics are
+    averaged after each epoch, and losses and accuracies are summed over all processes, so every
+    process holds the same weights and records the same history and best epoch.
     """
     device = next(model.parameters()).device
+    net: nn.Module = model
+    if ctx.enabled:
+        net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    steps_per_epoch = math.ceil(len(train_y) / batch_size)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=lr, epochs=epochs, steps_per_epoch=steps_per_epoch
-    )
+    steps = steps_per_epoch(len(train_y), batch_size, ctx)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, epochs=epochs, steps_per_epoch=steps)
     result = FitResult()
     best = (-1.0, -math.inf)
     for epoch in range(1, epochs + 1):
         start = time.perf_counter()
-        model.train()
-        total_loss = 0.0
+        net.train()
+        total_loss, seen = 0.0, 0
+        order = (
+            shard_batches(len(train_y), batch_size, ctx, shuffle_seed, epoch)
+            if ctx.enabled
+            else batches(len(train_y), batch_size, generator)
+        )
         bar = tqdm(
-            batches(len(train_y), batch_size, generator),
-            total=steps_per_epoch,
+            order,
+            total=steps,
             desc=f"epoch {epoch}/{epochs}",
             leave=False,
-            disable=not sys.stderr.isatty(),
+            disable=not (ctx.is_main and sys.stderr.isatty()),
         )
         for idx in bar:
             x = train_x[idx]
             if max_shift is not None:
                 x = augment(x, max_shift, fill, generator)
             x, y = x.to(device, non_blocking=True), train_y[idx].to(device, non_blocking=True)
-            loss = F.nll_loss(model(x), y, reduction="sum")
+            loss = F.nll_loss(net(x), y, reduction="sum")
             optimizer.zero_grad(set_to_none=True)
             (loss / len(y)).backward()
             optimizer.step()
             scheduler.step()
             total_loss += loss.item()
-        val = evaluate(model, val_x, val_y)
-        record = EpochResult(epoch, total_loss / len(train_y), val.loss, val.accuracy, time.perf_counter() - start)
+            seen += len(y)
+        loss_sum, examples = all_sum(torch.tensor([total_loss, seen], dtype=torch.float64), ctx).tolist()
+        average_buffers(model, ctx)
+        val = evaluate_across(model, val_x, val_y, ctx)
+        record = EpochResult(epoch, loss_sum / examples, val.loss, val.accuracy, time.perf_counter() - start)
         result.history.append(record)
         if (val.accuracy, -val.loss) > best:
             best = (val.accuracy, -val.loss)
