@@ -146,6 +146,6 @@ async def explain(request: Request, runtime: RuntimeDep) -> dict[str, Any]:
             explanations[position].update(
                 inverted=inverted[position],
                 input=pixels[row].tolist(),
-                saliency=np.round(maps[row], 4).tolist(),
+                saliency=np.round(maps[row].astype(np.float64), 4).tolist(),  # float32 prints 17 digits
             )
     return {"model": service.name, "saliency_method": SALIENCY_METHOD, "explanations": explanations}
