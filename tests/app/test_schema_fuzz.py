@@ -19,7 +19,11 @@ def test_no_server_errors_for_any_operation(tmp_path: Path) -> None:
     with TestClient(app):  # runs the lifespan: the model is loaded for every generated call
         schema = schemathesis.openapi.from_asgi("/openapi.json", app)
         operations = [result.ok() for result in schema.get_all_operations()]
-        assert {f"{op.method.upper()} {op.path}" for op in operations} >= {"POST /predict", "POST /explain", "GET /model"}
+        assert {f"{op.method.upper()} {op.path}" for op in operations} >= {
+            "POST /predict",
+            "POST /explain",
+            "GET /model",
+        }
         for operation in operations:
 
             @given(case=operation.as_strategy())
