@@ -56,25 +56,42 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(settings: Settings, host: str, port: int, workers: int) -> int:
+    from app.auth import ApiKeyError, load_api_keys
     from app.observability import configure_logging
-    from models import CheckpointError, load_checkpoint
+    from app.reload import SNAPSHOT_ENV, CheckpointSource
+    from models import CheckpointError
 
     configure_logging(settings.log_format, settings.log_level)
-    # Check the checkpoint before any worker starts: a broken one then fails once, with one
-    # line and exit 1, instead of a traceback per worker. torch stays imported for the workers.
+    log = logging.getLogger("app")
     try:
-        load_checkpoint(settings.checkpoint, device="cpu")
-    except CheckpointError as exc:
-        logging.getLogger("app").critical("cannot start: checkpoint %s: %s", settings.checkpoint, exc)
+        load_api_keys(settings)
+    except ApiKeyError as exc:
+        log.critical("cannot start: %s", exc)
         return 1
-
-    from app.serving import AddressInUse, serve
-
+    # The workers serve a private copy of the checkpoint, checked here before any worker starts
+    # (a broken one then fails once, with one line and exit 1), never the path itself: a worker
+    # that replaces a dead one serves the same model. SIGHUP replaces the copy (app/reload.py).
+    # torch stays imported for the workers.
+    source = CheckpointSource.create(settings.checkpoint, settings.device)
+    supervisor = os.getpid()
     try:
-        return serve(settings, host, port, workers)
-    except AddressInUse as exc:
-        logging.getLogger("app").critical("cannot start: %s", exc)
-        return 1
+        try:
+            source.install()
+        except CheckpointError as exc:
+            log.critical("cannot start: checkpoint %s: %s", settings.checkpoint, exc)
+            return 1
+        os.environ[SNAPSHOT_ENV] = str(source.snapshot)
+
+        from app.serving import AddressInUse, serve
+
+        try:
+            return serve(settings, host, port, workers, source=source)
+        except AddressInUse as exc:
+            log.critical("cannot start: %s", exc)
+            return 1
+    finally:
+        if os.getpid() == supervisor:  # workers unwind through here too
+            source.remove()
 
 
 if __name__ == "__main__":

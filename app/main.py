@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import logging
+import os
 import signal
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -21,16 +24,17 @@ from starlette.responses import RedirectResponse
 from starlette.routing import Route, get_route_path
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.batching import MicroBatcher
+from app.auth import ApiKeyGuard, load_api_keys
 from app.decoding import ModelInput
 from app.errors import ServeError
 from app.middleware import RequestContextMiddleware
 from app.observability import configure_logging
 from app.protocols import explain, predict, v2
+from app.reload import ModelCollector, snapshot_path
 from app.routes import docs, health, metrics, model, page
 from app.routes.docs import STATIC_DIR
 from app.runtime import Health, Runtime
-from app.service import ClassifierService, Pending, Scored
+from app.service import ClassifierService
 from app.settings import Settings
 from models import CheckpointError
 
@@ -40,6 +44,7 @@ logger = logging.getLogger("app")
 # are scheduled first and the model gets the rest, in bigger batches (measured: see
 # docs/performance.md).
 INFERENCE_NICE = 10
+SNAPSHOT_POLL_S = 0.5  # how often a worker looks for a reloaded model (one stat of a tmpfs file)
 
 
 def _drain_on_sigterm(health: Health) -> None:
@@ -60,35 +65,58 @@ def _drain_on_sigterm(health: Health) -> None:
         signal.signal(signal.SIGTERM, handler)
 
 
+async def _load(runtime: Runtime, source: Path | None) -> ClassifierService:
+    """A model loaded, its inference thread started, warmed up through the real path."""
+    service = await run_in_threadpool(ClassifierService.load, runtime.settings, source, _observe(runtime))
+    batcher = service.start(nice=INFERENCE_NICE)
+    side = service.input_size
+    await batcher.submit(ModelInput.of(np.zeros((1, 1, side, side), np.float32)))
+    return service
+
+
+def _describe(service: ClassifierService) -> str:
+    return f"{service.name} ({service.loaded.arch}, {service.checkpoint.sha256[:12]}) on {service.device}"
+
+
 async def _start(runtime: Runtime) -> None:
     settings = runtime.settings
     try:
-        service = await run_in_threadpool(ClassifierService.load, settings, _observe(runtime))
+        runtime.service = await _load(runtime, snapshot_path())
     except CheckpointError as exc:
         logger.critical("cannot start: checkpoint %s: %s", settings.checkpoint, exc)
         raise
-    batcher: MicroBatcher[Pending, Scored] = MicroBatcher(
-        service.run_batch, settings.max_batch_size, settings.max_batch_wait_ms / 1000, nice=INFERENCE_NICE
-    )
-    batcher.start()
-    runtime.service, runtime.batcher = service, batcher
-    side = service.input_size
-    await batcher.submit(ModelInput.of(np.zeros((1, 1, side, side), np.float32)))  # warm-up through the real path
-    runtime.metrics.model_info.labels(
-        service.name, service.loaded.arch, service.checkpoint.sha256, str(service.loaded.device)
-    ).set(1)
     # Everything loaded so far (torch, the model) lives for the whole process: keeping it out
     # of the collector's scans removes the long gen-2 pauses that showed as p99 spikes.
     gc.collect()
     gc.freeze()
     runtime.health.mark_ready()
-    logger.info(
-        "ready: %s (%s, %s) on %s",
-        service.name,
-        service.loaded.arch,
-        service.checkpoint.sha256[:12],
-        service.loaded.device,
-    )
+    logger.info("ready: %s", _describe(runtime.service))
+
+
+async def _follow_snapshot(runtime: Runtime, snapshot: Path) -> None:
+    """Swap in the supervisor's new snapshot when it appears (a validated reload): loaded and
+    warmed up beside the current model, which keeps serving until the swap. Requests already
+    holding the old model finish on it; its inference thread stops once none can be left."""
+    seen = os.stat(snapshot)
+    while True:
+        await asyncio.sleep(SNAPSHOT_POLL_S)
+        try:
+            now = os.stat(snapshot)
+        except FileNotFoundError:  # the supervisor is exiting
+            continue
+        if (now.st_ino, now.st_mtime_ns) == (seen.st_ino, seen.st_mtime_ns):
+            continue
+        seen = now
+        try:
+            service = await _load(runtime, snapshot)
+        except Exception as exc:  # validated by the supervisor, so unexpected: keep serving the old one
+            logger.error("reload: the new model did not load in this worker, keeping the old one: %r", exc)
+            continue
+        old, runtime.service = runtime.service, service
+        logger.info("reloaded: now serving %s", _describe(service))
+        if old is not None and old.batcher is not None:
+            # A request admitted before the swap has at most body_timeout_s to send its body.
+            asyncio.get_running_loop().call_later(runtime.settings.body_timeout_s + 5, old.batcher.stop)
 
 
 def _observe(runtime: Runtime) -> Callable[[int, float], None]:
@@ -148,10 +176,14 @@ class ServiceApp(FastAPI):
         super().__init__(**kwargs)
         self.state.runtime = runtime
         self.fast_routes = fast_routes
+        self.api_key_digests = load_api_keys(runtime.settings)  # empty: no keys needed
 
     def build_middleware_stack(self) -> ASGIApp:
         rest = super().build_middleware_stack()
-        return RequestContextMiddleware(FastRoutes(self.fast_routes, rest), metrics=self.state.runtime.metrics)
+        routed: ASGIApp = FastRoutes(self.fast_routes, rest)
+        if self.api_key_digests:
+            routed = ApiKeyGuard(routed, self.api_key_digests)
+        return RequestContextMiddleware(routed, metrics=self.state.runtime.metrics)
 
     def openapi(self) -> dict[str, Any]:
         if self.openapi_schema is None:
@@ -169,19 +201,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the service; the model loads when the app starts (its lifespan), never at import."""
     settings = settings or Settings()
     runtime = Runtime(settings)
+    runtime.metrics.add_live(ModelCollector(runtime))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         configure_logging(settings.log_format, settings.log_level)
         await _start(runtime)
         _drain_on_sigterm(runtime.health)
+        snapshot = snapshot_path()
+        follower = asyncio.create_task(_follow_snapshot(runtime, snapshot)) if snapshot else None
         try:
             yield
         finally:
             runtime.health.start_draining()
-            if runtime.batcher is not None:
+            if follower:
+                follower.cancel()
+            if runtime.service is not None and runtime.service.batcher is not None:
                 # uvicorn has already drained the connections within the grace period.
-                await run_in_threadpool(runtime.batcher.stop, 1.0)
+                await run_in_threadpool(runtime.service.batcher.stop, 1.0)
 
     infer = v2.V2InferEndpoint(runtime)
     fast_routes = [

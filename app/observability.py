@@ -10,8 +10,9 @@ import sys
 import time
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
@@ -112,13 +113,13 @@ class Metrics:
             buckets=(1, 2, 4, 8, 16, 32, 64),
             registry=self.registry,
         )
-        self.model_info = Gauge(
-            "fashion_serve_model_info",
-            "The loaded model (value 1)",
-            ("name", "arch", "sha256", "device"),
-            registry=self.registry,
-            multiprocess_mode="max",
-        )
+        self._live: list[Collector] = []
+
+    def add_live(self, collector: Collector) -> None:
+        """A collector of this process's current state (the model it serves), asked at each
+        scrape; under several workers it is reported beside the workers' summed counters."""
+        self.registry.register(collector)
+        self._live.append(collector)
 
     def count_request(self, route: str, method: str, status: int, seconds: float) -> None:
         """One finished request; the labelled children are looked up once per label set."""
@@ -136,5 +137,7 @@ class Metrics:
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             registry = CollectorRegistry()
             MultiProcessCollector(registry)
+            for collector in self._live:
+                registry.register(collector)
             return generate_latest(registry)
         return generate_latest(self.registry)

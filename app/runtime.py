@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 
 from starlette.concurrency import run_in_threadpool
 
-from app.batching import MicroBatcher
 from app.errors import unavailable
 from app.observability import Metrics
 from app.service import ClassifierService, Pending, Scored
@@ -45,13 +44,12 @@ class Runtime:
     settings: Settings
     metrics: Metrics = field(default_factory=Metrics)
     health: Health = field(default_factory=Health)
-    service: ClassifierService | None = None
-    batcher: MicroBatcher[Pending, Scored] | None = None
+    service: ClassifierService | None = None  # the current model; a reload replaces it whole
     in_flight: int = 0
 
     def require_model(self) -> ClassifierService:
-        """The loaded service, or a 503 saying why there is none yet."""
-        if self.service is None or self.batcher is None:
+        """The current model, or a 503 saying why there is none yet."""
+        if self.service is None or self.service.batcher is None:
             raise unavailable(self.health.reason)
         return self.service
 
@@ -66,13 +64,14 @@ class Runtime:
         finally:
             self.in_flight -= 1
 
-    async def infer(self, request: Pending, encoded_bytes: int = 0) -> Scored:
-        """Score a request's model input in the shared batches. A decoder (encoded images) runs
-        on the inference thread with its batch when the images are small, else in the threadpool.
+    async def infer(self, service: ClassifierService, request: Pending, encoded_bytes: int = 0) -> Scored:
+        """Score a request's model input in `service`'s shared batches: the model the request was
+        decoded for, even if a reload has replaced it since. A decoder (encoded images) runs on
+        the inference thread with its batch when the images are small, else in the threadpool.
 
         Raises ServeError: the request refused as a whole, not ready, or out of accelerator memory.
         """
-        batcher = self.batcher
+        batcher = service.batcher
         if batcher is None:
             raise unavailable(self.health.reason)
         if callable(request) and encoded_bytes > INLINE_DECODE_BYTES:

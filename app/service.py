@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from app.batching import MicroBatcher
 from app.decoding import ModelInput
 from app.errors import ServeError, unavailable
 from app.settings import Settings
@@ -78,14 +79,29 @@ class ClassifierService:
         self.device = loaded.device  # asked once: it walks the model's parameters
         self.model = for_inference(loaded.model)  # BatchNorm folded, channels-last; /model shows the original
         self.trust = Trust.from_loaded(loaded)  # calibration and OOD statistics, when the checkpoint has them
+        self.batcher: MicroBatcher[Pending, Scored] | None = None  # this model's inference thread, once started
+
+    def start(self, nice: int = 0) -> MicroBatcher[Pending, Scored]:
+        """Start this model's inference thread: the micro-batcher every protocol submits to."""
+        self.batcher = MicroBatcher(
+            self.run_batch, self.settings.max_batch_size, self.settings.max_batch_wait_ms / 1000, nice=nice
+        )
+        self.batcher.start()
+        return self.batcher
 
     @classmethod
-    def load(cls, settings: Settings, observe_batch: Callable[[int, float], None] | None = None) -> ClassifierService:
-        """Load the configured checkpoint on the configured device (raises CheckpointError)."""
+    def load(
+        cls,
+        settings: Settings,
+        source: Path | None = None,
+        observe_batch: Callable[[int, float], None] | None = None,
+    ) -> ClassifierService:
+        """Load the checkpoint on the configured device (raises CheckpointError): from `source`,
+        the supervisor's validated copy, when given; /model reports the configured path."""
         torch.set_num_threads(settings.torch_threads)
-        path = Path(settings.checkpoint)
+        path = Path(source or settings.checkpoint)
         loaded = load_checkpoint(path, device=settings.device)
-        info = CheckpointInfo(str(path), _sha256(path), path.stat().st_size, loaded.format)
+        info = CheckpointInfo(str(settings.checkpoint), _sha256(path), path.stat().st_size, loaded.format)
         return cls(loaded, info, settings, observe_batch)
 
     @property

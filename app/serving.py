@@ -1,4 +1,4 @@
-"""gunicorn as the process supervisor, uvicorn (uvloop + httptools) in each worker.
+"""gunicorn as the process supervisor, uvicorn (uvloop + httptools, heads bounded) in each worker.
 
 `serve` imports the application in this process (`preload_app`), then gunicorn forks the
 workers from it. Nothing here touches a GPU or starts a thread before the fork: the model
@@ -18,7 +18,9 @@ from gunicorn.arbiter import Arbiter
 from uvicorn.importer import import_from_string as import_app
 from uvicorn_worker import UvicornWorker
 
+from app.http_limits import limited_protocol
 from app.observability import configure_logging
+from app.reload import CheckpointSource
 from app.settings import Settings
 
 
@@ -26,7 +28,7 @@ def _worker_class(settings: Settings) -> type[UvicornWorker]:
     class Worker(UvicornWorker):
         CONFIG_KWARGS: dict[str, Any] = {  # noqa: RUF012 (read by UvicornWorker, never mutated)
             "loop": "uvloop",
-            "http": "httptools",
+            "http": limited_protocol(settings.max_header_bytes, settings.header_timeout_s),
             "limit_concurrency": settings.max_connections,
             "timeout_graceful_shutdown": settings.shutdown_grace_s,
             "access_log": False,  # the request middleware logs each request with its id
@@ -51,7 +53,12 @@ def _logger_class(settings: Settings) -> type[glogging.Logger]:
 class _Arbiter(Arbiter):
     """SIGINT and SIGQUIT drain like SIGTERM. gunicorn's quick stop sends the workers SIGQUIT,
     which uvicorn workers ignore (uvicorn-worker issue 2): they were SIGKILLed after the grace
-    period instead of finishing their requests (found in review)."""
+    period instead of finishing their requests (found in review).
+
+    SIGHUP reloads the model (app/reload.py) instead of gunicorn's restart of every worker,
+    which re-read the path unchecked and shut the service down when the file was broken."""
+
+    source: CheckpointSource | None = None
 
     def handle_int(self) -> None:
         self.handle_term()
@@ -59,15 +66,24 @@ class _Arbiter(Arbiter):
     def handle_quit(self) -> None:
         self.handle_term()
 
+    def handle_hup(self) -> None:
+        if self.source is None:
+            super().handle_hup()
+        else:
+            self.source.reload()
+
 
 class _Supervisor(BaseApplication):
-    def __init__(self, application: str, options: dict[str, Any]) -> None:
+    def __init__(self, application: str, options: dict[str, Any], source: CheckpointSource | None) -> None:
         self.application = application
         self.options = options
+        self.source = source
         super().__init__()
 
     def run(self) -> None:
-        _Arbiter(self).run()
+        arbiter = _Arbiter(self)
+        arbiter.source = self.source
+        arbiter.run()
 
     def load_config(self) -> None:
         for key, value in self.options.items():
@@ -104,8 +120,16 @@ def claim_address(host: str, port: int) -> socket.socket:
     return claim
 
 
-def serve(settings: Settings, host: str, port: int, workers: int, application: str = "app.main:app") -> int:
-    """Serve `application` until SIGTERM, SIGINT or SIGQUIT, then drain and return 0.
+def serve(
+    settings: Settings,
+    host: str,
+    port: int,
+    workers: int,
+    application: str = "app.main:app",
+    source: CheckpointSource | None = None,
+) -> int:
+    """Serve `application` until SIGTERM, SIGINT or SIGQUIT, then drain and return 0; SIGHUP
+    reloads the model from `source`.
 
     Raises AddressInUse before starting; gunicorn itself exits 3 if a worker cannot boot.
     """
@@ -134,5 +158,5 @@ def serve(settings: Settings, host: str, port: int, workers: int, application: s
     }
     logging.getLogger("app").info("serving %s on http://%s with %d workers", application, options["bind"], workers)
     with claim:
-        _Supervisor(application, options).run()
+        _Supervisor(application, options, source).run()
     return 0

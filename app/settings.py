@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 BUNDLED_CHECKPOINT = Path(__file__).resolve().parent.parent / "models" / "fashion_cnn.pt"
@@ -36,6 +36,10 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     workers: int | None = Field(None, ge=1, le=64)  # None: one per CPU this process may use
     keep_alive_s: int = Field(5, ge=1)
+    max_header_bytes: int = Field(16 * 1024, ge=1024, le=1024 * 1024)
+    header_timeout_s: float = Field(10.0, gt=0, le=300)
+    api_keys: SecretStr = SecretStr("")  # comma-separated; with api_keys_file, none means no keys needed
+    api_keys_file: Path | None = None  # one key per line (Docker and Kubernetes secrets)
     model_name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # None: the checkpoint's stem
     model_version: str = Field("1", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     v2_max_images: int = Field(256, ge=1, le=4096)

@@ -125,7 +125,7 @@ async def _event_loop_share(bodies: list[bytes], content_type: str) -> float:
     async def answered(item: object) -> object:
         return answer
 
-    runtime.batcher.submit = answered
+    service.batcher.submit = answered
     raw_type = content_type.encode()
 
     async def one(i: int) -> None:

@@ -55,7 +55,8 @@ def wait_ready(process: subprocess.Popen[str], port: int, timeout: float = 60.0)
 
 @contextmanager
 def serving(env: dict[str, str] | None = None, *args: str) -> Iterator[tuple[subprocess.Popen[str], int]]:
-    """A ready `python -m app`; stopped with SIGTERM (killed if it hangs) when the block ends."""
+    """A ready `python -m app`; stopped with SIGTERM (killed if it hangs) when the block ends, its
+    output then kept in `process.output` (stdout is a pipe: under load, log at warning)."""
     process, port = start_server(env, *args)
     try:
         wait_ready(process, port)
@@ -63,7 +64,8 @@ def serving(env: dict[str, str] | None = None, *args: str) -> Iterator[tuple[sub
     finally:
         process.send_signal(signal.SIGTERM)
         try:
-            process.communicate(timeout=15)
+            output, _ = process.communicate(timeout=15)
         except subprocess.TimeoutExpired:
             process.kill()
-            process.communicate()
+            output, _ = process.communicate()
+        process.output = output  # type: ignore[attr-defined]

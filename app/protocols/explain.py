@@ -136,7 +136,7 @@ async def explain(request: Request, runtime: RuntimeDep) -> dict[str, Any]:
         )
         if decoded.inputs is None:
             raise none_classified(decoded)
-        scored = await runtime.infer(decoded)
+        scored = await runtime.infer(service, decoded)
         targets = scored.probabilities.argmax(axis=1)
         maps = await run_in_threadpool(saliency_maps, service.model, decoded.inputs, targets, preprocess)
     pixels = to_pixels(decoded.inputs, preprocess)

@@ -193,7 +193,7 @@ class PredictEndpoint:
             )
 
             decode = partial(decode_body, body, content_type, service.loaded.preprocess, settings, invert)
-            scored = await runtime.infer(decode, len(body))
+            scored = await runtime.infer(service, decode, len(body))
         if scored.input.inputs is None:
             raise none_classified(scored.input)
         predictions = encode(scored, k, service.class_names, service.ood_threshold)

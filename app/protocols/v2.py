@@ -371,9 +371,11 @@ class V2InferEndpoint:
             )
             if request.datatype == "BYTES":
                 images = _images(request)
-                scored = await runtime.infer(lambda: image_input(images, service, settings.max_image_pixels), len(body))
+                scored = await runtime.infer(
+                    service, lambda: image_input(images, service, settings.max_image_pixels), len(body)
+                )
             else:
-                scored = await runtime.infer(tensor_input(request, service))
+                scored = await runtime.infer(service, tensor_input(request, service))
         return encode(request, scored, service)
 
 

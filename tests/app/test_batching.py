@@ -230,7 +230,7 @@ def test_the_inference_thread_runs_at_a_lower_priority_than_its_callers() -> Non
 def test_the_service_starts_its_inference_thread_lowered(client: object) -> None:
     from app.main import INFERENCE_NICE
 
-    thread = client.app.state.runtime.batcher._thread  # type: ignore[attr-defined]
+    thread = client.app.state.runtime.service.batcher._thread  # type: ignore[attr-defined]
     assert thread.name == "inference" and thread.native_id is not None
     mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     assert os.getpriority(os.PRIO_PROCESS, thread.native_id) == min(mine + INFERENCE_NICE, 19)

@@ -1,0 +1,280 @@
+"""The real process under the findings of the reliability issue: one model at a time, reloads on
+purpose (SIGHUP) under load, and bounded request heads."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import signal
+import socket
+import threading
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import multipart, png, write_tiny_checkpoint
+from tests.serverproc import serving
+
+pytestmark = pytest.mark.slow
+
+
+def _get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def _sha(port: int) -> str:
+    status, body = _get(port, "/model")
+    assert status == 200, body
+    return str(json.loads(body)["checkpoint"]["sha256"])
+
+
+def _shas_seen(port: int, tries: int = 24) -> set[str]:
+    """The models the workers answer with (new connections spread over every worker)."""
+    return {_sha(port) for _ in range(tries)}
+
+
+def _reloads(port: int) -> dict[str, float]:
+    _, text = _get(port, "/metrics")
+    pattern = r'fashion_serve_model_reloads_total\{result="(\w+)"\} ([0-9.]+)'
+    return {result: float(count) for result, count in re.findall(pattern, text)}
+
+
+def _model_info_series(port: int) -> list[str]:
+    _, text = _get(port, "/metrics")
+    return re.findall(r"^fashion_serve_model_info\{.*\} 1\.0$", text, re.MULTILINE)
+
+
+class Load(threading.Thread):
+    """Clients that each keep a connection and send /predict or v2 requests until stopped:
+    every answer's status is counted, every connection error is kept."""
+
+    def __init__(self, port: int, clients: int = 8) -> None:
+        super().__init__(daemon=True)
+        self.port = port
+        self.clients = clients
+        self.statuses: Counter[int] = Counter()
+        self.errors: list[str] = []
+        self.stopping = threading.Event()
+        self.lock = threading.Lock()
+
+    def client(self, index: int) -> None:
+        body, content_type = multipart([("a.png", png(seed=index))])
+        tensor = {"name": "input", "datatype": "UINT8", "shape": [1, 28, 28], "data": [0] * 784}
+        v2 = json.dumps({"inputs": [tensor]}).encode()
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        sent = 0
+        while not self.stopping.is_set():
+            try:
+                if sent % 2:
+                    connection.request("POST", "/predict", body, {"Content-Type": content_type})
+                else:
+                    connection.request("POST", "/v2/models/m/infer", v2)
+                response = connection.getresponse()
+                response.read()
+                with self.lock:
+                    self.statuses[response.status] += 1
+            except (OSError, http.client.HTTPException) as exc:
+                with self.lock:
+                    self.errors.append(repr(exc))
+                connection.close()
+                connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+            sent += 1
+        connection.close()
+
+    def run(self) -> None:
+        threads = [threading.Thread(target=self.client, args=(i,), daemon=True) for i in range(self.clients)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join(60)
+
+
+@contextmanager
+def under_load(port: int) -> Iterator[Load]:
+    load = Load(port)
+    load.start()
+    try:
+        time.sleep(1.0)
+        yield load
+    finally:
+        load.stop()
+
+
+def _wait_for(condition: object, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():  # type: ignore[operator]
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def _workers(supervisor: int) -> list[int]:
+    children = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()
+    return [int(pid) for pid in children]
+
+
+def test_reload_under_load_swaps_the_model_everywhere_and_a_bad_one_changes_nothing(tmp_path: Path) -> None:
+    path = write_tiny_checkpoint(tmp_path / "m.pt", seed=1)
+    first = _sha_of(path)
+    env = {"FASHION_SERVE_CHECKPOINT": str(path), "FASHION_SERVE_LOG_LEVEL": "warning"}  # stdout is a pipe
+    with serving(env, "--workers", "2") as (process, port):
+        assert _shas_seen(port) == {first}
+        assert _reloads(port) == {"success": 0.0, "failure": 0.0}
+        with under_load(port) as load:
+            # A valid new checkpoint at the path: nothing changes until a reload is asked for.
+            write_tiny_checkpoint(path, seed=2)
+            second = _sha_of(path)
+            time.sleep(1.5)
+            assert _shas_seen(port) == {first}
+            process.send_signal(signal.SIGHUP)
+            assert _wait_for(lambda: _shas_seen(port) == {second}), "every worker serves the new model"
+            assert _get(port, "/health/ready")[0] == 200
+            # A broken file at the path: the reload is refused, the old model keeps serving.
+            path.write_bytes(path.read_bytes()[:300])
+            process.send_signal(signal.SIGHUP)
+            assert _wait_for(lambda: _reloads(port).get("failure") == 1.0)
+            time.sleep(1.0)
+            assert _shas_seen(port) == {second}
+            assert _get(port, "/health/ready")[0] == 200
+        assert load.errors == [], load.errors[:5]
+        assert set(load.statuses) == {200}, load.statuses
+        assert sum(load.statuses.values()) > 50
+        assert _reloads(port) == {"success": 1.0, "failure": 1.0}
+        assert len(_model_info_series(port)) == 1 and second in _model_info_series(port)[0]
+        assert process.poll() is None
+    output = process.output  # type: ignore[attr-defined]
+    errors = [line for line in output.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "reload refused" in errors[0] and str(path) in errors[0], errors
+
+
+def _sha_of(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("replacement", ["another model", "a broken file", "nothing"])
+def test_a_replaced_worker_serves_the_validated_model_whatever_the_path_holds(
+    tmp_path: Path, replacement: str
+) -> None:
+    """Findings 1 and 2: a worker that died was replaced by one that read the path again."""
+    path = write_tiny_checkpoint(tmp_path / "m.pt", seed=1)
+    first = _sha_of(path)
+    env = {"FASHION_SERVE_CHECKPOINT": str(path), "FASHION_SERVE_LOG_LEVEL": "warning"}  # stdout is a pipe
+    with serving(env, "--workers", "2") as (process, port):
+        with under_load(port) as load:
+            if replacement == "another model":
+                write_tiny_checkpoint(path, seed=3)
+            elif replacement == "a broken file":
+                path.write_bytes(b"not a checkpoint")
+            else:
+                path.unlink()
+            victim = _workers(process.pid)[0]
+            os.kill(victim, signal.SIGKILL)
+            assert _wait_for(lambda: len(_workers(process.pid)) == 2 and victim not in _workers(process.pid))
+            assert _wait_for(lambda: _get(port, "/health/ready")[0] == 200)
+            time.sleep(2.0)
+            assert _shas_seen(port) == {first}
+        assert process.poll() is None, "the service is still up"
+        assert load.statuses[200] > 50
+        assert len(_model_info_series(port)) == 1
+
+
+def _send(port: int, payload: bytes, chunk: int = 65536, pause: float = 0.0) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
+        try:
+            for i in range(0, len(payload), chunk):
+                s.sendall(payload[i : i + chunk])
+                time.sleep(pause)
+        except OSError:
+            pass  # refused mid-send: the answer may still be there to read
+        try:
+            return s.recv(200).split(b"\r\n")[0]
+        except OSError as exc:
+            return repr(exc).encode()
+
+
+def test_request_heads_are_bounded_in_size_and_time() -> None:
+    """Findings 4 and 5: a 32 MB head was read and answered 200; a slow head had no deadline."""
+    env = {"FASHION_SERVE_HEADER_TIMEOUT_S": "2"}
+    with serving(env) as (_, port):
+        ok = b"GET /health/live HTTP/1.1\r\nHost: x\r\nX-A: " + b"a" * 12000 + b"\r\n\r\n"
+        assert _send(port, ok) == b"HTTP/1.1 200 OK"
+        many = b"".join(b"X-%d: %s\r\n" % (i, b"b" * 8000) for i in range(100))
+        assert _send(port, b"GET /health/live HTTP/1.1\r\nHost: x\r\n" + many + b"\r\n", chunk=8192) == (
+            b"HTTP/1.1 431 Request Header Fields Too Large"
+        )
+        assert _send(port, b"GET /" + b"a" * 100_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", chunk=8192) == (
+            b"HTTP/1.1 414 URI Too Long"
+        )
+        huge = b"GET /health/live HTTP/1.1\r\nHost: x\r\nX-A: " + b"a" * (32 << 20) + b"\r\n\r\n"
+        assert _send(port, huge) in (b"HTTP/1.1 431 Request Header Fields Too Large", b"")
+        start = time.monotonic()
+        assert _send(port, b"GET /health/live HTTP/1.1\r\nHost: x\r\n") == b"HTTP/1.1 408 Request Timeout"
+        assert 1.5 < time.monotonic() - start < 6
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as idle:
+            start = time.monotonic()
+            assert idle.recv(10) == b""  # a connection that sends nothing is closed too
+            assert time.monotonic() - start < 6
+        # A body is not a head: a large upload still goes through.
+        body, content_type = multipart([("big.png", png((1500, 1500)))])
+        assert len(body) > 100_000
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+        connection.request("POST", "/predict", body, {"Content-Type": content_type})
+        assert connection.getresponse().status == 200
+        assert _get(port, "/health/ready")[0] == 200
+
+
+def test_api_keys_guard_the_model_but_not_the_probes(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text("# rotated monthly\nfile-key-1\n\n")
+    env = {"FASHION_SERVE_API_KEYS": "env-key-1, env-key-2", "FASHION_SERVE_API_KEYS_FILE": str(keys)}
+    with serving(env) as (process, port):
+        body, content_type = multipart([("a.png", png())])
+
+        def predict(headers: dict[str, str]) -> http.client.HTTPResponse:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            connection.request("POST", "/predict", body, {"Content-Type": content_type, **headers})
+            response = connection.getresponse()
+            response.read()
+            return response
+
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic env-key-1"}):
+            refused = predict(headers)
+            assert refused.status == 401 and refused.headers["WWW-Authenticate"].startswith("Bearer")
+        for key in ("env-key-1", "env-key-2", "file-key-1"):
+            assert predict({"Authorization": f"Bearer {key}"}).status == 200
+        probes = ("/health/live", "/health/ready", "/v2/health/ready", "/v2/models/fashion_cnn/ready")
+        for path in (*probes, "/metrics", "/docs", "/"):
+            assert _get(port, path)[0] == 200, path
+        assert _get(port, "/model")[0] == 401
+        status, text = _get(port, "/v2/models/m")
+        assert status == 401 and "error" in json.loads(text)
+    output = process.output  # type: ignore[attr-defined]
+    assert "env-key" not in output and "file-key" not in output
+
+
+def test_a_missing_keys_file_stops_start_up_with_one_line(tmp_path: Path) -> None:
+    from tests.serverproc import start_server
+
+    process, _ = start_server({"FASHION_SERVE_API_KEYS_FILE": str(tmp_path / "nope")})
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 1
+    assert [line for line in output.splitlines() if "CRITICAL" in line and "FASHION_SERVE_API_KEYS_FILE" in line]
+    assert "Traceback" not in output
