@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -64,10 +65,14 @@ class CheckpointSource:
 
     @classmethod
     def create(cls, configured: Path, device: str) -> CheckpointSource:
-        """A private directory for the snapshot: /dev/shm where writable (a tmpfs even under a
-        read-only root filesystem), else the temporary directory."""
-        base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
-        return cls(configured, Path(tempfile.mkdtemp(prefix="fashion-serve-model-", dir=base)), device)
+        """A private directory for the snapshot: /dev/shm where writable with room for two
+        copies (a tmpfs even under a read-only root filesystem; Docker gives it 64 MB), else
+        the temporary directory."""
+        size = configured.stat().st_size if configured.is_file() else 0
+        shm = Path("/dev/shm")
+        roomy = os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > 2 * size + (1 << 20)
+        directory = tempfile.mkdtemp(prefix="fashion-serve-model-", dir=shm if roomy else None)
+        return cls(configured, Path(directory), device)
 
     def _copy(self) -> Path:
         """The configured file's bytes, read once, as a candidate beside the snapshot."""
