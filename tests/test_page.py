@@ -37,6 +37,8 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 SAMPLES = ROOT / "app" / "static" / "page" / "samples"
+# Chromium reports every 4xx response on the console; with keys required, the 401s are the point.
+UNAUTHORIZED_LOG = re.compile(r"^Failed to load resource: the server responded with a status of 401")
 
 if not CHROMIUM.exists():
     pytest.skip("no /usr/bin/chromium (scripts/test installs it where apt-get can)", allow_module_level=True)
@@ -187,6 +189,12 @@ def test_uploads_show_what_predict_answers(tab: Watched, server: int, tmp_path: 
 def test_samples_keyboard_and_invert_choice(tab: Watched, server: int) -> None:
     page = tab.page
     page.goto(f"http://127.0.0.1:{server}/")
+    for _ in range(5):  # the file picker is a visually hidden input: its label shows the keyboard focus
+        page.keyboard.press("Tab")
+        if page.evaluate("document.activeElement.id") == "file-input":
+            break
+    assert page.evaluate("document.activeElement.id") == "file-input"
+    assert page.eval_on_selector("label[for=file-input]", "l => getComputedStyle(l).outlineStyle") == "solid"
     page.select_option("#invert", "true")
     page.focus("#samples button >> nth=9")
     page.keyboard.press("Enter")
@@ -204,3 +212,46 @@ def test_samples_keyboard_and_invert_choice(tab: Watched, server: int) -> None:
     assert page.evaluate("getComputedStyle(document.querySelector('canvas')).imageRendering") == "pixelated"
     assert tab.left_the_service == [] and tab.console_errors == []
 
+
+def test_with_api_keys_the_page_asks_for_one_and_keeps_it_in_the_tab(tab: Watched) -> None:
+    with serving({"FASHION_SERVE_API_KEYS": "page-test-key"}) as (_, port):
+        page = tab.page
+        page.goto(f"http://127.0.0.1:{port}/")
+        prompt = page.locator("#key-prompt")
+        expect(prompt).to_be_visible()
+        expect(prompt).to_contain_text("needs an API key")
+        expect(page.locator("#model-info")).to_have_text("The model's description needs an API key.")
+        assert page.evaluate("document.activeElement.id") == "api-key"
+
+        page.click("#samples button >> nth=1")
+        expect(page.locator("#status")).to_contain_text("Waiting for an API key")
+        page.fill("#api-key", "wrong-key")
+        page.press("#api-key", "Enter")
+        expect(prompt).to_contain_text("did not accept this API key")
+
+        page.fill("#api-key", "page-test-key")
+        page.press("#api-key", "Enter")  # sends the sample that waited for a key
+        expect(page.locator("#status")).to_have_text(re.compile("^Done"), timeout=30_000)
+        expect(prompt).to_be_hidden()
+        expect(page.locator("#model-info")).to_contain_text("Model:")
+        [card] = card_facts(page)
+        trouser = (SAMPLES / "trouser.png").read_bytes()
+        authorized = {"Authorization": "Bearer page-test-key"}
+        [expected] = post(port, "/predict?k=3", [("trouser.png", trouser)], authorized)["predictions"]
+        assert card["labels"] == [t["label"] for t in expected["top_k"]]
+        assert card["percents"] == [percent(t["probability"]) for t in expected["top_k"]]
+
+        assert tab.authorization[:2] == [None, None]  # /model on load, the sample before the key
+        assert "Bearer page-test-key" in tab.authorization and "Bearer wrong-key" in tab.authorization
+        storage = page.evaluate(
+            "[sessionStorage.getItem('fashion-serve.api-key'), localStorage.length, document.cookie]"
+        )
+        assert storage == ["page-test-key", 0, ""]
+        page.reload()  # the key stays with the tab
+        expect(page.locator("#model-info")).to_contain_text("Model:")
+        assert page.input_value("#api-key") == "page-test-key"
+        other_tab = tab.context.new_page()
+        other_tab.goto(f"http://127.0.0.1:{port}/")
+        assert other_tab.input_value("#api-key") == ""
+        assert tab.left_the_service == []
+        assert [m for m in tab.console_errors if not UNAUTHORIZED_LOG.match(m)] == []
