@@ -45,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--hidden-layers", type=int, nargs="+", help="hidden sizes for --arch network")
     train.add_argument("--drop-p", type=float, help="dropout probability (default: the architecture's)")
     train.add_argument("--epochs", type=int, default=15)
-    train.add_argument("--batch-size", type=int, default=256)
+    train.add_argument(
+        "--batch-size", type=int, default=256, help="examples per step and process (under torchrun: N x this per step)"
+    )
     train.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the one-cycle schedule")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument(
