@@ -47,15 +47,14 @@ def setup(ctx: Distributed, device: torch.device) -> torch.device:
     """Join the process group (NCCL on CUDA, gloo on the CPU); on CUDA, use the local rank's GPU."""
     if not ctx.enabled:
         return device
-    if device.type == "cuda":
-        if device.index not in (None, ctx.local_rank):
-            raise ValueError(f"under torchrun each process uses cuda:LOCAL_RANK; got --device {device}")
-        device = torch.device("cuda", ctx.local_rank)
-        torch.cuda.set_device(device)
-    if device.type == "cuda":
-        dist.init_process_group("nccl", device_id=device)
-    else:
+    if device.type != "cuda":
         dist.init_process_group("gloo")
+        return device
+    if device.index not in (None, ctx.local_rank):
+        raise ValueError(f"under torchrun each process uses cuda:LOCAL_RANK; got --device {device}")
+    device = torch.device("cuda", ctx.local_rank)
+    torch.cuda.set_device(device)
+    dist.init_process_group("nccl", device_id=device)
     return device
 
 
