@@ -57,7 +57,11 @@ async def receive_body(receive: Receive, content_length: bytes | None, max_bytes
 
 
 def dump_json(content: object) -> bytes:
-    return json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+    text = json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    try:
+        return text.encode()
+    except UnicodeEncodeError:  # a lone surrogate from a client's JSON: escaped, still valid JSON
+        return json.dumps(content, allow_nan=False, separators=(",", ":")).encode()
 
 
 async def send_response(

@@ -26,6 +26,10 @@ Item = TypeVar("Item")
 Result = TypeVar("Result")
 
 
+class BatcherClosed(RuntimeError):
+    """The batcher was closed (its model replaced, or the service stopping)."""
+
+
 @dataclass
 class _Job(Generic[Item, Result]):
     item: Item
@@ -62,19 +66,29 @@ class MicroBatcher(Generic[Item, Result]):
         self._nice = nice
         self._queue: queue.SimpleQueue[_Job[Item, Result] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
+        self._closed = False
 
     def start(self) -> None:
         self._thread.start()
 
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+    def close(self) -> None:
+        """Take no more items; the thread finishes those already queued, then ends. Call it from
+        the event loop that submits, so that no item can slip in behind the end."""
+        self._closed = True
+        self._queue.put(None)
+
     def stop(self, timeout: float | None = None) -> None:
         """Finish the items already queued, then end the thread."""
-        self._queue.put(None)
+        self.close()
         self._thread.join(timeout)
 
     async def submit(self, item: Item) -> Result:
-        """Queue one item and wait for its result (or its exception)."""
-        if not self._thread.is_alive():
-            raise RuntimeError("the inference thread is not running")
+        """Queue one item and wait for its result (or its exception); BatcherClosed once closed."""
+        if self._closed or not self._thread.is_alive():
+            raise BatcherClosed("the inference thread is not running")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Result] = loop.create_future()
         self._queue.put(_Job(item, future, loop))

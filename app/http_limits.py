@@ -4,9 +4,11 @@ httptools (like uvicorn on top of it) reads a request head of any size: a 32 MB 
 buffered whole before the application sees it, and a head sent a byte at a time has no
 deadline. This subclass counts the bytes of a head as they arrive and refuses it past
 `max_head_bytes` (431, or 414 while the request line is still arriving) before more is
-buffered, and closes a connection whose head is not complete within `head_timeout_s`
-(counted from the connection's start or from the first byte of a request). Bodies are not
-counted: they have their own limit (`FASHION_SERVE_MAX_UPLOAD_BYTES`).
+buffered, and closes a connection whose head is not complete within `head_timeout_s` of its
+first byte (a new connection that sends nothing is closed after that long too). Bodies are not
+counted: they have their own limit (`FASHION_SERVE_MAX_UPLOAD_BYTES`). A head is counted from
+the first read that holds only head bytes, so at most one read (64 KiB) more than the limit
+is buffered, and the end of a pipelined request's body is never counted as the next head.
 """
 
 from __future__ import annotations
@@ -34,9 +36,13 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self.url = b""  # uvicorn sets it at the first byte of a request; the timer may fire before
         self._head_bytes = 0
         self._in_head = True
+        self._began_in_read = self._head_started = False
         self._discarding = False
         self._discarded = 0
-        self._head_timer: asyncio.TimerHandle | None = self.loop.call_later(self.head_timeout_s, self._head_timeout)
+        self._pending_refusal: tuple[int, str] | None = None
+        self._refusing = False
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._start_head_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
@@ -48,26 +54,47 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             if self._discarded > LINGER_BYTES:
                 self.transport.close()
             return
+        self._began_in_read = False
         super().data_received(data)
-        if self._in_head and not self.transport.is_closing():
-            # Still inside a head after this chunk: all of it (but for the end of a pipelined
-            # previous request, in the same chunk) is head.
+        if self._in_head and not self._began_in_read and not self.transport.is_closing():  # all of it is head
             self._head_bytes += len(data)
-            if self._head_bytes > self.max_head_bytes:
+            if self._head_bytes > self.max_head_bytes and self._pending_refusal is None:
                 status = 414 if not self.headers and len(self.url) > self.max_head_bytes // 2 else 431
                 self._refuse(status, f"request head exceeds {self.max_head_bytes} bytes")
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        if not self._in_head:  # the next request on a kept-alive connection: a new deadline
-            self._in_head = True
-            self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_timeout)
+        self._in_head = self._began_in_read = self._head_started = True
+        self._head_bytes = 0
+        self._start_head_timer()  # the deadline runs from the head's first byte
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._pending_refusal is not None:  # a pipelined head overflowed while this answer was due
+            self._refuse(*self._pending_refusal)
+
+    def _start_head_timer(self) -> None:
+        self._cancel_head_timer()
+        self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_timeout)
 
     def on_headers_complete(self) -> None:
-        self._in_head = False
+        self._in_head = self._head_started = False
         self._head_bytes = 0
         self._cancel_head_timer()
+        # A head that arrived within one read was never counted above: measure the parsed one.
+        size = len(self.url) + 16 + sum(len(name) + len(value) + 4 for name, value in self.headers)
+        if size > self.max_head_bytes:
+            self._refuse(431, f"request head exceeds {self.max_head_bytes} bytes")
+            return
         super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if not self._refusing:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if not self._refusing:
+            super().on_message_complete()
 
     def _cancel_head_timer(self) -> None:
         if self._head_timer is not None:
@@ -77,12 +104,20 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def _head_timeout(self) -> None:
         self._head_timer = None
         if self._in_head and not self.transport.is_closing():
-            if self._head_bytes or self.url:
+            if self._head_started:
                 self._refuse(408, f"request head not complete within {self.head_timeout_s:g} s")
             else:  # an idle connection: nothing to answer
                 self.transport.close()
 
     def _refuse(self, status: int, message: str) -> None:
+        self._refusing = True  # whatever else this read holds is not for the app
+        if self.cycle is not None and not self.cycle.response_complete:
+            # An earlier request on this connection is still being answered: stop reading, and
+            # refuse once its answer has gone (on_response_complete).
+            self._pending_refusal = (status, message)
+            self.flow.pause_reading()
+            return
+        self._pending_refusal = None
         logger.info("refused a request head from %s: %d %s", self.client and self.client[0], status, message)
         self._cancel_head_timer()
         self._in_head = False

@@ -98,6 +98,7 @@ async def _follow_snapshot(runtime: Runtime, snapshot: Path) -> None:
     warmed up beside the current model, which keeps serving until the swap. Requests already
     holding the old model finish on it; its inference thread stops once none can be left."""
     seen = os.stat(snapshot)
+    retiring: set[asyncio.Task[None]] = set()  # kept referenced until done
     while True:
         await asyncio.sleep(SNAPSHOT_POLL_S)
         try:
@@ -114,9 +115,22 @@ async def _follow_snapshot(runtime: Runtime, snapshot: Path) -> None:
             continue
         old, runtime.service = runtime.service, service
         logger.info("reloaded: now serving %s", _describe(service))
-        if old is not None and old.batcher is not None:
-            # A request admitted before the swap has at most body_timeout_s to send its body.
-            asyncio.get_running_loop().call_later(runtime.settings.body_timeout_s + 5, old.batcher.stop)
+        if old is not None:
+            retiring.add(asyncio.create_task(_retire(old, runtime.settings.body_timeout_s + 5)))
+            retiring = {task for task in retiring if not task.done()}
+        del old, service  # _retire holds the old model now, and lets it go
+
+
+async def _retire(old: ClassifierService, delay: float) -> None:
+    """End a replaced model's inference thread once no request can still reach it (one admitted
+    before the swap has at most body_timeout_s to send its body), and let it be freed."""
+    await asyncio.sleep(delay)
+    # Dropping the batcher breaks the service <-> batcher (run_batch) cycle, so reference counting
+    # frees the model: the collector never would, as start-up froze it (gc.freeze; found in review).
+    batcher, old.batcher = old.batcher, None
+    if batcher is not None:
+        batcher.close()
+        await run_in_threadpool(batcher.join, 5.0)
 
 
 def _observe(runtime: Runtime) -> Callable[[int, float], None]:
@@ -218,7 +232,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 follower.cancel()
             if runtime.service is not None and runtime.service.batcher is not None:
                 # uvicorn has already drained the connections within the grace period.
-                await run_in_threadpool(runtime.service.batcher.stop, 1.0)
+                runtime.service.batcher.close()
+                await run_in_threadpool(runtime.service.batcher.join, 1.0)
 
     infer = v2.V2InferEndpoint(runtime)
     fast_routes = [

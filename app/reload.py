@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -36,6 +37,7 @@ logger = logging.getLogger("app")
 
 SNAPSHOT_ENV = "FASHION_SERVE_MODEL_SNAPSHOT"  # set by the supervisor for its workers; internal
 VALIDATE_TIMEOUT_S = 300
+VALID = "valid"  # the last line app.validate prints for a checkpoint that serves
 
 
 def snapshot_path() -> Path | None:
@@ -62,6 +64,7 @@ class CheckpointSource:
         self.device = device
         self.snapshot = directory / "current.pt"
         self.counts = {"success": 0, "failure": 0}
+        self._validation: tuple[subprocess.Popen[bytes], float] | None = None
 
     @classmethod
     def create(cls, configured: Path, device: str) -> CheckpointSource:
@@ -79,20 +82,26 @@ class CheckpointSource:
         candidate = self.directory / "candidate.pt"
         if not self.configured.is_file():
             raise CheckpointError(f"checkpoint {self.configured} does not exist (or is not a file)")
-        with self.configured.open("rb") as source:
-            data = source.read(MAX_FILE_BYTES + 1)  # load_checkpoint refuses the oversized copy
-        candidate.write_bytes(data)
+        try:
+            with self.configured.open("rb") as source:
+                data = source.read(MAX_FILE_BYTES + 1)  # load_checkpoint refuses the oversized copy
+        except OSError as exc:
+            raise CheckpointError(f"cannot read {self.configured}: {exc.strerror or exc}") from None
+        try:
+            candidate.write_bytes(data)
+        except OSError as exc:
+            candidate.unlink(missing_ok=True)
+            raise CheckpointError(f"cannot copy it to {self.directory}: {exc.strerror or exc}") from None
         return candidate
 
     def install(self) -> None:
         """Start-up: copy the configured file and check the copy as the workers will load it
         (raises CheckpointError, saying the configured path)."""
+        candidate = self._copy()
         try:
-            candidate = self._copy()
             load_checkpoint(candidate, device="cpu")
-        except OSError as exc:
-            raise CheckpointError(f"cannot read {self.configured}: {exc.strerror or exc}") from None
         except CheckpointError as exc:
+            candidate.unlink(missing_ok=True)
             raise CheckpointError(self._reason(str(exc))) from None
         os.replace(candidate, self.snapshot)
         self._write_counts()
@@ -101,50 +110,76 @@ class CheckpointSource:
         """A message about the private copy, told about the configured path."""
         return message.replace(str(self.directory / "candidate.pt"), str(self.configured))
 
-    def reload(self) -> bool:
-        """Validate the configured file completely; on success it becomes the snapshot."""
+    def start_reload(self) -> None:
+        """SIGHUP: copy the configured file and start validating the copy in a separate process;
+        `poll` (from the supervisor's loop) finishes the reload. Never raises: a reload that
+        cannot even start is a failure like any other."""
+        if self._validation is not None:
+            logger.warning("reload: a reload is already being validated; this SIGHUP is ignored")
+            return
         try:
             candidate = self._copy()
+            verdict = (self.directory / "verdict.txt").open("w")
+            with verdict:
+                process = subprocess.Popen(
+                    [sys.executable, "-m", "app.validate", str(candidate)],
+                    stdout=verdict,
+                    stderr=subprocess.STDOUT,
+                    env={**os.environ, "FASHION_SERVE_DEVICE": self.device},
+                )
+            self._validation = (process, time.monotonic())
         except CheckpointError as exc:
-            return self._failed(str(exc))
-        except OSError as exc:
-            return self._failed(f"cannot read {self.configured}: {exc.strerror or exc}")
+            self._failed(str(exc))
+        except Exception as exc:
+            self._failed(f"cannot start the validation: {exc!r}")
+
+    def poll(self) -> None:
+        """Finish a reload whose validation has ended: the new snapshot, or a refusal."""
+        if self._validation is None:
+            return
+        process, started = self._validation
+        timed_out = time.monotonic() - started > VALIDATE_TIMEOUT_S
+        # The verdict is what the validation wrote, not its exit status: gunicorn's loop reaps
+        # every child it sees end (os.waitpid(-1)), and a reaped status reads as 0.
+        if process.poll() is None and not timed_out:
+            return
+        self._validation = None
+        candidate = self.directory / "candidate.pt"
         try:
-            check = subprocess.run(
-                [sys.executable, "-m", "app.validate", str(candidate)],
-                capture_output=True,
-                text=True,
-                timeout=VALIDATE_TIMEOUT_S,
-                env={**os.environ, "FASHION_SERVE_DEVICE": self.device},
-            )
-        except subprocess.TimeoutExpired:
+            if timed_out:
+                process.kill()
+                raise CheckpointError(f"validation took over {VALIDATE_TIMEOUT_S} s")
+            lines = (self.directory / "verdict.txt").read_text(errors="replace").strip().splitlines()
+            if lines[-1:] != [VALID]:
+                raise CheckpointError(self._reason(lines[-1] if lines else "the validation ended without a verdict"))
+            os.replace(candidate, self.snapshot)
+        except CheckpointError as exc:
             candidate.unlink(missing_ok=True)
-            return self._failed(f"validation took over {VALIDATE_TIMEOUT_S} s")
-        if check.returncode != 0:
+            self._failed(str(exc))
+            return
+        except OSError as exc:
             candidate.unlink(missing_ok=True)
-            reason = (check.stdout.strip() or check.stderr.strip().splitlines()[-1:] or ["no reason given"])[-1]
-            return self._failed(self._reason(reason))
-        os.replace(candidate, self.snapshot)
+            self._failed(f"cannot install the new copy: {exc.strerror or exc}")
+            return
         self.counts["success"] += 1
         self._write_counts()
         logger.info("reload: %s validated; the workers switch to it now", self.configured)
-        return True
 
-    def _failed(self, reason: str) -> bool:
+    def _failed(self, reason: str) -> None:
         self.counts["failure"] += 1
         self._write_counts()
         logger.error("reload refused, still serving the previous model: checkpoint %s: %s", self.configured, reason)
-        return False
 
     def _write_counts(self) -> None:
         partial = self.directory / "reloads.json.tmp"
-        partial.write_text(json.dumps(self.counts))
-        os.replace(partial, self.directory / "reloads.json")
+        try:
+            partial.write_text(json.dumps(self.counts))
+            os.replace(partial, self.directory / "reloads.json")
+        except OSError as exc:  # the counts are for /metrics; never a reason to stop serving
+            logger.warning("reload: cannot record the reload counts: %s", exc.strerror or exc)
 
     def remove(self) -> None:
-        for path in self.directory.iterdir():
-            path.unlink(missing_ok=True)
-        self.directory.rmdir()
+        shutil.rmtree(self.directory, ignore_errors=True)
 
 
 class ModelCollector(Collector):

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from starlette.concurrency import run_in_threadpool
 
+from app.batching import BatcherClosed
 from app.errors import unavailable
 from app.observability import Metrics
 from app.service import ClassifierService, Pending, Scored
@@ -76,6 +77,9 @@ class Runtime:
             raise unavailable(self.health.reason)
         if callable(request) and encoded_bytes > INLINE_DECODE_BYTES:
             request = await run_in_threadpool(request)
-        scored = await batcher.submit(request)
+        try:
+            scored = await batcher.submit(request)
+        except BatcherClosed:  # its model was replaced long ago (a reload), or the service is stopping
+            raise unavailable("the model was replaced while this request waited; retry") from None
         self.metrics.images_per_request.observe(len(scored.input.names))
         return scored

@@ -51,14 +51,6 @@ class Scored:
         return [errors[i] if i in errors else next(row) for i in range(len(self.input.names))]
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class ClassifierService:
     """A loaded model and what it takes to turn model input into class probabilities."""
 
@@ -100,8 +92,13 @@ class ClassifierService:
         the supervisor's validated copy, when given; /model reports the configured path."""
         torch.set_num_threads(settings.torch_threads)
         path = Path(source or settings.checkpoint)
-        loaded = load_checkpoint(path, device=settings.device)
-        info = CheckpointInfo(str(settings.checkpoint), _sha256(path), path.stat().st_size, loaded.format)
+        try:
+            data: bytes | None = path.read_bytes()  # once: what is hashed is what is loaded
+        except OSError:
+            data = None  # load_checkpoint says what is wrong with the path, in its words
+        loaded = load_checkpoint(path, device=settings.device, data=data)
+        data = data if data is not None else path.read_bytes()
+        info = CheckpointInfo(str(settings.checkpoint), hashlib.sha256(data).hexdigest(), len(data), loaded.format)
         return cls(loaded, info, settings, observe_batch)
 
     @property

@@ -69,8 +69,13 @@ class _Arbiter(Arbiter):
     def handle_hup(self) -> None:
         if self.source is None:
             super().handle_hup()
-        else:
-            self.source.reload()
+        else:  # validated in a separate process while this loop goes on supervising
+            self.source.start_reload()
+
+    def manage_workers(self) -> None:  # once per pass of gunicorn's loop (at least once a second)
+        super().manage_workers()
+        if self.source is not None:
+            self.source.poll()
 
 
 class _Supervisor(BaseApplication):

@@ -1,5 +1,6 @@
 """`python -m app.validate CHECKPOINT`: load it as a worker would, on the configured device, and
-run a warm-up forward pass. Exit 0 if it serves; else print the reason on one line and exit 1.
+run a warm-up forward pass. If it serves, print `valid` and exit 0; else print the reason on
+one line and exit 1.
 
 The supervisor runs this in a fresh process before a reload, so that nothing it does (CUDA,
 torch's thread pools) happens in the process that forks the workers.
@@ -11,6 +12,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
+from app.reload import VALID
 
 
 def main(argv: list[str]) -> int:
@@ -34,6 +37,7 @@ def main(argv: list[str]) -> int:
     if probabilities.shape != (2, service.num_classes) or not np.isfinite(probabilities).all():
         print("warm-up failed: the model's output is not finite class probabilities")
         return 1
+    print(VALID)
     return 0
 
 

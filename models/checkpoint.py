@@ -11,6 +11,7 @@ The course's four-key format (`input_size`, `output_size`, `hidden_layers`,
 from __future__ import annotations
 
 import datetime as dt
+import io
 import math
 import os
 import pickle
@@ -118,13 +119,14 @@ def _weights_only_reason(message: str) -> str:
     return (useful[-1] if useful else lines[-1] if lines else message)[:300]
 
 
-def _read(path: Path) -> Any:
-    if not path.is_file():
+def _read(path: Path, data: bytes | None = None) -> Any:
+    if data is None and not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist (or is not a file)")
-    if path.stat().st_size > MAX_FILE_BYTES:
-        raise CheckpointError(f"checkpoint {path} is {path.stat().st_size:,} bytes; the limit is {MAX_FILE_BYTES:,}")
+    size = path.stat().st_size if data is None else len(data)
+    if size > MAX_FILE_BYTES:
+        raise CheckpointError(f"checkpoint {path} is {size:,} bytes; the limit is {MAX_FILE_BYTES:,}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path if data is None else io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         reason = _weights_only_reason(str(exc))
         if "GLOBAL" in reason or "global" in reason:
@@ -234,15 +236,17 @@ def resolve_device(device: torch.device | str) -> torch.device:
     return resolved
 
 
-def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = "cpu") -> LoadedModel:
+def load_checkpoint(
+    path: str | os.PathLike[str], device: torch.device | str = "cpu", data: bytes | None = None
+) -> LoadedModel:
     """Load, validate and rebuild a checkpoint; the model comes back in eval mode on `device`.
 
     Every failure raises CheckpointError. Arguments are range-checked and every tensor's
     shape compared with the architecture (built on the meta device) before anything is
-    allocated for the model.
+    allocated for the model. `data`: the file's bytes, already read (`path` then only names it).
     """
     path = Path(path)
-    ckpt = _normalize(_read(path))
+    ckpt = _normalize(_read(path, data))
     arch = _require(ckpt, "arch", str)
     if arch not in ARCHITECTURES:
         raise CheckpointError(f"unknown architecture {arch!r}; this build knows {', '.join(ARCHITECTURES)}")

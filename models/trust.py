@@ -20,6 +20,7 @@ plain probabilities and no scores.
 from __future__ import annotations
 
 import math
+import threading
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -145,12 +146,20 @@ def forward_with_features(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward pass -> (log-probabilities, the input of the last Linear layer).
 
-    A forward hook captures the features for this call only, so concurrent calls on
-    other threads each see their own.
+    A forward hook captures the features. Hooks belong to the module, not to the call, so it
+    keeps only what this thread's pass produces: another thread running the same model at
+    the same time (the service's /explain gradients beside the inference thread) would
+    otherwise add its own batch's features to this one's (found in review).
     """
     captured: list[torch.Tensor] = []
     layer = output_layer or last_linear(model)
-    handle = layer.register_forward_hook(lambda _m, inputs, _out: captured.append(inputs[0]))
+    caller = threading.get_ident()
+
+    def capture(_module: nn.Module, inputs: tuple[torch.Tensor, ...], _output: torch.Tensor) -> None:
+        if threading.get_ident() == caller:
+            captured.append(inputs[0])
+
+    handle = layer.register_forward_hook(capture)
     try:
         log_ps = model(x)
     finally:

@@ -241,6 +241,78 @@ def test_request_heads_are_bounded_in_size_and_time() -> None:
         assert _get(port, "/health/ready")[0] == 200
 
 
+def test_pipelined_requests_are_answered_and_only_a_head_is_counted_as_head(tmp_path: Path) -> None:
+    """Found in review: a POST's body and the start of the next request's head arrived in one
+    read; the whole read counted as head, the next request got 431 and the POST's 200 was lost."""
+    path = write_tiny_checkpoint(tmp_path / "m.pt")
+    tensor = {"name": "input", "datatype": "FP32", "shape": [3, 784], "data": [0.123456789] * (3 * 784)}
+    body = json.dumps({"inputs": [tensor]}).encode()
+    post = b"POST /v2/models/m/infer HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+    with serving({"FASHION_SERVE_CHECKPOINT": str(path)}) as (_, port):
+        for rest in (b"\r\n", b"X-Big: " + b"a" * 40_000 + b"\r\n\r\n"):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                s.sendall(post + b"GET /health/live HTTP/1.1\r\nHost: x\r\n")
+                time.sleep(0.3)
+                s.sendall(rest)
+                answers = b""
+                try:
+                    while chunk := s.recv(65536):
+                        answers += chunk
+                except TimeoutError:
+                    pass
+            statuses = re.findall(rb"HTTP/1.1 (\d+)", answers)
+            assert statuses[0] == b"200" and b"model_name" in answers, answers[:300]
+            assert statuses[1] == (b"200" if rest == b"\r\n" else b"431"), statuses
+
+
+def test_a_reload_that_cannot_even_start_is_a_failure_not_a_crash(tmp_path: Path) -> None:
+    """Found in review: with the snapshot's directory gone (a full or unwritable /dev/shm), SIGHUP
+    raised in gunicorn's loop and the whole service exited."""
+    import shutil
+
+    path = write_tiny_checkpoint(tmp_path / "m.pt")
+    before = _snapshot_dirs()
+    with serving({"FASHION_SERVE_CHECKPOINT": str(path)}) as (process, port):
+        (ours,) = _snapshot_dirs() - before
+        shutil.rmtree(ours)
+        process.send_signal(signal.SIGHUP)
+        time.sleep(2.0)
+        assert process.poll() is None
+        assert _get(port, "/health/ready")[0] == 200
+        assert client_predicts(port)
+    assert "reload refused" in process.output  # type: ignore[attr-defined]
+
+
+def _snapshot_dirs() -> set[Path]:
+    import tempfile
+
+    return {p for base in ("/dev/shm", tempfile.gettempdir()) for p in Path(base).glob("fashion-serve-model-*")}
+
+
+def client_predicts(port: int) -> bool:
+    body, content_type = multipart([("a.png", png())])
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    connection.request("POST", "/predict", body, {"Content-Type": content_type})
+    return connection.getresponse().status == 200
+
+
+def test_the_supervisor_keeps_supervising_while_a_reload_is_validated(tmp_path: Path) -> None:
+    """Found in review: the validation ran inside gunicorn's loop, so a worker that died meanwhile
+    was replaced only once it ended (and SIGTERM waited for it too)."""
+    path = write_tiny_checkpoint(tmp_path / "m.pt", seed=1)
+    with serving({"FASHION_SERVE_CHECKPOINT": str(path)}, "--workers", "2") as (process, port):
+        write_tiny_checkpoint(path, seed=2)
+        process.send_signal(signal.SIGHUP)
+        time.sleep(0.2)
+        victim = _workers(process.pid)[0]
+        os.kill(victim, signal.SIGKILL)
+        assert _wait_for(lambda: _reloads(port).get("success") == 1.0, timeout=60)
+    lines = process.output.splitlines()  # type: ignore[attr-defined]
+    booted = max(i for i, line in enumerate(lines) if "Booting worker" in line)
+    validated = next(i for i, line in enumerate(lines) if "validated; the workers switch" in line)
+    assert booted < validated, "the dead worker was replaced while the new model was being validated"
+
+
 def test_api_keys_guard_the_model_but_not_the_probes(tmp_path: Path) -> None:
     keys = tmp_path / "keys"
     keys.write_text("# rotated monthly\nfile-key-1\n\n")

@@ -18,19 +18,21 @@ import math
 import struct
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from starlette.concurrency import run_in_threadpool
 from starlette.types import Receive, Scope, Send
 
 from app.asgi import dump_json, header, receive_body, send_response
 from app.decoding import ModelInput, image_to_input
 from app.errors import ServeError, unavailable
-from app.runtime import Runtime
-from app.service import ClassifierService, Scored
+from app.runtime import INLINE_DECODE_BYTES, Runtime
+from app.service import ClassifierService, Pending, Scored
 from models.preprocessing import normalize
 
 logger = logging.getLogger("app")
@@ -114,6 +116,15 @@ def _flag(parameters: dict[str, Any], name: str) -> bool:
     return value
 
 
+def _is_utf8(text: str) -> bool:
+    """False for text JSON can carry but UTF-8 cannot (lone surrogates such as "\\ud800")."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _split_binary(body: bytes, header_length: bytes | None) -> tuple[bytes, bytes]:
     """The JSON header and the binary section after it (binary tensor data extension)."""
     if header_length is None:
@@ -139,8 +150,8 @@ def parse_infer_request(
         raise _bad(f"malformed JSON: {exc}") from None
     request = _object(request, "the request")
     request_id = request.get("id")
-    if request_id is not None and not isinstance(request_id, str):
-        raise _bad("'id' must be a string")
+    if request_id is not None and not (isinstance(request_id, str) and _is_utf8(request_id)):
+        raise _bad("'id' must be a string of Unicode text")
     inputs = request.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1:
         raise _bad(f"'inputs' must be a list of exactly one tensor, named {INPUT!r}")
@@ -212,7 +223,7 @@ def _array(request: InferRequest, dtype: type[np.generic]) -> np.ndarray:
         return np.frombuffer(request.data, dtype=np.dtype(dtype).newbyteorder("<")).astype(dtype)
     try:
         array = np.asarray(request.data, dtype=np.float64).ravel()
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, OverflowError):
         raise _bad(f"'data' must be numbers for {request.datatype}") from None
     if array.size != count:
         raise _bad(f"'data' has {array.size} values; shape {request.shape} needs {count}")
@@ -228,7 +239,8 @@ def _images(request: InferRequest) -> list[bytes]:
     count = request.shape[0]
     if request.binary:
         data: bytes = request.data
-        images, offset = [], 0
+        images: list[bytes] = []
+        offset = 0
         while offset < len(data):
             if offset + 4 > len(data):
                 raise _bad("BYTES binary data ends inside an element's length")
@@ -236,6 +248,8 @@ def _images(request: InferRequest) -> list[bytes]:
             offset += 4
             if offset + length > len(data):
                 raise _bad("BYTES binary data ends inside an element")
+            if len(images) == count:  # before collecting millions of empty elements
+                raise _bad(f"more BYTES elements than shape {request.shape} holds")
             images.append(data[offset : offset + length])
             offset += length
     else:
@@ -366,16 +380,20 @@ class V2InferEndpoint:
             body = await receive_body(
                 receive, header(scope, b"content-length"), settings.max_upload_bytes, settings.body_timeout_s
             )
-            request = parse_infer_request(
-                body, header(scope, HEADER_LENGTH), output_names(service), service.num_classes, settings.v2_max_images
-            )
-            if request.datatype == "BYTES":
+
+            def parse() -> tuple[InferRequest, Pending]:
+                length = header(scope, HEADER_LENGTH)
+                outputs = output_names(service)
+                request = parse_infer_request(body, length, outputs, service.num_classes, settings.v2_max_images)
+                if request.datatype != "BYTES":
+                    return request, tensor_input(request, service)
                 images = _images(request)
-                scored = await runtime.infer(
-                    service, lambda: image_input(images, service, settings.max_image_pixels), len(body)
-                )
-            else:
-                scored = await runtime.infer(service, tensor_input(request, service))
+                return request, partial(image_input, images, service, settings.max_image_pixels)
+
+            # Parsing a large body (JSON numbers, many BYTES elements) takes the event loop for
+            # too long: like decoding, it moves to the threadpool.
+            request, pending = parse() if len(body) <= INLINE_DECODE_BYTES else await run_in_threadpool(parse)
+            scored = await runtime.infer(service, pending, len(body))
         return encode(request, scored, service)
 
 

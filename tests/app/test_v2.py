@@ -240,6 +240,12 @@ BAD_REQUESTS: list[tuple[str, bytes, bytes | None]] = [
     ("binary vs shape", _tensor_json("FP32", [1, 784], binary_data_size=100), b"\0" * 100),
     ("truncated bytes element", _tensor_json("BYTES", [1], binary_data_size=6), b"\x09\0\0\0ab"),
     ("bytes count vs shape", _tensor_json("BYTES", [2], binary_data_size=6), b"\x02\0\0\0ab"),
+    # Found in review: millions of empty elements were all collected before the count was checked.
+    ("more bytes elements than the shape", _tensor_json("BYTES", [1], binary_data_size=40_000), b"\0" * 40_000),
+    # Found in review: 500s (OverflowError converting to float; a lone surrogate could not be encoded).
+    ("int too large for float", _tensor_json("FP32", [1, 784], [5] * 784).replace(b"5", b"1" + b"0" * 400, 1), None),
+    ("uint8 too large", _tensor_json("UINT8", [1, 28, 28], [5] * 784).replace(b"5", b"1" + b"0" * 400, 1), None),
+    ("id not unicode", _tensor_json("FP32", [1, 784], [0] * 784).replace(b"{", b'{"id": "\\ud800", ', 1), None),
 ]
 
 

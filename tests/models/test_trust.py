@@ -144,3 +144,32 @@ def test_trust_keeps_everything_on_the_models_cuda_device(tmp_path: Path, arch: 
     assert cpu_scores is not None
     torch.testing.assert_close(gpu_probs.cpu(), cpu_probs, atol=1e-4, rtol=1e-3)
     torch.testing.assert_close(gpu_scores.cpu(), cpu_scores, atol=1e-2, rtol=1e-3)
+
+
+def test_scores_stay_with_their_own_call_while_another_thread_runs_the_model() -> None:
+    """Found in review: the forward hook was the module's, so /explain's gradient passes on
+    another thread added their features to the inference thread's batch (16 scores for 1 image)."""
+    import threading
+
+    model = small_model("network")
+    calibration, ood = records(model)
+    trust = Trust(calibration, ood)
+    x = torch.randn(1, 1, 28, 28)
+    with torch.inference_mode():
+        expected = trust(model, x)[1]
+    stop = threading.Event()
+
+    def other_thread() -> None:
+        noisy = torch.randn(16, 1, 28, 28)
+        while not stop.is_set():
+            model(noisy)
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    try:
+        with torch.inference_mode():
+            outcomes = [trust(model, x)[1] for _ in range(2000)]
+    finally:
+        stop.set()
+        thread.join()
+    assert all(s is not None and s.shape == (1,) and torch.allclose(s, expected) for s in outcomes)
