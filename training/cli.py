@@ -233,7 +233,9 @@ def _train(args: argparse.Namespace, model_args: dict[str, Any], device: torch.d
     assert fit_result.best_state is not None
     model.load_state_dict(fit_result.best_state)
     if ctx.enabled:
-        print(f"rank {ctx.rank}/{ctx.world_size}: parameters sha256 {_parameters_sha256(model)}", flush=True)
+        # One write: the ranks share torchrun's stdout, and print() writes the newline separately.
+        sys.stdout.write(f"rank {ctx.rank}/{ctx.world_size}: parameters sha256 {_parameters_sha256(model)}\n")
+        sys.stdout.flush()
     if not ctx.is_main:
         return 0
     training = _training_record(args, splits, duration, device, data.source, ctx.world_size)
