@@ -8,6 +8,8 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import models.checkpoint as checkpoint_module
@@ -205,11 +207,19 @@ def test_missing_file(tmp_path: Path) -> None:
         load_checkpoint(tmp_path / "nope.pt")
 
 
-@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", b"PK\x03\x04garbage"])
+# b"a broken copy": found by bench.reload, the unpickler raised IndexError, not CheckpointError.
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", b"PK\x03\x04garbage", b"a broken copy"])
 def test_not_a_checkpoint(tmp_path: Path, content: bytes) -> None:
     (tmp_path / "x.pt").write_bytes(content)
     with pytest.raises(CheckpointError, match="not a PyTorch checkpoint"):
         load_checkpoint(tmp_path / "x.pt")
+
+
+@settings(max_examples=300, deadline=None)
+@given(content=st.binary(max_size=64))
+def test_any_bytes_are_a_checkpoint_or_a_checkpoint_error(content: bytes) -> None:
+    with pytest.raises(CheckpointError):
+        load_checkpoint("x.pt", data=content)
 
 
 def test_truncated_checkpoint(tmp_path: Path) -> None:
