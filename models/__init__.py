@@ -1,12 +1,8 @@
 """Fashion-MNIST models shared by training and serving: networks, preprocessing, checkpoints."""
 
-from models.checkpoint import (
-    FASHION_MNIST_CLASSES,
-    CheckpointError,
-    LoadedModel,
-    load_checkpoint,
-    save_checkpoint,
-)
+from models.checkpoint import CheckpointError, LoadedModel, load_checkpoint, save_checkpoint
+from models.devices import resolve_device
+from models.fashion_mnist import FASHION_MNIST_CLASSES
 from models.networks import (
     ARCHITECTURES,
     Classifier,
@@ -35,5 +31,6 @@ __all__ = [
     "normalize",
     "normalize_tensor",
     "preprocess_image",
+    "resolve_device",
     "save_checkpoint",
 ]

@@ -23,23 +23,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from models.devices import resolve_device
+from models.fashion_mnist import FASHION_MNIST_CLASSES
 from models.networks import ARCHITECTURES, build_model, model_args_for
 from models.preprocessing import PreprocessConfig
 from models.trust import Calibration, OODStats, RecordError, last_linear
 
 FORMAT_VERSION = 1
-FASHION_MNIST_CLASSES: tuple[str, ...] = (
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-)
 COURSE_KEYS = frozenset({"input_size", "output_size", "hidden_layers", "state_dict"})
 # The course normalized with transforms.Normalize((0.5,), (0.5,)).
 COURSE_PREPROCESS = PreprocessConfig(mean=0.5, std=0.5)
@@ -224,16 +214,6 @@ def _plain_mapping(ckpt: Mapping[str, Any], key: str) -> dict[str, Any]:
     if not isinstance(value, Mapping) or not _is_plain(value):
         raise CheckpointError(f"checkpoint entry {key!r} must be a dict of plain values (numbers, strings, lists)")
     return dict(value)
-
-
-def resolve_device(device: torch.device | str) -> torch.device:
-    """'auto' -> the GPU when there is one, else the CPU; ValueError for CUDA on a machine without it."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r} requested but CUDA is not available")
-    return resolved
 
 
 def load_checkpoint(

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from models import ARCHITECTURES, CheckpointError, build_model, load_checkpoint, model_args_for, save_checkpoint
-from models.checkpoint import FASHION_MNIST_CLASSES, resolve_device
+from models.devices import resolve_device
+from models.fashion_mnist import FASHION_MNIST_CLASSES
 from models.preprocessing import PreprocessConfig, normalize, normalize_tensor
 from training import distributed
 from training.data import DataNotFoundError, FashionMNIST, load_fashion_mnist
