@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -52,3 +54,13 @@ def multipart(files: list[tuple[str, bytes]], boundary: str = "b", field: str = 
         for name, data in files
     )
     return body + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def wait_for(condition: Callable[[], object], timeout: float = 20.0, interval: float = 0.1) -> bool:
+    """Poll `condition` until it is true or `timeout` seconds pass; whether it came true."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(interval)
+    return False

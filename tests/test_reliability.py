@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import multipart, png, write_tiny_checkpoint
+from tests.helpers import multipart, png, wait_for, write_tiny_checkpoint
 from tests.serverproc import serving
 
 pytestmark = pytest.mark.slow
@@ -115,15 +115,6 @@ def under_load(port: int) -> Iterator[Load]:
         load.stop()
 
 
-def _wait_for(condition: object, timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():  # type: ignore[operator]
-            return True
-        time.sleep(0.2)
-    return False
-
-
 def _workers(supervisor: int) -> list[int]:
     children = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()
     return [int(pid) for pid in children]
@@ -143,12 +134,12 @@ def test_reload_under_load_swaps_the_model_everywhere_and_a_bad_one_changes_noth
             time.sleep(1.5)
             assert _shas_seen(port) == {first}
             process.send_signal(signal.SIGHUP)
-            assert _wait_for(lambda: _shas_seen(port) == {second}), "every worker serves the new model"
+            assert wait_for(lambda: _shas_seen(port) == {second}), "every worker serves the new model"
             assert _get(port, "/health/ready")[0] == 200
             # A broken file at the path: the reload is refused, the old model keeps serving.
             path.write_bytes(path.read_bytes()[:300])
             process.send_signal(signal.SIGHUP)
-            assert _wait_for(lambda: _reloads(port).get("failure") == 1.0)
+            assert wait_for(lambda: _reloads(port).get("failure") == 1.0)
             time.sleep(1.0)
             assert _shas_seen(port) == {second}
             assert _get(port, "/health/ready")[0] == 200
@@ -187,8 +178,8 @@ def test_a_replaced_worker_serves_the_validated_model_whatever_the_path_holds(
                 path.unlink()
             victim = _workers(process.pid)[0]
             os.kill(victim, signal.SIGKILL)
-            assert _wait_for(lambda: len(_workers(process.pid)) == 2 and victim not in _workers(process.pid))
-            assert _wait_for(lambda: _get(port, "/health/ready")[0] == 200)
+            assert wait_for(lambda: len(_workers(process.pid)) == 2 and victim not in _workers(process.pid))
+            assert wait_for(lambda: _get(port, "/health/ready")[0] == 200)
             time.sleep(2.0)
             assert _shas_seen(port) == {first}
         assert process.poll() is None, "the service is still up"
@@ -306,7 +297,7 @@ def test_the_supervisor_keeps_supervising_while_a_reload_is_validated(tmp_path: 
         time.sleep(0.2)
         victim = _workers(process.pid)[0]
         os.kill(victim, signal.SIGKILL)
-        assert _wait_for(lambda: _reloads(port).get("success") == 1.0, timeout=60)
+        assert wait_for(lambda: _reloads(port).get("success") == 1.0, timeout=60)
     lines = process.output.splitlines()  # type: ignore[attr-defined]
     booted = max(i for i, line in enumerate(lines) if "Booting worker" in line)
     validated = next(i for i, line in enumerate(lines) if "validated; the workers switch" in line)

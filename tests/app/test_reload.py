@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
-import time
 import weakref
 from pathlib import Path
 
@@ -21,16 +20,7 @@ from app.errors import ServeError
 from app.main import create_app
 from app.reload import SNAPSHOT_ENV
 from app.settings import Settings
-from tests.helpers import png, write_tiny_checkpoint
-
-
-def _wait_for(condition: object, timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():  # type: ignore[operator]
-            return True
-        time.sleep(0.05)
-    return False
+from tests.helpers import png, wait_for, write_tiny_checkpoint
 
 
 def test_a_new_snapshot_is_swapped_in_and_the_old_model_is_freed(
@@ -46,11 +36,11 @@ def test_a_new_snapshot_is_swapped_in_and_the_old_model_is_freed(
         assert first["path"] == str(tmp_path / "configured.pt"), "/model names the configured path"
         old = weakref.ref(runtime.service)
         os.replace(write_tiny_checkpoint(tmp_path / "next.pt", seed=2), snapshot)
-        assert _wait_for(lambda: client.get("/model").json()["checkpoint"]["sha256"] != first["sha256"])
+        assert wait_for(lambda: client.get("/model").json()["checkpoint"]["sha256"] != first["sha256"])
         assert client.post("/predict", files={"file": ("a.png", png())}).status_code == 200
         # Once retired (body_timeout_s + 5 s later), the first model is freed: found in review,
         # gc.freeze() at start-up kept it alive for the worker's lifetime.
-        assert _wait_for(lambda: gc.collect() >= 0 and old() is None, timeout=15)
+        assert wait_for(lambda: gc.collect() >= 0 and old() is None, timeout=15)
         metrics = client.get("/metrics").text
         assert metrics.count("fashion_serve_model_info{") == 1
 
