@@ -31,6 +31,8 @@ def _get(port: int, path: str) -> tuple[int, str]:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
+    except OSError as exc:  # a connection the kernel gave a worker just killed is reset: status 0
+        return 0, repr(exc)
 
 
 def _sha(port: int) -> str:
@@ -45,7 +47,7 @@ def _shas_seen(port: int, tries: int = 24) -> set[str]:
 
 
 def _reloads(port: int) -> dict[str, float]:
-    _, text = _get(port, "/metrics")
+    _, text = _get(port, "/metrics")  # {} when the connection failed
     pattern = r'fashion_serve_model_reloads_total\{result="(\w+)"\} ([0-9.]+)'
     return {result: float(count) for result, count in re.findall(pattern, text)}
 
