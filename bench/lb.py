@@ -4,6 +4,12 @@ CPU to the servers), then print one JSON line: requests, requests/s, socket erro
 answers, latency percentiles. scripts/container-check drives nginx in front of the replicas with it.
 
     python -m bench.lb --port 18002 --seconds 8 --connections 16
+    python -m bench.lb --port 18002 --seconds 20 --connections 16 --every-request
+
+With --every-request the load comes from Python clients instead (keep-alive connections, one
+request at a time each) that stop only after their request in flight is answered, so every
+request is accounted for: what a chaos test needs. wrk cuts its last requests off when its time
+is up, and a cut request can read as a socket error.
 """
 
 from __future__ import annotations
@@ -45,13 +51,74 @@ def run(port: int, seconds: int, connections: int) -> dict[str, float]:
     }
 
 
+def every_request(port: int, seconds: float, connections: int) -> dict[str, float]:
+    """`connections` clients for `seconds`; each answer's status, each connection error, counted."""
+    import http.client
+    import threading
+    import time
+    from collections import Counter
+
+    boundary = "lbboundary"
+    bodies = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{i}.png"\r\n\r\n'.encode()
+        + png
+        + f"\r\n--{boundary}--\r\n".encode()
+        for i, png in enumerate(fashion_pngs(64))
+    ]
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    outcomes: Counter[str] = Counter()
+    latencies: list[float] = []
+    lock = threading.Lock()
+    deadline = time.monotonic() + seconds
+
+    def client(index: int) -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        sent = 0
+        while time.monotonic() < deadline:
+            start = time.perf_counter()
+            try:
+                connection.request("POST", "/predict?k=3", bodies[(index + sent) % len(bodies)], headers)
+                response = connection.getresponse()
+                response.read()
+                outcome = str(response.status)
+            except (OSError, http.client.HTTPException) as exc:
+                outcome = type(exc).__name__
+                connection.close()
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            with lock:
+                outcomes[outcome] += 1
+                latencies.append(time.perf_counter() - start)
+            sent += 1
+        connection.close()
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(connections)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    latencies.sort()
+    total = sum(outcomes.values())
+    return {
+        "requests": total,
+        "rps": round(total / seconds, 1),
+        "errors": sum(n for outcome, n in outcomes.items() if not outcome.isdigit()),
+        "non_2xx": sum(n for outcome, n in outcomes.items() if outcome.isdigit() and not outcome.startswith("2")),
+        "p50_ms": round(latencies[len(latencies) // 2] * 1000, 3),
+        "p99_ms": round(latencies[int(len(latencies) * 0.99)] * 1000, 3),
+        "max_ms": round(latencies[-1] * 1000, 3),
+        "outcomes": dict(outcomes),  # type: ignore[dict-item]
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.lb", description=__doc__)
     parser.add_argument("--port", type=int, required=True, help="port on 127.0.0.1")
     parser.add_argument("--seconds", type=int, default=8)
     parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--every-request", action="store_true", help="Python clients: every request accounted for")
     args = parser.parse_args(argv)
-    print(json.dumps(run(args.port, args.seconds, args.connections)), flush=True)
+    load = every_request if args.every_request else run
+    print(json.dumps(load(args.port, args.seconds, args.connections)), flush=True)
     return 0
 
 
