@@ -51,62 +51,39 @@ def run(port: int, seconds: int, connections: int) -> dict[str, float]:
     }
 
 
-def every_request(port: int, seconds: float, connections: int) -> dict[str, float]:
+def every_request(port: int, seconds: float, connections: int) -> dict[str, object]:
     """`connections` clients for `seconds`; each answer's status, each connection error, counted."""
-    import http.client
-    import threading
     import time
-    from collections import Counter
+
+    from bench.clients import KeepAliveLoad
 
     boundary = "lbboundary"
-    bodies = [
-        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{i}.png"\r\n\r\n'.encode()
-        + png
-        + f"\r\n--{boundary}--\r\n".encode()
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    uploads = [
+        (
+            "POST",
+            "/predict?k=3",
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{i}.png"\r\n\r\n'.encode()
+            + png
+            + f"\r\n--{boundary}--\r\n".encode(),
+            headers,
+        )
         for i, png in enumerate(fashion_pngs(64))
     ]
-    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
-    outcomes: Counter[str] = Counter()
-    latencies: list[float] = []
-    lock = threading.Lock()
-    deadline = time.monotonic() + seconds
-
-    def client(index: int) -> None:
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        sent = 0
-        while time.monotonic() < deadline:
-            start = time.perf_counter()
-            try:
-                connection.request("POST", "/predict?k=3", bodies[(index + sent) % len(bodies)], headers)
-                response = connection.getresponse()
-                response.read()
-                outcome = str(response.status)
-            except (OSError, http.client.HTTPException) as exc:
-                outcome = type(exc).__name__
-                connection.close()
-                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-            with lock:
-                outcomes[outcome] += 1
-                latencies.append(time.perf_counter() - start)
-            sent += 1
-        connection.close()
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(connections)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    latencies.sort()
-    total = sum(outcomes.values())
+    load = KeepAliveLoad(port, connections, lambda i: uploads[i:] + uploads[:i]).start()
+    time.sleep(seconds)
+    load.stop()
+    latencies = sorted(load.latencies)
+    total = sum(load.outcomes.values())
     return {
         "requests": total,
         "rps": round(total / seconds, 1),
-        "errors": sum(n for outcome, n in outcomes.items() if not outcome.isdigit()),
-        "non_2xx": sum(n for outcome, n in outcomes.items() if outcome.isdigit() and not outcome.startswith("2")),
+        "errors": sum(n for outcome, n in load.outcomes.items() if not outcome.isdigit()),
+        "non_2xx": sum(n for outcome, n in load.outcomes.items() if outcome.isdigit() and not outcome.startswith("2")),
         "p50_ms": round(latencies[len(latencies) // 2] * 1000, 3),
         "p99_ms": round(latencies[int(len(latencies) * 0.99)] * 1000, 3),
         "max_ms": round(latencies[-1] * 1000, 3),
-        "outcomes": dict(outcomes),  # type: ignore[dict-item]
+        "outcomes": dict(load.outcomes),
     }
 
 
@@ -117,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--every-request", action="store_true", help="Python clients: every request accounted for")
     args = parser.parse_args(argv)
-    load = every_request if args.every_request else run
-    print(json.dumps(load(args.port, args.seconds, args.connections)), flush=True)
+    result = (every_request if args.every_request else run)(args.port, args.seconds, args.connections)
+    print(json.dumps(result), flush=True)
     return 0
 
 

@@ -10,7 +10,6 @@ Stops by itself.
 from __future__ import annotations
 
 import argparse
-import http.client
 import io
 import json
 import os
@@ -19,16 +18,17 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
-from collections import Counter
 from pathlib import Path
+
+from bench.clients import KeepAliveLoad, Request
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _client(port: int, stop: threading.Event, statuses: Counter[str], lock: threading.Lock, index: int) -> None:
+def _requests(index: int) -> list[Request]:
+    """A /predict upload and a v2 tensor, in turn."""
     from PIL import Image
 
     buffer = io.BytesIO()
@@ -39,27 +39,11 @@ def _client(port: int, stop: threading.Event, statuses: Counter[str], lock: thre
         + buffer.getvalue()
         + f"\r\n--{boundary}--\r\n".encode()
     )
-    tensor = json.dumps({"inputs": [{"name": "input", "datatype": "UINT8", "shape": [1, 28, 28], "data": [0] * 784}]})
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    sent = 0
-    while not stop.is_set():
-        try:
-            if sent % 2:
-                connection.request(
-                    "POST", "/predict", upload, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
-                )
-            else:
-                connection.request("POST", "/v2/models/model/infer", tensor.encode())
-            response = connection.getresponse()
-            response.read()
-            outcome = str(response.status)
-        except (OSError, http.client.HTTPException) as exc:
-            outcome = type(exc).__name__
-            connection.close()
-            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        with lock:
-            statuses[outcome] += 1
-        sent += 1
+    tensor = {"inputs": [{"name": "input", "datatype": "UINT8", "shape": [1, 28, 28], "data": [0] * 784}]}
+    return [
+        ("POST", "/v2/models/model/infer", json.dumps(tensor).encode(), {}),
+        ("POST", "/predict", upload, {"Content-Type": f"multipart/form-data; boundary={boundary}"}),
+    ]
 
 
 def _get(port: int, path: str) -> str:
@@ -77,9 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     path.write_bytes((ROOT / "models" / "course_network.pt").read_bytes())
     port = 18900 + os.getpid() % 100
     env = {**os.environ, "FASHION_SERVE_CHECKPOINT": str(path), "FASHION_SERVE_LOG_LEVEL": "warning"}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "app", "--port", str(port), "--workers", "2"], cwd=ROOT, env=env
-    )
+    server = subprocess.Popen([sys.executable, "-m", "app", "--port", str(port), "--workers", "2"], cwd=ROOT, env=env)
     try:
         for _ in range(300):
             try:
@@ -87,13 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                 break
             except OSError:
                 time.sleep(0.1)
-        stop, lock, statuses = threading.Event(), threading.Lock(), Counter[str]()
-        clients = [
-            threading.Thread(target=_client, args=(port, stop, statuses, lock, i), daemon=True)
-            for i in range(args.clients)
-        ]
-        for client in clients:
-            client.start()
+        load = KeepAliveLoad(port, args.clients, _requests).start()
         third = args.seconds / 3
         time.sleep(third)
         path.write_bytes((ROOT / "models" / "fashion_cnn.pt").read_bytes())  # a valid, different model
@@ -102,16 +78,14 @@ def main(argv: list[str] | None = None) -> int:
         path.write_bytes(b"a broken copy")
         server.send_signal(signal.SIGHUP)
         time.sleep(third)
-        stop.set()
-        for client in clients:
-            client.join(30)
+        load.stop()
         metrics = _get(port, "/metrics")
         reloads = dict(re.findall(r'fashion_serve_model_reloads_total\{result="(\w+)"\} ([0-9.]+)', metrics))
         arch = json.loads(_get(port, "/model"))["arch"]
-        failed = sum(count for outcome, count in statuses.items() if outcome != "200")
         print(
             f"{args.clients} clients, {args.seconds:g} s, a good reload then a broken one: "
-            f"{sum(statuses.values())} requests, {failed} failed {dict(statuses)}; reloads {reloads}; serving {arch}"
+            f"{sum(load.outcomes.values())} requests, {load.failed} failed {dict(load.outcomes)}; "
+            f"reloads {reloads}; serving {arch}"
         )
     finally:
         server.terminate()
