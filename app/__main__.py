@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
 def _serve(settings: Settings, host: str, port: int, workers: int) -> int:
     from app.auth import ApiKeyError, load_api_keys
     from app.observability import configure_logging
-    from app.reload import SNAPSHOT_ENV, CheckpointSource
+    from app.reload.snapshot import SNAPSHOT_ENV
+    from app.reload.supervisor import CheckpointSource
     from models import CheckpointError
 
     configure_logging(settings.log_format, settings.log_level)
@@ -70,7 +71,7 @@ def _serve(settings: Settings, host: str, port: int, workers: int) -> int:
         return 1
     # The workers serve a private copy of the checkpoint, checked here before any worker starts
     # (a broken one then fails once, with one line and exit 1), never the path itself: a worker
-    # that replaces a dead one serves the same model. SIGHUP replaces the copy (app/reload.py).
+    # that replaces a dead one serves the same model. SIGHUP replaces the copy (app/reload).
     # torch stays imported for the workers.
     source = CheckpointSource.create(settings.checkpoint, settings.device)
     supervisor = os.getpid()
@@ -82,7 +83,7 @@ def _serve(settings: Settings, host: str, port: int, workers: int) -> int:
             return 1
         os.environ[SNAPSHOT_ENV] = str(source.snapshot)
 
-        from app.serving import AddressInUse, serve
+        from app.server import AddressInUse, serve
 
         try:
             return serve(settings, host, port, workers, source=source)

@@ -4,13 +4,21 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from app.runtime import Runtime
+from app.dataplane import DataPlane
 
 
-async def get_runtime(request: Request) -> Runtime:
+async def get_plane(request: Request) -> DataPlane:
     # async: FastAPI would run a plain `def` dependency in the threadpool, a hand-off per request.
-    runtime: Runtime = request.app.state.runtime
-    return runtime
+    plane: DataPlane = request.app.state.plane
+    return plane
 
 
-RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+async def authorized_plane(request: Request) -> DataPlane:
+    """The data plane, once the request's API key (if keys are configured) is accepted."""
+    plane: DataPlane = request.app.state.plane
+    plane.authorize(request.headers.get("authorization", "").encode("latin-1"))
+    return plane
+
+
+PlaneDep = Annotated[DataPlane, Depends(get_plane)]
+AuthorizedPlaneDep = Annotated[DataPlane, Depends(authorized_plane)]

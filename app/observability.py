@@ -8,9 +8,11 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
@@ -141,3 +143,27 @@ class Metrics:
                 registry.register(collector)
             return generate_latest(registry)
         return generate_latest(self.registry)
+
+
+class ModelCollector(Collector):
+    """`fashion_serve_model_info` (the model this worker serves now: one series, value 1) and
+    `fashion_serve_model_reloads_total{result}` (the supervisor's counts), read at each scrape."""
+
+    def __init__(self, served: Callable[[], tuple[str, ...] | None], reloads: Callable[[], dict[str, int]]) -> None:
+        self.served = served  # (name, arch, sha256, device) of the model now served, or None
+        self.reloads = reloads
+
+    def collect(self) -> Iterator[Metric]:
+        info = GaugeMetricFamily(
+            "fashion_serve_model_info", "The model being served (value 1)", labels=("name", "arch", "sha256", "device")
+        )
+        served = self.served()
+        if served is not None:
+            info.add_metric(list(served), 1)
+        yield info
+        reloads = CounterMetricFamily(
+            "fashion_serve_model_reloads", "Model reloads asked for with SIGHUP, by result", labels=("result",)
+        )
+        for result, count in self.reloads().items():
+            reloads.add_metric([result], count)
+        yield reloads

@@ -9,6 +9,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 BUNDLED_CHECKPOINT = Path(__file__).resolve().parent.parent / "models" / "fashion_cnn.pt"
+STATIC_DIR = Path(__file__).resolve().parent / "static"  # Swagger UI and the page, served from the package
 
 
 class Settings(BaseSettings):

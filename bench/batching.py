@@ -2,7 +2,7 @@
 
     python -m bench.batching --device cuda [--checkpoint models/fashion_cnn.pt] [--seconds 5]
 
-The service's own inference step (`ClassifierService.run_batch`: decode, forward pass,
+The service's own inference step (`ServedModel.run_batch`: decode, forward pass,
 probabilities back on the host) over real Fashion-MNIST test PNGs, one request at a time
 (what an unbatched server does) and then groups of 8, 32 and 128 requests (what the
 micro-batcher hands it under load). Prints images/s per group size and the ratio to
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from app.protocols.predict import decode_body
-    from app.service import ClassifierService, Pending
+    from app.served_model import Pending, ServedModel
     from app.settings import Settings
     from bench.run import fashion_pngs, write_bodies
 
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         content_type = write_bodies(Path(tmp), fashion_pngs(256), 1)
         bodies = [(Path(tmp) / f"body_{i}.bin").read_bytes() for i in range(256)]
     settings = Settings(checkpoint=args.checkpoint, device=args.device, max_batch_size=max(args.sizes))
-    service = ClassifierService.load(settings)
+    service = ServedModel.load(settings)
     uploads: list[Pending] = [
         partial(decode_body, body, content_type, service.loaded.preprocess, settings) for body in bodies
     ]

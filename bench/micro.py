@@ -46,9 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import torch
 
-    from app.multipart import parse_multipart
+    from app.http.multipart import parse_multipart
     from app.protocols.predict import decode_body
-    from app.service import ClassifierService, Pending
+    from app.served_model import Pending, ServedModel
     from app.settings import Settings
     from bench.run import fashion_pngs, write_bodies
 
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         content_type = write_bodies(Path(tmp), fashion_pngs(256), 1)
         bodies = [(Path(tmp) / f"body_{i}.bin").read_bytes() for i in range(256)]
     settings = Settings()
-    service = ClassifierService.load(settings)
+    service = ServedModel.load(settings)
     preprocess = service.loaded.preprocess
     uploads: list[Pending] = [partial(decode_body, body, content_type, preprocess, settings) for body in bodies]
     inputs = [decode_body(body, content_type, preprocess, settings) for body in bodies]
@@ -75,10 +75,10 @@ def main(argv: list[str] | None = None) -> int:
         return decode_body(bodies[i % 256], content_type, preprocess, settings)
 
     def forward_1(i: int) -> object:
-        return service.probabilities(arrays[i % 256])
+        return service.score(arrays[i % 256])
 
     def forward_16(i: int) -> object:
-        return service.probabilities(batches[i % 16])
+        return service.score(batches[i % 16])
 
     def step_1(i: int) -> object:
         return service.run_batch([uploads[i % 256]])
@@ -117,8 +117,7 @@ async def _event_loop_share(bodies: list[bytes], content_type: str) -> float:
     task = asyncio.create_task(app({"type": "lifespan", "asgi": {"version": "3.0"}}, lifespan.get, lifespan_send))
     await lifespan.put({"type": "lifespan.startup"})
     await started.wait()
-    runtime = app.state.runtime
-    service = runtime.service
+    service = app.state.plane.model
     first = partial(decode_body, bodies[0], content_type, service.loaded.preprocess, service.settings)
     answer = service.run_batch([first])[0]
 

@@ -54,7 +54,7 @@ async def empty_predict(file: UploadFile) -> dict[str, object]:
 
 def main(argv: list[str] | None = None) -> int:
     from app.observability import configure_logging
-    from app.serving import serve
+    from app.server import serve
     from app.settings import Settings
 
     parser = argparse.ArgumentParser(prog="python -m bench.references")

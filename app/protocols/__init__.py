@@ -1,15 +1,21 @@
-"""Protocol adapters: the wire formats the service speaks, each in one module.
+"""Protocol adapters: the wire formats the service speaks, each in its own module or package.
 
 Every request takes the same seam, whatever its protocol:
 
-    adapter (parse the wire format, enforce its limits)
+    adapter (parse the wire format, enforce its limits; `DataPlane.authorize`)
+      -> `DataPlane.admit`: the model asked for, readiness and capacity (`app.dataplane`)
       -> decode to model input (`app.decoding.ModelInput`)
-      -> `Runtime.infer`: the one micro-batcher, shared by all protocols (`app.service`)
-      -> probabilities (`app.service.Scored`)
-      -> adapter (encode; errors are `app.errors.ServeError`, rendered in the protocol's shape)
+      -> `DataPlane.infer`: the one micro-batcher, shared by all protocols (`app.served_model`)
+      -> probabilities (`app.served_model.Scored`)
+      -> adapter (encode; every refusal is an `app.errors.ServeError`, rendered by the
+         protocol's one `render_error`)
 
-`predict` is the service's own API (POST /predict), `v2` the Open Inference Protocol. To add
-a third protocol: write a module here with a plain ASGI endpoint for its hot path (copy the
-shape of `predict.PredictEndpoint`) and, for anything else, a FastAPI router; register them
-in `app.main.create_app` (the `fast_routes` list and `include_router`).
+`predict` is the service's own API (POST /predict, and `{"detail": ...}` errors for every
+FastAPI route outside v2), `explain` adds saliency to it, `v2` is the Open Inference Protocol.
+
+To add a protocol over HTTP: a module here with a handler `(plane, scope, receive) -> Reply`
+for its hot path and a `render_error(ServeError) -> Reply`; wrap the handler in
+`app.http.routing.Endpoint` and give its FastAPI routes `protocol_route(render_error)`;
+register both in `app.main.create_app`. A protocol over another transport (gRPC) calls the
+same `DataPlane` methods and maps `ServeError.status` to its own codes in one place.
 """

@@ -1,7 +1,7 @@
 """POST /explain: /predict's answer plus what the model saw and where it looked, per image.
 
 The same bodies, query and limits as /predict (its helpers parse them), the same forward pass
-for the classes (`Runtime.infer`, the shared batcher), and then, in the threadpool, a gradient
+for the classes (`DataPlane.infer`, the shared batcher), and then, in the threadpool, a gradient
 pass for the saliency maps: gradients cannot be taken in the batcher's inference-mode step.
 Nothing here runs unless /explain is asked, so /predict's path is untouched. Not a hot path,
 so an ordinary FastAPI route.
@@ -17,12 +17,12 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from app.asgi import header, receive_body
 from app.decoding import decode_images_with_invert
-from app.deps import RuntimeDep
+from app.deps import AuthorizedPlaneDep
 from app.errors import unavailable
+from app.http.messages import header, receive_body
 from app.protocols import predict
-from app.protocols.predict import ImageFailure, TopK, none_classified, parse_query, split_body
+from app.protocols.predict import ImageFailure, TopK, none_classified, read_query, split_body
 from models.preprocessing import PreprocessConfig
 
 # SmoothGrad: the gradient averaged over this many copies of the input with Gaussian noise of
@@ -111,19 +111,17 @@ def saliency_maps(
         },
     },
 )
-async def explain(request: Request, runtime: RuntimeDep) -> dict[str, Any]:
+async def explain(request: Request, plane: AuthorizedPlaneDep) -> dict[str, Any]:
     """/predict's answer per image, plus the 28x28 input the model saw, which way the invert
     rule went, and a saliency map for the top class.
 
     The same bodies, `k`, `invert` and limits as /predict; an image that cannot be used gets
     an `error` in its place while the others are answered.
     """
-    settings = runtime.settings
-    classes = runtime.service.num_classes if runtime.service else settings.max_k
-    k, invert = parse_query(request.scope["query_string"], settings.default_k, min(settings.max_k, classes))
-    service = runtime.require_model()
-    preprocess = service.loaded.preprocess
-    with runtime.admit():
+    settings = plane.settings
+    k, invert = read_query(plane, request.scope["query_string"])
+    with plane.admit() as model:
+        preprocess = model.loaded.preprocess
         body = await receive_body(
             request.receive,
             header(request.scope, b"content-length"),
@@ -136,11 +134,11 @@ async def explain(request: Request, runtime: RuntimeDep) -> dict[str, Any]:
         )
         if decoded.inputs is None:
             raise none_classified(decoded)
-        scored = await runtime.infer(service, decoded)
+        scored = await plane.infer(model, decoded)
         targets = scored.probabilities.argmax(axis=1)
-        maps = await run_in_threadpool(saliency_maps, service.model, decoded.inputs, targets, preprocess)
+        maps = await run_in_threadpool(saliency_maps, model.model, decoded.inputs, targets, preprocess)
     pixels = to_pixels(decoded.inputs, preprocess)
-    explanations = predict.encode(scored, k, service.class_names, service.ood_threshold)
+    explanations = predict.encode(scored, k, model.class_names, model.ood_threshold)
     for position, row in enumerate(scored.per_image()):
         if isinstance(row, int):
             explanations[position].update(
@@ -148,4 +146,4 @@ async def explain(request: Request, runtime: RuntimeDep) -> dict[str, Any]:
                 input=pixels[row].tolist(),
                 saliency=np.round(maps[row].astype(np.float64), 4).tolist(),  # float32 prints 17 digits
             )
-    return {"model": service.name, "saliency_method": SALIENCY_METHOD, "explanations": explanations}
+    return {"model": model.name, "saliency_method": SALIENCY_METHOD, "explanations": explanations}

@@ -1,17 +1,17 @@
 """The service's own protocol: POST /predict, top-k classes for one or more uploaded images.
 
 The adapter parses the query and the body (multipart or one raw image) under the limits,
-hands `Runtime.infer` a decoder, and encodes the probabilities as ranked classes.
+hands `DataPlane.infer` a decoder, and encodes the probabilities as ranked classes.
 The hot path, so it is a plain ASGI endpoint: no dependency injection, no response model,
-no per-request validation objects. On a 2-core machine FastAPI's route machinery cost as
-much as decoding and the forward pass together (docs/performance.md). The contract is the
-same as a FastAPI route's: 422 bodies in FastAPI's shape, `{"detail": ...}` for the rest,
-and OPERATION below is what /openapi.json and /docs show.
+no per-request validation objects: FastAPI's route machinery cost as much as decoding and
+the forward pass together (docs/performance.md). The contract is the same as a FastAPI
+route's: 422 bodies in FastAPI's shape, `{"detail": ...}` for every refusal (`render_error`,
+also the app's handler for its FastAPI routes), and OPERATION below is what /openapi.json
+and /docs show.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from functools import partial
 from typing import Annotated, Any, Literal
@@ -19,19 +19,18 @@ from urllib.parse import parse_qsl
 
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 from pydantic.json_schema import models_json_schema
-from starlette.types import Receive, Scope, Send
+from starlette.types import Receive, Scope
 
-from app.asgi import dump_json, header, receive_body, send_response
+from app.dataplane import DataPlane
 from app.decoding import ALLOWED_CONTENT_TYPES, ModelInput, decode_images
 from app.errors import ServeError
-from app.multipart import parse_multipart
-from app.runtime import Runtime
-from app.service import Scored
+from app.http.messages import Reply, dump_json, header, receive_body
+from app.http.multipart import parse_multipart
+from app.served_model import Scored
 from app.settings import Settings
 from models.preprocessing import Invert, PreprocessConfig
 
 FIELD = "file"  # the multipart part name that carries images
-logger = logging.getLogger("app")
 IMAGE_TYPES = sorted(t for t in ALLOWED_CONTENT_TYPES if t.startswith("image/"))
 InvertParam = Literal["auto", "true", "false"]
 
@@ -161,43 +160,34 @@ def encode(scored: Scored, k: int, class_names: Sequence[str], threshold: float 
     return results
 
 
-class PredictEndpoint:
-    """Classify images sent as multipart parts named `file`, or one image as the raw body."""
+def render_error(exc: ServeError) -> Reply:
+    """Every refusal of this protocol (and of the app's FastAPI routes): FastAPI's `{"detail": ...}`."""
+    return Reply(exc.status, dump_json({"detail": exc.detail}), headers=exc.headers)
 
-    def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        headers: dict[str, str] = {}
-        try:
-            if scope["method"] != "POST":
-                raise ServeError(405, "Method Not Allowed", {"Allow": "POST"})
-            status, content = 200, await self._answer(scope, receive)
-        except ServeError as exc:
-            status, content, headers = exc.status, {"detail": exc.detail}, exc.headers
-        except Exception:  # a bug: logged with its traceback, answered like FastAPI would
-            logger.exception("unhandled error in POST /predict")
-            status, content = 500, {"detail": "Internal Server Error"}
-        await send_response(send, status, dump_json(content), headers=headers)
+def read_query(plane: DataPlane, query_string: bytes) -> tuple[int, InvertParam | None]:
+    """`k` and `invert` for /predict and /explain, bounded by the served model's classes."""
+    settings = plane.settings
+    classes = plane.model.num_classes if plane.model else settings.max_k
+    return parse_query(query_string, settings.default_k, min(settings.max_k, classes))
 
-    async def _answer(self, scope: Scope, receive: Receive) -> dict[str, Any]:
-        runtime = self.runtime
-        settings = runtime.settings
-        classes = runtime.service.num_classes if runtime.service else settings.max_k
-        k, invert = parse_query(scope["query_string"], settings.default_k, min(settings.max_k, classes))
-        service = runtime.require_model()
-        content_type = (header(scope, b"content-type") or b"").decode("latin-1")
-        with runtime.admit():
-            body = await receive_body(
-                receive, header(scope, b"content-length"), settings.max_upload_bytes, settings.body_timeout_s
-            )
 
-            decode = partial(decode_body, body, content_type, service.loaded.preprocess, settings, invert)
-            scored = await runtime.infer(service, decode, len(body))
-        if scored.input.inputs is None:
-            raise none_classified(scored.input)
-        predictions = encode(scored, k, service.class_names, service.ood_threshold)
-        return {"model": service.name, "predictions": predictions}
+async def predict(plane: DataPlane, scope: Scope, receive: Receive) -> Reply:
+    """POST /predict: classify images sent as multipart parts named `file`, or one image as the raw body."""
+    plane.authorize(header(scope, b"authorization"))
+    k, invert = read_query(plane, scope["query_string"])
+    settings = plane.settings
+    content_type = (header(scope, b"content-type") or b"").decode("latin-1")
+    with plane.admit() as model:
+        body = await receive_body(
+            receive, header(scope, b"content-length"), settings.max_upload_bytes, settings.body_timeout_s
+        )
+        decode = partial(decode_body, body, content_type, model.loaded.preprocess, settings, invert)
+        scored = await plane.infer(model, decode, len(body))
+    if scored.input.inputs is None:
+        raise none_classified(scored.input)
+    predictions = encode(scored, k, model.class_names, model.ood_threshold)
+    return Reply(200, dump_json({"model": model.name, "predictions": predictions}))
 
 
 def _responses(description: str) -> dict[str, Any]:

@@ -1,12 +1,9 @@
 """/docs with Swagger UI served from this package, so it works with no internet."""
 
-from pathlib import Path
-
 from fastapi import APIRouter, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 
-STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 router = APIRouter(include_in_schema=False)
 
 

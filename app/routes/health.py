@@ -3,7 +3,8 @@
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from app.deps import RuntimeDep
+from app.deps import PlaneDep
+from app.errors import ServeError
 
 router = APIRouter(prefix="/health", tags=["health"])
 
@@ -15,11 +16,10 @@ async def live() -> dict[str, str]:
 
 
 @router.get("/ready", responses={503: {"description": "not ready; `reason` says why"}})
-async def ready(runtime: RuntimeDep) -> JSONResponse:
+async def ready(plane: PlaneDep) -> JSONResponse:
     """200 once the model is loaded and warmed up; 503 before that and while draining."""
-    health = runtime.health
-    if health.is_ready:
-        return JSONResponse({"status": "ready"})
-    return JSONResponse(
-        {"status": "unavailable", "reason": health.reason}, status_code=503, headers={"Retry-After": "1"}
-    )
+    try:
+        plane.check_ready()
+    except ServeError as exc:  # the probes' own body shape
+        return JSONResponse({"status": "unavailable", "reason": exc.message}, exc.status, exc.headers)
+    return JSONResponse({"status": "ready"})

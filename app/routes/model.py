@@ -4,12 +4,12 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from app.deps import RuntimeDep
+from app.deps import AuthorizedPlaneDep
 
 router = APIRouter(tags=["model"])
 
 
 @router.get("/model")
-def describe_model(runtime: RuntimeDep) -> dict[str, Any]:
+def describe_model(plane: AuthorizedPlaneDep) -> dict[str, Any]:
     """Architecture, state_dict keys and shapes, classes, preprocessing, metrics and checkpoint facts."""
-    return runtime.require_model().describe()
+    return plane.current_model().describe()

@@ -3,7 +3,7 @@
 from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
-from app.routes.docs import STATIC_DIR
+from app.settings import STATIC_DIR
 
 PAGE = STATIC_DIR / "page" / "index.html"
 # The page loads only its own files and calls only this service: the browser enforces it.

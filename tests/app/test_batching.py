@@ -6,18 +6,19 @@ import sys
 import threading
 import time
 from functools import partial
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from starlette.types import Receive
 
-from app.asgi import receive_body
 from app.batching import MicroBatcher
+from app.dataplane import DataPlane
 from app.decoding import image_to_input
 from app.errors import ServeError
+from app.http.messages import receive_body
 from app.protocols.predict import decode_body
-from app.runtime import Runtime
-from app.service import Pending, Scored
+from app.served_model import Pending, Scored
 from app.settings import Settings
 from tests.helpers import multipart, png
 
@@ -76,7 +77,7 @@ def _images(*seeds: int) -> tuple[bytes, str]:
 
 
 def test_batched_results_equal_unbatched_and_keep_request_order(client: object) -> None:
-    service = client.app.state.runtime.service  # type: ignore[attr-defined]
+    service = client.app.state.plane.model  # type: ignore[attr-defined]
     items = [
         _pending(service, *_images(1, 2)),
         _pending(service, b"garbage", "image/png"),
@@ -94,21 +95,21 @@ def test_batched_results_equal_unbatched_and_keep_request_order(client: object) 
     assert together[1].input.errors[0].status == 400 and len(together[1].probabilities) == 0
     assert together[1].per_image() == [together[1].input.errors[0]]
     x = np.stack([image_to_input(png(seed=s), None, service.loaded.preprocess, 10**6) for s in (1, 2)])
-    assert np.allclose(together[0].probabilities, service.probabilities(x), atol=1e-6)
+    assert np.allclose(together[0].probabilities, service.score(x)[0], atol=1e-6)
 
 
 def test_a_forward_pass_never_holds_more_than_max_batch_size_images(tiny_checkpoint: object) -> None:
     """Found in review: the limit counted requests, so 32 requests of 16 images made one pass of 512."""
-    from app.service import ClassifierService
+    from app.served_model import ServedModel
 
-    service = ClassifierService.load(Settings(checkpoint=tiny_checkpoint, device="cpu", max_batch_size=3))
+    service = ServedModel.load(Settings(checkpoint=tiny_checkpoint, device="cpu", max_batch_size=3))
     passes: list[int] = []
     service.observe_batch = lambda images, seconds: passes.append(images)
     items = [_pending(service, *_images(*range(5)))] * 2
     answers = service.run_batch(items)
     assert passes == [3, 3, 3, 1]
     x = np.stack([image_to_input(png(seed=s), None, service.loaded.preprocess, 10**6) for s in range(5)])
-    expected = service.probabilities(x)
+    expected = service.score(x)[0]
     for answer in answers:
         assert isinstance(answer, Scored)
         assert np.allclose(answer.probabilities, expected, atol=1e-6)
@@ -136,7 +137,8 @@ def test_max_wait_lets_a_batch_fill_and_zero_never_waits() -> None:
 
 
 def test_concurrency_cap_answers_503_with_retry_after() -> None:
-    runtime = Runtime(Settings(max_concurrency=2))
+    runtime = DataPlane(Settings(max_concurrency=2))
+    runtime.model = SimpleNamespace(batcher=object())  # type: ignore[assignment]  # admission needs a model
     with runtime.admit(), runtime.admit():
         with pytest.raises(ServeError) as refused, runtime.admit():
             pass
@@ -228,9 +230,9 @@ def test_the_inference_thread_runs_at_a_lower_priority_than_its_callers() -> Non
 
 @pytest.mark.skipif(sys.platform != "linux", reason="per-thread nice values are Linux behaviour")
 def test_the_service_starts_its_inference_thread_lowered(client: object) -> None:
-    from app.main import INFERENCE_NICE
+    from app.lifecycle import INFERENCE_NICE
 
-    thread = client.app.state.runtime.service.batcher._thread  # type: ignore[attr-defined]
+    thread = client.app.state.plane.model.batcher._thread  # type: ignore[attr-defined]
     assert thread.name == "inference" and thread.native_id is not None
     mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     assert os.getpriority(os.PRIO_PROCESS, thread.native_id) == min(mine + INFERENCE_NICE, 19)

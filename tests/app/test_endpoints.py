@@ -53,7 +53,7 @@ def test_not_ready_before_the_model_is_loaded_and_warmed_up(settings: Settings) 
 
 
 def test_not_ready_while_draining(client: TestClient) -> None:
-    runtime = client.app.state.runtime  # type: ignore[attr-defined]
+    runtime = client.app.state.plane  # type: ignore[attr-defined]
     runtime.health.start_draining("draining: SIGTERM received")
     response = client.get("/health/ready")
     assert response.status_code == 503
@@ -65,7 +65,7 @@ def test_readiness_turns_off_after_shutdown(settings: Settings) -> None:
     app = create_app(settings)
     with TestClient(app) as client:
         assert client.get("/health/ready").status_code == 200
-    assert not app.state.runtime.health.is_ready
+    assert not app.state.plane.health.is_ready
 
 
 def test_startup_fails_on_a_missing_checkpoint(tmp_path: Path) -> None:
@@ -110,7 +110,7 @@ def test_docs_work_offline(client: TestClient) -> None:
 
 
 def test_out_of_accelerator_memory_is_503_and_recovers(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
-    service = client.app.state.runtime.service  # type: ignore[attr-defined]
+    service = client.app.state.plane.model  # type: ignore[attr-defined]
     model = service.model
     calls = {"n": 0}
     real_forward = model.forward
@@ -155,3 +155,14 @@ def test_settings_refuse_an_empty_checkpoint_and_a_bad_device(monkeypatch: pytes
         Settings()
     monkeypatch.setenv("FASHION_SERVE_DEVICE", "cuda:1")
     assert Settings().device == "cuda:1"
+
+
+def test_every_protocol_takes_one_admission_rule_while_draining(client: TestClient) -> None:
+    """Readiness turns off on SIGTERM, but a request that still arrives is answered by every
+    protocol alike (they used to disagree: v2 refused, /predict served)."""
+    client.app.state.plane.health.start_draining("draining: SIGTERM received")  # type: ignore[attr-defined]
+    assert client.get("/health/ready").status_code == 503
+    assert client.get("/v2/health/ready").status_code == 503
+    assert client.post("/predict", files={"file": ("a.png", png())}).status_code == 200
+    v2 = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 784], "data": [0.0] * 784}]}
+    assert client.post("/v2/models/tiny/infer", json=v2).status_code == 200

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-import app.main
+import app.reload.worker
 from app.batching import BatcherClosed, MicroBatcher
 from app.decoding import ModelInput
 from app.errors import ServeError
 from app.main import create_app
-from app.reload import SNAPSHOT_ENV
+from app.reload.snapshot import SNAPSHOT_ENV
 from app.settings import Settings
 from tests.helpers import png, wait_for, write_tiny_checkpoint
 
@@ -28,13 +28,13 @@ def test_a_new_snapshot_is_swapped_in_and_the_old_model_is_freed(
 ) -> None:
     snapshot = write_tiny_checkpoint(tmp_path / "current.pt", seed=1)
     monkeypatch.setenv(SNAPSHOT_ENV, str(snapshot))
-    monkeypatch.setattr(app.main, "SNAPSHOT_POLL_S", 0.05)
+    monkeypatch.setattr(app.reload.worker, "SNAPSHOT_POLL_S", 0.05)
     settings = Settings(checkpoint=tmp_path / "configured.pt", device="cpu", body_timeout_s=0.2)
     with TestClient(create_app(settings)) as client:
-        runtime = client.app.state.runtime  # type: ignore[attr-defined]
+        runtime = client.app.state.plane  # type: ignore[attr-defined]
         first = client.get("/model").json()["checkpoint"]
         assert first["path"] == str(tmp_path / "configured.pt"), "/model names the configured path"
-        old = weakref.ref(runtime.service)
+        old = weakref.ref(runtime.model)
         os.replace(write_tiny_checkpoint(tmp_path / "next.pt", seed=2), snapshot)
         assert wait_for(lambda: client.get("/model").json()["checkpoint"]["sha256"] != first["sha256"])
         assert client.post("/predict", files={"file": ("a.png", png())}).status_code == 200
@@ -46,8 +46,8 @@ def test_a_new_snapshot_is_swapped_in_and_the_old_model_is_freed(
 
 
 def test_a_closed_batcher_refuses_new_items_and_the_runtime_answers_503(client: TestClient) -> None:
-    runtime = client.app.state.runtime  # type: ignore[attr-defined]
-    service = runtime.service
+    runtime = client.app.state.plane  # type: ignore[attr-defined]
+    service = runtime.model
     batcher: MicroBatcher[object, object] = MicroBatcher(lambda items: list(items), max_batch_size=2)
     batcher.start()
     batcher.close()

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from python_multipart.multipart import parse_options_header
 
 from app.errors import ServeError
-from app.multipart import (
+from app.http.multipart import (
     _PLAIN_DISPOSITION,
     _PLAIN_MULTIPART_TYPE,
     _boundary,

@@ -1,4 +1,4 @@
-"""`python -m app.validate CHECKPOINT`: load it as a worker would, on the configured device, and
+"""`python -m app.reload.validate CHECKPOINT`: load it as a worker would, on the configured device, and
 run a warm-up forward pass. If it serves, print `valid` and exit 0; else print the reason on
 one line and exit 1.
 
@@ -13,19 +13,19 @@ from pathlib import Path
 
 import numpy as np
 
-from app.reload import VALID
+from app.reload.snapshot import VALID
 
 
 def main(argv: list[str]) -> int:
-    from app.service import ClassifierService
+    from app.served_model import ServedModel
     from app.settings import Settings
     from models import CheckpointError
 
     if len(argv) != 1:
-        print("usage: python -m app.validate CHECKPOINT")
+        print("usage: python -m app.reload.validate CHECKPOINT")
         return 2
     try:
-        service = ClassifierService.load(Settings(), Path(argv[0]))
+        service = ServedModel.load(Settings(), Path(argv[0]))
         side = service.input_size
         probabilities, _ = service.score(np.zeros((2, 1, side, side), np.float32))
     except CheckpointError as exc:

@@ -1,12 +1,14 @@
-"""The serving seam's middle: a model on its device that turns decoded requests into class
-probabilities, in batches. It knows nothing of HTTP or of any protocol's wire format."""
+"""One served model: a checkpoint loaded on its device, with the inference thread (micro-batcher)
+that turns decoded requests into class probabilities in shared batches. It knows nothing of
+any protocol; `app.dataplane` decides which requests reach it."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,17 @@ from models.trust import Trust
 # What the batcher takes: a decoded request, or a decoder to run on the inference thread
 # (cheap decodes ride along with the forward pass: one thread hand-off per request).
 Pending = ModelInput | Callable[[], ModelInput]
+
+
+@contextlib.contextmanager
+def accelerator_memory() -> Iterator[None]:
+    """CUDA running out of memory becomes a 503, after freeing the cache, so the request is
+    retried rather than failed and the next batch can succeed. The one place this is mapped."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        raise unavailable("the accelerator ran out of memory; retry shortly") from None
 
 
 @dataclass(frozen=True)
@@ -51,7 +64,7 @@ class Scored:
         return [errors[i] if i in errors else next(row) for i in range(len(self.input.names))]
 
 
-class ClassifierService:
+class ServedModel:
     """A loaded model and what it takes to turn model input into class probabilities."""
 
     def __init__(
@@ -87,7 +100,7 @@ class ClassifierService:
         settings: Settings,
         source: Path | None = None,
         observe_batch: Callable[[int, float], None] | None = None,
-    ) -> ClassifierService:
+    ) -> ServedModel:
         """Load the checkpoint on the configured device (raises CheckpointError): from `source`,
         the supervisor's validated copy, when given; /model reports the configured path."""
         torch.set_num_threads(settings.torch_threads)
@@ -113,26 +126,18 @@ class ClassifierService:
     def ood_threshold(self) -> float | None:
         return self.trust.threshold
 
-    def probabilities(self, batch: np.ndarray) -> np.ndarray:
-        """(N, 1, S, S) float32 inputs -> (N, classes) float32 class probabilities."""
-        return self.score(batch)[0]
-
     @torch.inference_mode()
     def score(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """(N, 1, S, S) float32 inputs -> class probabilities (N, classes) and OOD scores (N,) or None.
 
-        CUDA running out of memory becomes a 503, after freeing the cache, so the request is
-        retried rather than failed and the next batch can succeed.
+        Raises ServeError 503 when the accelerator runs out of memory (`accelerator_memory`).
         """
-        try:
+        with accelerator_memory():
             x = torch.from_numpy(batch)
             if self.device.type != "cpu":
                 x = x.to(self.device, non_blocking=True)
             probabilities, scores = self.trust(self.model, x)
             return probabilities.cpu().numpy(), None if scores is None else scores.cpu().numpy()
-        except torch.cuda.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            raise unavailable("the accelerator ran out of memory; retry shortly") from None
 
     def run_batch(self, items: list[Pending]) -> list[Scored | BaseException]:
         """The micro-batcher's step: decode what is not decoded yet, then forward passes of at
@@ -176,6 +181,10 @@ class ClassifierService:
             return chunks[0]
         rows = np.concatenate([c[0] for c in chunks])
         return rows, None if chunks[0][1] is None else np.concatenate([c[1] for c in chunks])
+
+    def summary(self) -> str:
+        """One line for the logs: name, architecture, checkpoint hash, device."""
+        return f"{self.name} ({self.loaded.arch}, {self.checkpoint.sha256[:12]}) on {self.device}"
 
     def describe(self) -> dict[str, Any]:
         model = self.loaded.model

@@ -1,18 +1,8 @@
-"""One model at a time, reloaded on purpose.
-
-The supervisor (`python -m app`) copies the configured checkpoint's bytes into a private
-snapshot once they are validated, and the workers load that snapshot, never the configured
-path: a worker that replaces a dead one serves the same model as the others, whatever has
-happened to the file since. `SIGHUP` asks for a reload: the file is read again, validated
-completely in a separate process (everything start-up checks, on the configured device, plus
-a warm-up forward pass), and only then does it become the snapshot, which every worker swaps
-in between batches (`app.main`). A reload that fails changes nothing but a log line and
-`fashion_serve_model_reloads_total{result="failure"}`.
-"""
+"""The supervisor's half of a reload: the snapshot the workers serve, replaced only by a
+checkpoint that a separate process validated (see `app.reload`)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -21,38 +11,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
-
+from app.reload.snapshot import COUNTS_FILE, VALID
 from models.checkpoint import MAX_FILE_BYTES, CheckpointError, load_checkpoint
-
-if TYPE_CHECKING:
-    from app.runtime import Runtime
 
 logger = logging.getLogger("app")
 
-SNAPSHOT_ENV = "FASHION_SERVE_MODEL_SNAPSHOT"  # set by the supervisor for its workers; internal
 VALIDATE_TIMEOUT_S = 300
-VALID = "valid"  # the last line app.validate prints for a checkpoint that serves
-
-
-def snapshot_path() -> Path | None:
-    """The validated checkpoint this worker serves, when run under `python -m app`."""
-    value = os.environ.get(SNAPSHOT_ENV)
-    return Path(value) if value else None
-
-
-def reload_counts(snapshot: Path | None) -> dict[str, int]:
-    """Reloads so far by result, as the supervisor recorded them beside the snapshot."""
-    counts = {"success": 0, "failure": 0}
-    if snapshot is not None:
-        with contextlib.suppress(OSError, ValueError):
-            counts.update(json.loads((snapshot.parent / "reloads.json").read_text()))
-    return counts
 
 
 class CheckpointSource:
@@ -122,7 +88,7 @@ class CheckpointSource:
             verdict = (self.directory / "verdict.txt").open("w")
             with verdict:
                 process = subprocess.Popen(
-                    [sys.executable, "-m", "app.validate", str(candidate)],
+                    [sys.executable, "-m", "app.reload.validate", str(candidate)],
                     stdout=verdict,
                     stderr=subprocess.STDOUT,
                     env={**os.environ, "FASHION_SERVE_DEVICE": self.device},
@@ -171,35 +137,12 @@ class CheckpointSource:
         logger.error("reload refused, still serving the previous model: checkpoint %s: %s", self.configured, reason)
 
     def _write_counts(self) -> None:
-        partial = self.directory / "reloads.json.tmp"
+        partial = self.directory / f"{COUNTS_FILE}.tmp"
         try:
             partial.write_text(json.dumps(self.counts))
-            os.replace(partial, self.directory / "reloads.json")
+            os.replace(partial, self.directory / COUNTS_FILE)
         except OSError as exc:  # the counts are for /metrics; never a reason to stop serving
             logger.warning("reload: cannot record the reload counts: %s", exc.strerror or exc)
 
     def remove(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
-
-
-class ModelCollector(Collector):
-    """`fashion_serve_model_info` (the model this worker serves now: one series, value 1) and
-    `fashion_serve_model_reloads_total{result}` (the supervisor's counts), read at each scrape."""
-
-    def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
-
-    def collect(self) -> Iterator[Metric]:
-        info = GaugeMetricFamily(
-            "fashion_serve_model_info", "The model being served (value 1)", labels=("name", "arch", "sha256", "device")
-        )
-        service = self.runtime.service
-        if service is not None:
-            info.add_metric([service.name, service.loaded.arch, service.checkpoint.sha256, str(service.device)], 1)
-        yield info
-        reloads = CounterMetricFamily(
-            "fashion_serve_model_reloads", "Model reloads asked for with SIGHUP, by result", labels=("result",)
-        )
-        for result, count in reload_counts(snapshot_path()).items():
-            reloads.add_metric([result], count)
-        yield reloads

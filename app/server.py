@@ -18,9 +18,9 @@ from gunicorn.arbiter import Arbiter
 from uvicorn.importer import import_from_string as import_app
 from uvicorn_worker import UvicornWorker
 
-from app.http_limits import limited_protocol
+from app.http.limits import limited_protocol
 from app.observability import configure_logging
-from app.reload import CheckpointSource
+from app.reload.supervisor import CheckpointSource
 from app.settings import Settings
 
 
@@ -53,9 +53,9 @@ def _logger_class(settings: Settings) -> type[glogging.Logger]:
 class _Arbiter(Arbiter):
     """SIGINT and SIGQUIT drain like SIGTERM. gunicorn's quick stop sends the workers SIGQUIT,
     which uvicorn workers ignore (uvicorn-worker issue 2): they were SIGKILLed after the grace
-    period instead of finishing their requests (found in review).
+    period instead of finishing their requests.
 
-    SIGHUP reloads the model (app/reload.py) instead of gunicorn's restart of every worker,
+    SIGHUP reloads the model (app/reload) instead of gunicorn's restart of every worker,
     which re-read the path unchecked and shut the service down when the file was broken."""
 
     source: CheckpointSource | None = None
@@ -145,8 +145,8 @@ def serve(
         "worker_class": _worker_class(settings),
         "preload_app": True,
         # One listening socket per worker: the kernel balances connections across them. With a
-        # shared socket, the first worker to wake took most of a burst of new connections
-        # (32 of 32 in one bench run) and kept them for as long as they stayed open.
+        # shared socket, the first worker to wake took most of a burst of new connections and
+        # kept them for as long as they stayed open (docs/performance.md).
         "reuse_port": True,
         "keepalive": settings.keep_alive_s,
         # uvicorn drains within shutdown_grace_s (then the batcher gets 1 s); gunicorn's hard

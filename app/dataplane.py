@@ -1,0 +1,130 @@
+"""The transport-neutral core every protocol calls: which model serves, whether it can, who may
+ask, admission, and `infer` into the one micro-batcher. It knows no wire format.
+
+The shape of KServe's and MLServer's `DataPlane`: an adapter (HTTP today) parses its request,
+asks `admit` for the model, hands `infer` the decoded input and encodes what comes back; every
+refusal is a `ServeError` that the adapter renders in its own shape, in one place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from starlette.concurrency import run_in_threadpool
+
+from app.batching import BatcherClosed
+from app.errors import ServeError, unavailable
+from app.observability import Metrics
+from app.served_model import Pending, Scored, ServedModel
+from app.settings import Settings
+
+# Requests whose encoded images are up to this size are decoded on the inference thread,
+# batched with the forward pass (one thread hand-off per request); larger ones (photos) are
+# decoded in the threadpool first, so a big image never holds up the small ones behind it.
+INLINE_DECODE_BYTES = 64 * 1024
+UNAUTHORIZED = "missing or invalid API key: send Authorization: Bearer <key>"
+
+
+@dataclass
+class Health:
+    """Readiness: a model on its device, a warm-up passed, and not draining."""
+
+    ready: bool = False
+    draining: bool = False
+    reason: str = "starting: model not loaded yet"
+
+    def mark_ready(self) -> None:
+        self.ready, self.reason = True, "ready"
+
+    def start_draining(self, reason: str = "draining: shutting down") -> None:
+        self.draining, self.reason = True, reason
+
+    @property
+    def is_ready(self) -> bool:
+        return self.ready and not self.draining
+
+
+@dataclass
+class DataPlane:
+    """What one worker serves and the rules every protocol's request goes through."""
+
+    settings: Settings
+    api_key_digests: list[bytes] = field(default_factory=list)  # empty: no keys needed
+    metrics: Metrics = field(default_factory=Metrics)
+    health: Health = field(default_factory=Health)
+    model: ServedModel | None = None  # the current model; a reload replaces it whole
+    in_flight: int = 0
+
+    # --- questions every protocol asks ---------------------------------------------------------
+
+    def check_ready(self) -> None:
+        """The readiness probes' rule: 503 (with the reason) until warmed up, and while draining."""
+        if not self.health.is_ready:
+            raise unavailable(self.health.reason)
+
+    def current_model(self, name: str | None = None, version: str | None = None) -> ServedModel:
+        """The served model, if `name` (and `version`) name it: 404 if not; 503 while none is loaded.
+
+        A draining worker still answers with its model: the request reached it before the
+        balancer heard of the drain, and answering is better than failing it.
+        """
+        settings = self.settings
+        if name is not None and name != settings.served_name:
+            raise ServeError(404, f"unknown model {name!r}: this server serves {settings.served_name!r}")
+        if version is not None and version != settings.model_version:
+            raise ServeError(404, f"unknown version {version!r} of model {name!r}: it has {settings.model_version!r}")
+        if self.model is None or self.model.batcher is None:
+            raise unavailable(self.health.reason)
+        return self.model
+
+    def authorize(self, authorization: bytes | None) -> None:
+        """401 unless keys are off or `authorization` is `Bearer <a configured key>`. Keys are
+        compared as SHA-256 digests, against every configured key, so the time says nothing."""
+        if not self.api_key_digests:
+            return
+        scheme, _, key = (authorization or b"").partition(b" ")
+        given = hashlib.sha256(key.strip()).digest()
+        matched = False
+        for digest in self.api_key_digests:  # no early exit
+            matched |= hmac.compare_digest(given, digest)
+        if not (scheme.lower() == b"bearer" and matched):
+            raise ServeError(401, UNAUTHORIZED, {"WWW-Authenticate": 'Bearer realm="fashion-serve"'})
+
+    # --- the inference path ----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def admit(self, name: str | None = None, version: str | None = None) -> Iterator[ServedModel]:
+        """The one admission step: the model asked for, and a place among the requests in
+        progress; past `max_concurrency`, 503 instead of queueing. Held until the answer is
+        computed: the model stays the one the request was admitted to, even across a reload."""
+        model = self.current_model(name, version)
+        if self.in_flight >= self.settings.max_concurrency:
+            raise unavailable(f"server busy: {self.in_flight} requests in progress; retry shortly")
+        self.in_flight += 1
+        try:
+            yield model
+        finally:
+            self.in_flight -= 1
+
+    async def infer(self, model: ServedModel, request: Pending, encoded_bytes: int = 0) -> Scored:
+        """Score a request's model input in `model`'s shared batches. A decoder (encoded images)
+        runs on the inference thread with its batch when the images are small, else in the
+        threadpool.
+
+        Raises ServeError: the request refused as a whole, not ready, or out of accelerator memory.
+        """
+        batcher = model.batcher
+        if batcher is None:
+            raise unavailable(self.health.reason)
+        if callable(request) and encoded_bytes > INLINE_DECODE_BYTES:
+            request = await run_in_threadpool(request)
+        try:
+            scored = await batcher.submit(request)
+        except BatcherClosed:  # its model was replaced long ago (a reload), or the service is stopping
+            raise unavailable("the model was replaced while this request waited; retry") from None
+        self.metrics.images_per_request.observe(len(scored.input.names))
+        return scored

@@ -1,0 +1,112 @@
+"""One worker's life, top to bottom: load and warm up the model, mark ready, follow reloads,
+drain on SIGTERM, stop the inference thread. `lifespan` is what the app factory hands FastAPI."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import signal
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import numpy as np
+from starlette.concurrency import run_in_threadpool
+
+from app.dataplane import DataPlane, Health
+from app.decoding import ModelInput
+from app.observability import configure_logging
+from app.reload.snapshot import snapshot_path
+from app.reload.worker import follow_snapshot
+from app.served_model import ServedModel
+from models import CheckpointError
+
+logger = logging.getLogger("app")
+# The inference thread runs at a lower CPU priority than the event loop: where the CPUs are
+# busy (workers = CPUs, and each worker has both threads), the loop's I/O and health probes
+# are scheduled first and the model gets the rest, in bigger batches (docs/performance.md).
+INFERENCE_NICE = 10
+
+
+def lifespan(plane: DataPlane) -> Callable[[Any], contextlib.AbstractAsyncContextManager[None]]:
+    """The worker's lifespan: ready once the model is warm; on the way out, drained and stopped."""
+
+    @asynccontextmanager
+    async def run(_app: Any) -> AsyncIterator[None]:
+        configure_logging(plane.settings.log_format, plane.settings.log_level)
+        await start(plane)
+        drain_on_sigterm(plane.health)
+        snapshot = snapshot_path()
+        follower = asyncio.create_task(follow_snapshot(plane, snapshot, partial(load, plane))) if snapshot else None
+        try:
+            yield
+        finally:
+            plane.health.start_draining()
+            if follower:
+                follower.cancel()
+            await stop(plane)
+
+    return run
+
+
+async def load(plane: DataPlane, source: Path | None) -> ServedModel:
+    """A model loaded, its inference thread started, warmed up through the real path."""
+    model = await run_in_threadpool(ServedModel.load, plane.settings, source, _observe(plane))
+    batcher = model.start(nice=INFERENCE_NICE)
+    side = model.input_size
+    await batcher.submit(ModelInput.of(np.zeros((1, 1, side, side), np.float32)))
+    return model
+
+
+async def start(plane: DataPlane) -> None:
+    """Load the model (the supervisor's validated snapshot, else the configured path), then ready."""
+    try:
+        plane.model = await load(plane, snapshot_path())
+    except CheckpointError as exc:
+        logger.critical("cannot start: checkpoint %s: %s", plane.settings.checkpoint, exc)
+        raise
+    # Everything loaded so far (torch, the model) lives for the whole process: keeping it out
+    # of the collector's scans removes the long gen-2 pauses that showed as p99 spikes.
+    gc.collect()
+    gc.freeze()
+    plane.health.mark_ready()
+    logger.info("ready: %s", plane.model.summary())
+
+
+async def stop(plane: DataPlane) -> None:
+    """End the inference thread; uvicorn has already drained the connections within the grace period."""
+    model = plane.model
+    if model is not None and model.batcher is not None:
+        model.batcher.close()
+        await run_in_threadpool(model.batcher.join, 1.0)
+
+
+def drain_on_sigterm(health: Health) -> None:
+    """Turn readiness off the moment SIGTERM arrives, then let the server's own handler run."""
+    try:
+        previous = signal.getsignal(signal.SIGTERM)
+    except ValueError:
+        return
+    if not callable(previous):
+        return
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        health.start_draining("draining: SIGTERM received")
+        logger.info("SIGTERM: readiness off, finishing requests in progress")
+        previous(signum, frame)
+
+    with contextlib.suppress(ValueError):  # not the main thread (e.g. under TestClient): no signals
+        signal.signal(signal.SIGTERM, handler)
+
+
+def _observe(plane: DataPlane) -> Callable[[int, float], None]:
+    def on_batch(rows: int, seconds: float) -> None:
+        plane.metrics.batch_size.observe(rows)
+        plane.metrics.inference_latency.observe(seconds)
+
+    return on_batch

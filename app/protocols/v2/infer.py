@@ -1,0 +1,52 @@
+"""POST /v2/models/{model}[/versions/{version}]/infer: parse, admit, infer, encode."""
+
+from __future__ import annotations
+
+from functools import partial
+
+from starlette.concurrency import run_in_threadpool
+from starlette.types import Receive, Scope
+
+from app.dataplane import INLINE_DECODE_BYTES, DataPlane
+from app.http.messages import Reply, header, receive_body
+from app.protocols.v2.request import (
+    HEADER_LENGTH,
+    InferRequest,
+    bytes_elements,
+    image_input,
+    output_names,
+    parse_infer_request,
+    tensor_input,
+)
+from app.protocols.v2.response import encode
+from app.served_model import Pending, ServedModel
+from app.settings import Settings
+
+
+def _parse(scope: Scope, body: bytes, model: ServedModel, settings: Settings) -> tuple[InferRequest, Pending]:
+    """The request and its model input: tensors now, encoded images as a decoder for the batcher."""
+    outputs = output_names(model)
+    request = parse_infer_request(
+        body, header(scope, HEADER_LENGTH), outputs, model.num_classes, settings.v2_max_images
+    )
+    if request.datatype != "BYTES":
+        return request, tensor_input(request, model)
+    return request, partial(image_input, bytes_elements(request), model, settings.max_image_pixels)
+
+
+async def infer(plane: DataPlane, scope: Scope, receive: Receive) -> Reply:
+    plane.authorize(header(scope, b"authorization"))
+    settings = plane.settings
+    params = scope.get("path_params", {})
+    with plane.admit(params.get("model", ""), params.get("version")) as model:
+        body = await receive_body(
+            receive, header(scope, b"content-length"), settings.max_upload_bytes, settings.body_timeout_s
+        )
+        # Parsing a large body (JSON numbers, many BYTES elements) takes the event loop for
+        # too long: like decoding, it moves to the threadpool.
+        if len(body) <= INLINE_DECODE_BYTES:
+            request, pending = _parse(scope, body, model, settings)
+        else:
+            request, pending = await run_in_threadpool(_parse, scope, body, model, settings)
+        scored = await plane.infer(model, pending, len(body))
+    return encode(request, scored, model)
