@@ -19,7 +19,6 @@ from app.decoding import ModelInput
 from app.errors import ServeError, unavailable
 from app.settings import Settings
 from models import LoadedModel, for_inference, load_checkpoint
-from models.trust import Trust
 
 # What the batcher takes: a decoded request, or a decoder to run on the inference thread
 # (cheap decodes ride along with the forward pass: one thread hand-off per request).
@@ -69,8 +68,8 @@ class ClassifierService:
         self.name = settings.served_name
         self.class_names = tuple(loaded.class_names)
         self.device = loaded.device  # asked once: it walks the model's parameters
-        self.model = for_inference(loaded.model)  # BatchNorm folded, channels-last; /model shows the original
-        self.trust = Trust.from_loaded(loaded)  # calibration and OOD statistics, when the checkpoint has them
+        self.model = for_inference(loaded.model, loaded.architecture)  # /model shows the original
+        self.trust = loaded.trust()  # calibration and OOD statistics, when the checkpoint has them
         self.batcher: MicroBatcher[Pending, Scored] | None = None  # this model's inference thread, once started
 
     def start(self, nice: int = 0) -> MicroBatcher[Pending, Scored]:

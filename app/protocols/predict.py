@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from functools import partial
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 from urllib.parse import parse_qsl
 
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
@@ -28,12 +28,12 @@ from app.multipart import parse_multipart
 from app.runtime import Runtime
 from app.service import Scored
 from app.settings import Settings
-from models.preprocessing import Invert, PreprocessConfig
+from models.preprocessing import INVERT_CHOICES, Invert, PreprocessConfig
+from models.trust import out_of_distribution
 
 FIELD = "file"  # the multipart part name that carries images
 logger = logging.getLogger("app")
 IMAGE_TYPES = sorted(t for t in ALLOWED_CONTENT_TYPES if t.startswith("image/"))
-InvertParam = Literal["auto", "true", "false"]
 
 
 class TopK(BaseModel):
@@ -61,10 +61,10 @@ class PredictResponse(BaseModel):
 
 
 _K = TypeAdapter(Annotated[int, Field(ge=1)])
-_INVERT: TypeAdapter[InvertParam] = TypeAdapter(InvertParam)
+_INVERT: TypeAdapter[Invert] = TypeAdapter(Invert)
 
 
-def parse_query(query_string: bytes, default_k: int, limit: int) -> tuple[int, InvertParam | None]:
+def parse_query(query_string: bytes, default_k: int, limit: int) -> tuple[int, Invert | None]:
     """`k` and `invert` from the query string, validated as FastAPI validates query parameters:
     every error at once, in its 422 body shape. Other parameters are ignored."""
     given: dict[str, list[str]] = {}
@@ -149,7 +149,7 @@ def encode(scored: Scored, k: int, class_names: Sequence[str], threshold: float 
             results.append({"filename": name, "error": {"status": outcome.status, "message": outcome.message}})
             continue
         score = None if scores is None else scores[outcome]
-        flagged = None if score is None or threshold is None else score > threshold
+        flagged = None if score is None or threshold is None else out_of_distribution(score, threshold)
         results.append(
             {
                 "filename": name,
@@ -246,7 +246,7 @@ OPERATION: dict[str, Any] = {
             "in": "query",
             "required": False,
             "description": "override the model's invert rule",
-            "schema": {"type": "string", "enum": ["auto", "true", "false"], "title": "Invert"},
+            "schema": {"type": "string", "enum": list(INVERT_CHOICES), "title": "Invert"},
         },
     ],
     "requestBody": {
