@@ -19,8 +19,6 @@ from training.pipeline import AUGMENTATIONS, data_or_exit, device_or_exit, run_e
 from training.split import DEFAULT_SEED, DEFAULT_VAL_SIZE
 from training.trust_commands import run_calibrate, run_ood_report
 
-Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
-
 
 def _add_data_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", type=Path, help="folder with the four Fashion-MNIST IDX files (.gz or raw)")
@@ -35,7 +33,7 @@ def _with_device_and_data(
     return lambda args: command(args, device_or_exit(args.device), data_or_exit(args))
 
 
-def _add_train(commands: Subparsers) -> None:
+def _add_train(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     train = commands.add_parser("train", help="train a model and write a checkpoint")
     train.add_argument("--arch", choices=sorted(ARCHITECTURES), default="cnn")
     train.add_argument("--hidden-layers", type=int, nargs="+", help="hidden sizes for --arch network")
@@ -62,7 +60,7 @@ def _add_train(commands: Subparsers) -> None:
     train.set_defaults(run=run_train)
 
 
-def _add_evaluate(commands: Subparsers) -> None:
+def _add_evaluate(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     evaluate = commands.add_parser("evaluate", help="accuracy, per-class accuracy and confusion matrix on the test set")
     evaluate.add_argument("checkpoint", type=Path)
     evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON")
@@ -71,7 +69,7 @@ def _add_evaluate(commands: Subparsers) -> None:
     evaluate.set_defaults(run=run_evaluate)
 
 
-def _add_trust_commands(commands: Subparsers) -> None:
+def _add_trust_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     calibrate = commands.add_parser(
         "calibrate", help="fit the temperature and the OOD statistics into a checkpoint (written as format v1)"
     )

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import training.cli
 import training.data as data_module
+import training.pipeline
 import training.trust_commands
 from models import build_model, load_checkpoint
 from tests.helpers import garment
@@ -228,7 +228,7 @@ def test_calibrate_holds_out_what_training_held_out_under_limit(
         return fit_trust(model, train, val, *args, **kwargs)
 
     out = tmp_path / "limited.pt"
-    monkeypatch.setattr(training.cli, "fit", spy_fit)
+    monkeypatch.setattr(training.pipeline, "fit", spy_fit)
     options = ["--data-dir", str(synthetic_data), "--device", "cpu"]
     common = ["--arch", "network", "--hidden-layers", "16", "--epochs", "1", "--limit", "600", "--seed", "1"]
     assert main(["train", *common, *options, "--out", str(out)]) == 0
