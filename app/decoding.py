@@ -8,12 +8,13 @@ import io
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal, overload
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from app.errors import ServeError
-from models.preprocessing import ImageError, Invert, PreprocessConfig, preprocess_with_invert
+from models.preprocessing import ImageError, Invert, PreprocessConfig, preprocess_image
 
 # Decoders we accept; everything else is refused before any parser runs on the bytes.
 ALLOWED_FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF")
@@ -85,29 +86,38 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     return image
 
 
+@overload
 def image_to_input(
     data: bytes,
     content_type: str | None,
     preprocess: PreprocessConfig,
     max_pixels: int,
     invert: Invert | None = None,
-) -> np.ndarray:
-    """Untrusted upload bytes -> a (1, 28, 28) float32 model input; every failure is ServeError."""
-    return image_to_input_with_invert(data, content_type, preprocess, max_pixels, invert)[0]
-
-
-def image_to_input_with_invert(
+    tell_inverted: Literal[False] = False,
+) -> np.ndarray: ...
+@overload
+def image_to_input(
+    data: bytes,
+    content_type: str | None,
+    preprocess: PreprocessConfig,
+    max_pixels: int,
+    invert: Invert | None,
+    tell_inverted: Literal[True],
+) -> tuple[np.ndarray, bool]: ...
+def image_to_input(
     data: bytes,
     content_type: str | None,
     preprocess: PreprocessConfig,
     max_pixels: int,
     invert: Invert | None = None,
-) -> tuple[np.ndarray, bool]:
-    """`image_to_input` and which way the invert rule went for the image (True: inverted)."""
+    tell_inverted: bool = False,
+) -> np.ndarray | tuple[np.ndarray, bool]:
+    """Untrusted upload bytes -> a (1, 28, 28) float32 model input (with `tell_inverted`, also which
+    way the invert rule went); every failure is ServeError."""
     check_content_type(content_type)
     image = decode_image(data, max_pixels)
     try:
-        return preprocess_with_invert(image, preprocess, invert=invert)
+        array, inverted = preprocess_image(image, preprocess, invert, tell_inverted=True)
     except ImageError as exc:
         raise ServeError(415, str(exc)) from None
     except MemoryError:
@@ -116,36 +126,48 @@ def image_to_input_with_invert(
         # Decoders are lazy (frames, tiles) and Pillow's parsers raise many types on
         # malformed files (TypeError, KeyError, ... found by fuzz/fuzz_decode.py): all are 400.
         raise ServeError(400, f"image data is truncated or corrupt: {exc!r}") from None
+    return (array, inverted) if tell_inverted else array
 
 
+Uploads = Sequence[tuple[str | None, bytes, str | None]]
+
+
+@overload
 def decode_images(
-    uploads: Sequence[tuple[str | None, bytes, str | None]],
+    uploads: Uploads,
     preprocess: PreprocessConfig,
     max_pixels: int,
     invert: Invert | None,
-) -> ModelInput:
-    """Decode (name, bytes, content type) uploads, isolating each image's failure."""
-    return decode_images_with_invert(uploads, preprocess, max_pixels, invert)[0]
-
-
-def decode_images_with_invert(
-    uploads: Sequence[tuple[str | None, bytes, str | None]],
+    tell_inverted: Literal[False] = False,
+) -> ModelInput: ...
+@overload
+def decode_images(
+    uploads: Uploads,
     preprocess: PreprocessConfig,
     max_pixels: int,
     invert: Invert | None,
-) -> tuple[ModelInput, list[bool | None]]:
-    """`decode_images` and, per upload in request order, whether it was inverted (None: refused)."""
+    tell_inverted: Literal[True],
+) -> tuple[ModelInput, list[bool | None]]: ...
+def decode_images(
+    uploads: Uploads,
+    preprocess: PreprocessConfig,
+    max_pixels: int,
+    invert: Invert | None,
+    tell_inverted: bool = False,
+) -> ModelInput | tuple[ModelInput, list[bool | None]]:
+    """Decode (name, bytes, content type) uploads, isolating each image's failure; with
+    `tell_inverted`, also per upload in request order whether it was inverted (None: refused)."""
     arrays: list[np.ndarray] = []
     inverted: list[bool | None] = []
     errors: dict[int, ServeError] = {}
     for position, (_, data, content_type) in enumerate(uploads):
         try:
-            array, flipped = image_to_input_with_invert(data, content_type, preprocess, max_pixels, invert)
+            array, flipped = image_to_input(data, content_type, preprocess, max_pixels, invert, True)
         except ServeError as exc:
             errors[position] = exc
             inverted.append(None)
             continue
         arrays.append(array)
         inverted.append(flipped)
-    inputs = np.stack(arrays) if arrays else None
-    return ModelInput([u[0] for u in uploads], inputs, errors), inverted
+    model_input = ModelInput([u[0] for u in uploads], np.stack(arrays) if arrays else None, errors)
+    return (model_input, inverted) if tell_inverted else model_input

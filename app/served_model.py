@@ -21,7 +21,7 @@ from app.decoding import ModelInput
 from app.errors import ServeError, unavailable
 from app.settings import Settings
 from models import LoadedModel, for_inference, load_checkpoint
-from models.trust import Trust
+from models.saliency import saliency_maps
 
 # What the batcher takes: a decoded request, or a decoder to run on the inference thread
 # (cheap decodes ride along with the forward pass: one thread hand-off per request).
@@ -82,8 +82,8 @@ class ServedModel:
         self.name = settings.served_name
         self.class_names = tuple(loaded.class_names)
         self.device = loaded.device  # asked once: it walks the model's parameters
-        self.model = for_inference(loaded.model)  # BatchNorm folded, channels-last; /model shows the original
-        self.trust = Trust.from_loaded(loaded)  # calibration and OOD statistics, when the checkpoint has them
+        self.model = for_inference(loaded.model, loaded.architecture)  # /model shows the original
+        self.trust = loaded.trust()  # calibration and OOD statistics, when the checkpoint has them
         self.batcher: MicroBatcher[Pending, Scored] | None = None  # this model's inference thread, once started
 
     def start(self, nice: int = 0) -> MicroBatcher[Pending, Scored]:
@@ -138,6 +138,15 @@ class ServedModel:
                 x = x.to(self.device, non_blocking=True)
             probabilities, scores = self.trust(self.model, x)
             return probabilities.cpu().numpy(), None if scores is None else scores.cpu().numpy()
+
+    def saliency(self, inputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        """SmoothGrad maps (models.saliency) for (N, 1, S, S) inputs and (N,) target classes, on the
+        checkpoint's own fp32 model, never the served copy the inference thread runs.
+
+        Raises ServeError 503 when the accelerator runs out of memory (`accelerator_memory`).
+        """
+        with accelerator_memory():
+            return saliency_maps(self.loaded.model, inputs, targets, self.loaded.preprocess)
 
     def run_batch(self, items: list[Pending]) -> list[Scored | BaseException]:
         """The micro-batcher's step: decode what is not decoded yet, then forward passes of at

@@ -19,7 +19,7 @@ import torch
 
 from bench.micro import ROOT, best_us
 from models import for_inference, load_checkpoint
-from models.trust import Trust, forward_with_features, last_linear, ood_scores
+from models.trust import Trust, forward_with_features, ood_scores
 
 ROUNDS = 7
 
@@ -28,10 +28,13 @@ def _ignore(*_: object) -> None:
     return None
 
 
-def measure(model: torch.nn.Module, trust: Trust, x: torch.Tensor, sync: Callable[[], None]) -> tuple[float, ...]:
-    """(plain forward us, forward with Trust us, extra math alone us) for one batch."""
+def measure(
+    model: torch.nn.Module, layer: torch.nn.Linear, trust: Trust, x: torch.Tensor, sync: Callable[[], None]
+) -> tuple[float, ...]:
+    """(plain forward us, forward with Trust us, extra math alone us) for one batch; `layer` is
+    the model's output layer."""
     assert trust.ood is not None
-    ood, layer, n = trust.ood, last_linear(model), 200 if len(x) == 1 else 20
+    ood, n = trust.ood, 200 if len(x) == 1 else 20
     log_ps, features = forward_with_features(model, x, layer)
 
     def plain(_: int) -> None:
@@ -73,11 +76,12 @@ def main(argv: list[str] | None = None) -> int:
         loaded = load_checkpoint(path, device=args.device)
         if loaded.ood is None or loaded.calibration is None:
             raise SystemExit(f"{path} has no trust records: run `python -m training calibrate {path}`")
-        model, trust = for_inference(loaded.model), Trust.from_loaded(loaded)
+        model, trust = for_inference(loaded.model, loaded.architecture), loaded.trust()
+        layer = loaded.architecture.output_layer(model)
         for batch in (1, 32):
             with torch.inference_mode():
                 x = torch.randn(batch, 1, 28, 28, device=loaded.device)
-                forward, with_trust, math_us = measure(model, trust, x, sync)
+                forward, with_trust, math_us = measure(model, layer, trust, x, sync)
             print(
                 f"{Path(path).name:<22} {batch:>5} {forward:9.1f} {with_trust:10.1f} {with_trust - forward:+9.1f} "
                 f"{math_us:9.1f} {100 * math_us / forward:8.1f}%"

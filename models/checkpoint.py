@@ -25,9 +25,9 @@ from torch import nn
 
 from models.devices import resolve_device
 from models.fashion_mnist import FASHION_MNIST_CLASSES
-from models.networks import ARCHITECTURES, build_model, model_args_for
+from models.networks import ARCHITECTURES, Architecture, build_model, model_args_for
 from models.preprocessing import PreprocessConfig
-from models.trust import Calibration, OODStats, RecordError, last_linear
+from models.trust import Calibration, OODStats, RecordError, Trust
 
 FORMAT_VERSION = 1
 COURSE_KEYS = frozenset({"input_size", "output_size", "hidden_layers", "state_dict"})
@@ -60,6 +60,14 @@ class LoadedModel:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def architecture(self) -> Architecture:
+        return ARCHITECTURES[self.arch]
+
+    def trust(self) -> Trust:
+        """What serves this checkpoint's calibration and OOD records (either may be absent)."""
+        return Trust(self.calibration, self.ood, self.device, self.architecture.output_layer)
 
 
 def save_checkpoint(
@@ -126,7 +134,7 @@ def _read(path: Path, data: bytes | None = None) -> Any:
                 "values (e.g. with models.save_checkpoint, or a dict holding model.state_dict())."
             ) from None
         raise CheckpointError(f"{path} is not a PyTorch checkpoint, or is corrupt: {reason}") from None
-    except Exception as exc:  # the unpickler raises many types on garbage (IndexError for 13 stray bytes)
+    except Exception as exc:  # the unpickler raises many types on garbage
         raise CheckpointError(f"{path} is not a PyTorch checkpoint, or is truncated or corrupt: {exc}") from None
 
 
@@ -227,53 +235,21 @@ def load_checkpoint(
     """
     path = Path(path)
     ckpt = _normalize(_read(path, data))
-    arch = _require(ckpt, "arch", str)
-    if arch not in ARCHITECTURES:
-        raise CheckpointError(f"unknown architecture {arch!r}; this build knows {', '.join(ARCHITECTURES)}")
-    try:
-        model_args = model_args_for(arch, _require(ckpt, "model_args", Mapping))
-        preprocess = PreprocessConfig(**_require(ckpt, "preprocess", Mapping))
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"invalid checkpoint arguments: {exc}") from None
-    shapes = build_model(arch, model_args, device="meta")
-    num_parameters = sum(math.prod(p.shape) for p in shapes.parameters())
-    if num_parameters > MAX_PARAMETERS:
-        raise CheckpointError(f"architecture declares {num_parameters:,} parameters; the limit is {MAX_PARAMETERS:,}")
+    arch, model_args, preprocess = _arguments(ckpt)
+    architecture = ARCHITECTURES[arch]
+    shapes = _build_on_meta(arch, model_args)
     state_dict = _check_state_dict(_require(ckpt, "state_dict", Mapping), shapes.state_dict())
-
-    class_names = _require(ckpt, "class_names", list)
-    try:
-        num_outputs = shapes(torch.empty(1, 1, 28, 28, device="meta")).shape[1]
-    except RuntimeError as exc:
-        raise CheckpointError(f"the architecture does not take 28x28 images: {exc}") from None
-    if len(class_names) != num_outputs or not all(isinstance(c, str) for c in class_names):
-        raise CheckpointError(f"class_names must be {num_outputs} strings, got {class_names!r:.200}")
-
+    class_names = _class_names(ckpt, shapes, architecture)
     metrics, training = _plain_mapping(ckpt, "metrics"), _plain_mapping(ckpt, "training")
     created_at = ckpt.get("created_at")
     if created_at is not None and not isinstance(created_at, str):
         raise CheckpointError(f"checkpoint entry 'created_at' has type {type(created_at).__name__}, not str")
-
-    output = last_linear(shapes)
-    try:
-        calibration = Calibration.from_record(ckpt["calibration"]) if ckpt.get("calibration") is not None else None
-        ood = (
-            OODStats.from_record(ckpt["ood"], output.out_features, output.in_features)
-            if ckpt.get("ood") is not None
-            else None
-        )
-    except RecordError as exc:
-        raise CheckpointError(f"invalid checkpoint record: {exc}") from None
-
+    calibration, ood = _records(ckpt, architecture.output_layer(shapes))
+    target = _device(device)
     # assign=True adopts the loaded tensors in place of the meta ones: no second copy.
     shapes.load_state_dict(state_dict, strict=True, assign=True)
-    try:
-        target = resolve_device(device)
-    except ValueError as exc:
-        raise CheckpointError(str(exc)) from None
-    model = shapes.to(target).eval()
     return LoadedModel(
-        model=model,
+        model=shapes.to(target).eval(),
         arch=arch,
         model_args=model_args,
         class_names=tuple(class_names),
@@ -285,3 +261,59 @@ def load_checkpoint(
         calibration=calibration,
         ood=ood.to(target) if ood is not None else None,
     )
+
+
+def _arguments(ckpt: Mapping[str, Any]) -> tuple[str, dict[str, Any], PreprocessConfig]:
+    """The architecture's name, its checked arguments and the preprocessing."""
+    arch = _require(ckpt, "arch", str)
+    if arch not in ARCHITECTURES:
+        raise CheckpointError(f"unknown architecture {arch!r}; this build knows {', '.join(ARCHITECTURES)}")
+    try:
+        model_args = model_args_for(arch, _require(ckpt, "model_args", Mapping))
+        preprocess = PreprocessConfig(**_require(ckpt, "preprocess", Mapping))
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"invalid checkpoint arguments: {exc}") from None
+    return arch, model_args, preprocess
+
+
+def _build_on_meta(arch: str, model_args: Mapping[str, Any]) -> nn.Module:
+    """The model's shapes, allocating nothing, refused past MAX_PARAMETERS."""
+    shapes = build_model(arch, model_args, device="meta")
+    num_parameters = sum(math.prod(p.shape) for p in shapes.parameters())
+    if num_parameters > MAX_PARAMETERS:
+        raise CheckpointError(f"architecture declares {num_parameters:,} parameters; the limit is {MAX_PARAMETERS:,}")
+    return shapes
+
+
+def _class_names(ckpt: Mapping[str, Any], shapes: nn.Module, architecture: Architecture) -> list[str]:
+    """One name per output, checked by probing the meta model with the architecture's input shape."""
+    class_names = _require(ckpt, "class_names", list)
+    try:
+        num_outputs = shapes(torch.empty(1, *architecture.input_shape, device="meta")).shape[1]
+    except RuntimeError as exc:
+        shape = "x".join(map(str, architecture.input_shape))
+        raise CheckpointError(f"the architecture does not take {shape} inputs: {exc}") from None
+    if len(class_names) != num_outputs or not all(isinstance(c, str) for c in class_names):
+        raise CheckpointError(f"class_names must be {num_outputs} strings, got {class_names!r:.200}")
+    return class_names
+
+
+def _records(ckpt: Mapping[str, Any], output: nn.Linear) -> tuple[Calibration | None, OODStats | None]:
+    """The optional calibration and OOD records, checked against the output layer's shape."""
+    try:
+        calibration = Calibration.from_record(ckpt["calibration"]) if ckpt.get("calibration") is not None else None
+        ood = (
+            OODStats.from_record(ckpt["ood"], output.out_features, output.in_features)
+            if ckpt.get("ood") is not None
+            else None
+        )
+    except RecordError as exc:
+        raise CheckpointError(f"invalid checkpoint record: {exc}") from None
+    return calibration, ood
+
+
+def _device(device: torch.device | str) -> torch.device:
+    try:
+        return resolve_device(device)
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None

@@ -95,6 +95,14 @@ class FashionCNN(nn.Module):
         return F.log_softmax(self.head(self.features(x.reshape(-1, 1, 28, 28))), dim=1)
 
 
+def last_linear(model: nn.Module) -> nn.Linear:
+    """The model's last nn.Linear: the output layer of every architecture in the registry."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear output layer")
+    return linears[-1]
+
+
 def _foldable(conv: nn.Module, norm: nn.Module) -> bool:
     """A Conv2d feeding a BatchNorm2d that has running statistics, neither with hooks."""
     return (
@@ -106,16 +114,11 @@ def _foldable(conv: nn.Module, norm: nn.Module) -> bool:
     )
 
 
-def for_inference(model: nn.Module) -> nn.Module:
-    """The model as served: each Conv2d followed by a BatchNorm2d (in a Sequential) becomes
-    one convolution with the normalization folded into its weights, and a model with
-    convolutions runs in the channels-last memory format, which oneDNN's CPU kernels run
-    faster (FashionCNN, batch of 16, one thread: 8.3 -> 4.0 ms). Outputs equal the
-    original's to float rounding (about 1e-5). A model with nothing to change is returned
-    as it is; otherwise an eval-mode copy, so the original (and its state_dict) stays as
-    the checkpoint has it. Folding assumes what the registry's architectures do: a
-    convolution's output is used only by the BatchNorm after it in its Sequential.
-    """
+def fold_batchnorm(model: nn.Module) -> None:
+    """In place, on an eval-mode model: each Conv2d followed by a BatchNorm2d in a Sequential becomes
+    one convolution with the normalization folded into its weights (the BatchNorm an Identity).
+    Correct only where the convolution's output goes to that BatchNorm alone, which is what an
+    architecture declares with `fold_batchnorm=True`."""
     pairs = [
         (block, i)
         for block in model.modules()
@@ -123,15 +126,9 @@ def for_inference(model: nn.Module) -> nn.Module:
         for i in range(len(block) - 1)
         if _foldable(block[i], block[i + 1])
     ]
-    if not pairs and not any(isinstance(m, nn.Conv2d) for m in model.modules()):
-        return model
-    served = copy.deepcopy(model).eval()
-    copies = dict(zip(model.modules(), served.modules(), strict=True))
     for block, i in pairs:
-        twin = cast(nn.Sequential, copies[block])
-        twin[i] = fuse_conv_bn_eval(cast(nn.Conv2d, twin[i]), cast(nn.BatchNorm2d, twin[i + 1]))
-        twin[i + 1] = nn.Identity()
-    return served.to(memory_format=torch.channels_last)
+        block[i] = fuse_conv_bn_eval(cast(nn.Conv2d, block[i]), cast(nn.BatchNorm2d, block[i + 1]))
+        block[i + 1] = nn.Identity()
 
 
 # Bounds on declared sizes: a checkpoint's arguments are checked against these before
@@ -143,11 +140,20 @@ MAX_CLASSES = 1_000
 
 @dataclass(frozen=True)
 class Architecture:
-    """How to build one architecture from the primitive arguments a checkpoint stores."""
+    """How to build one architecture from the primitive arguments a checkpoint stores, and what
+    the rest of the code must know about it: declared here, never inferred from its name."""
 
     build: Callable[..., nn.Module]
     defaults: Mapping[str, Any]
     check: Callable[[Mapping[str, Any]], None]
+    # One input example, (channels, height, width): what load_checkpoint probes the model with.
+    input_shape: tuple[int, int, int] = (1, 28, 28)
+    # The output layer; its input is the penultimate features the OOD statistics describe.
+    output_layer: Callable[[nn.Module], nn.Linear] = last_linear
+    # Train and serve in the channels-last memory format (oneDNN's CPU convolutions prefer it).
+    channels_last: bool = False
+    # Every Conv2d followed by a BatchNorm2d in a Sequential feeds only that BatchNorm (see fold_batchnorm).
+    fold_batchnorm: bool = False
 
 
 def _int_in(args: Mapping[str, Any], key: str, low: int, high: int) -> None:
@@ -171,7 +177,7 @@ def _probability(args: Mapping[str, Any], key: str) -> None:
 
 
 def _check_network(args: Mapping[str, Any]) -> None:
-    _int_in(args, "input_size", 28 * 28, 28 * 28)  # served images are 28x28
+    _int_in(args, "input_size", 28 * 28, 28 * 28)  # its input_shape, flattened
     _int_in(args, "output_size", 2, MAX_CLASSES)
     _int_list(args, "hidden_layers", (1, MAX_DEPTH))
     _probability(args, "drop_p")
@@ -196,9 +202,28 @@ ARCHITECTURES: dict[str, Architecture] = {
     ),
     "classifier": Architecture(Classifier, {"drop_p": 0.2}, _check_classifier),
     "cnn": Architecture(
-        FashionCNN, {"channels": [32, 64], "hidden": 128, "num_classes": 10, "drop_p": 0.3}, _check_cnn
+        FashionCNN,
+        {"channels": [32, 64], "hidden": 128, "num_classes": 10, "drop_p": 0.3},
+        _check_cnn,
+        channels_last=True,
+        fold_batchnorm=True,
     ),
 }
+
+
+def for_inference(model: nn.Module, architecture: Architecture) -> nn.Module:
+    """The model as served: an eval-mode copy, with BatchNorm folded into the convolutions and in
+    the channels-last memory format where the architecture declares them. Outputs equal the
+    original's to float rounding. Always a copy: the original (and its state_dict) stays as the
+    checkpoint has it, and code that runs the original (saliency's gradients) never shares a
+    module, or its forward hooks, with the inference thread.
+    """
+    served = copy.deepcopy(model).eval()
+    if architecture.fold_batchnorm:
+        fold_batchnorm(served)
+    if architecture.channels_last:
+        served = served.to(memory_format=torch.channels_last)
+    return served
 
 
 def model_args_for(arch: str, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:

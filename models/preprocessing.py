@@ -2,7 +2,7 @@
 
 Fashion-MNIST items are light garments on a black 28x28 background, fitted into the
 square keeping their aspect ratio. `preprocess_image` turns any PIL image into that
-form; `normalize` is the last step, and training applies it to the raw data set, so
+form (the only image -> model input code); `normalize` is the last step, and training applies it to the raw data set, so
 a 28x28 grayscale image gives the same tensor in both.
 
 The `invert="auto"` rule: the mean of the image's outermost ring of pixels (after
@@ -14,14 +14,14 @@ inverted; otherwise it is used as it is.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args, overload
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
 Invert = Literal["auto", "true", "false"]
-INVERT_CHOICES: tuple[str, ...] = ("auto", "true", "false")
+INVERT_CHOICES: tuple[str, ...] = get_args(Invert)
 
 # Transparent pixels are composited on white, the usual background of a product photo;
 # the invert rule then turns that background black, as in the data set.
@@ -142,23 +142,23 @@ def fit_square(gray: Image.Image, size: int, fill: float) -> Image.Image:
     return canvas
 
 
-def preprocess_image(image: Image.Image, config: PreprocessConfig, invert: Invert | None = None) -> torch.Tensor:
-    """A PIL image of any mode and size -> a (1, size, size) float32 tensor for the model.
+@overload
+def preprocess_image(
+    image: Image.Image, config: PreprocessConfig, invert: Invert | None = None, *, tell_inverted: Literal[False] = False
+) -> np.ndarray: ...
+@overload
+def preprocess_image(
+    image: Image.Image, config: PreprocessConfig, invert: Invert | None = None, *, tell_inverted: Literal[True]
+) -> tuple[np.ndarray, bool]: ...
+def preprocess_image(
+    image: Image.Image, config: PreprocessConfig, invert: Invert | None = None, *, tell_inverted: bool = False
+) -> np.ndarray | tuple[np.ndarray, bool]:
+    """A PIL image of any mode and size -> a (1, size, size) float32 array for the model (numpy:
+    what the server batches; `torch.from_numpy` makes it a tensor).
 
-    `invert` overrides the config's setting for this image.
+    `invert` overrides the config's setting for this image; with `tell_inverted`, also which
+    way the invert rule went (True: inverted).
     """
-    return torch.from_numpy(preprocess_array(image, config, invert))
-
-
-def preprocess_array(image: Image.Image, config: PreprocessConfig, invert: Invert | None = None) -> np.ndarray:
-    """`preprocess_image` as a (1, size, size) float32 numpy array (what the server batches)."""
-    return preprocess_with_invert(image, config, invert)[0]
-
-
-def preprocess_with_invert(
-    image: Image.Image, config: PreprocessConfig, invert: Invert | None = None
-) -> tuple[np.ndarray, bool]:
-    """`preprocess_array` and which way the invert rule went for this image (True: inverted)."""
     image = _first_frame(image)
     ImageOps.exif_transpose(image, in_place=True)
     if image.width < 1 or image.height < 1:
@@ -172,4 +172,5 @@ def preprocess_with_invert(
     if gray.mode == "F":
         # Lanczos overshoots ('L' images clamp by themselves); float files may hold NaN or inf.
         pixels = np.clip(np.nan_to_num(pixels, nan=0.0, posinf=255.0, neginf=0.0), 0.0, 255.0)
-    return normalize(pixels, config, invert=flip)[np.newaxis], flip
+    array = normalize(pixels, config, invert=flip)[np.newaxis]
+    return (array, flip) if tell_inverted else array

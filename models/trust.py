@@ -15,26 +15,31 @@ A checkpoint may carry two optional records (see docs/trust.md for the method an
 Both records are plain dicts of tensors and numbers, so checkpoints still load with
 `weights_only=True`. A checkpoint without them loads with None, and `Trust` then gives the
 plain probabilities and no scores.
+
+Where the OOD method lives: the score and the verdict here (`ood_scores`,
+`out_of_distribution`); the records read and checked by `models.checkpoint.load_checkpoint`;
+the fitting in `training.fit_trust`; the layer whose input are the features is declared by each
+architecture (`models.networks.Architecture.output_layer`).
 """
 
 from __future__ import annotations
 
 import math
-import threading
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, overload
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-if TYPE_CHECKING:
-    from models.checkpoint import LoadedModel
+from models.networks import last_linear
 
 OOD_METHOD = "mahalanobis_l2_penultimate"
 CALIBRATION_METHOD = "temperature"
+# The temperatures a checkpoint may hold, and the range fitting keeps to.
+MIN_TEMPERATURE = 0.01
 MAX_TEMPERATURE = 100.0
 
 
@@ -90,7 +95,7 @@ class Calibration:
     def from_record(cls, record: Any) -> Calibration:
         if not isinstance(record, Mapping) or record.get("method") != CALIBRATION_METHOD:
             raise RecordError(f"calibration must be a dict with method {CALIBRATION_METHOD!r}")
-        temperature = _number(record, "temperature", 1.0 / MAX_TEMPERATURE, MAX_TEMPERATURE)
+        temperature = _number(record, "temperature", MIN_TEMPERATURE, MAX_TEMPERATURE)
         return cls(temperature, _plain_extras(record, {"method", "temperature"}))
 
 
@@ -127,39 +132,36 @@ class OODStats:
         return OODStats(self.whiten.to(device), self.centers.to(device), self.threshold, self.info)
 
 
-def last_linear(model: nn.Module) -> nn.Linear:
-    """The model's output layer: its last nn.Linear (the penultimate features are its input)."""
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise ValueError(f"{type(model).__name__} has no nn.Linear output layer")
-    return linears[-1]
-
-
 def ood_scores(features: torch.Tensor, stats: OODStats) -> torch.Tensor:
     """(N, D) penultimate features -> (N,) squared Mahalanobis distance to the nearest class."""
     g = F.normalize(features.reshape(features.shape[0], -1), dim=1) @ stats.whiten
     return (g.unsqueeze(1) - stats.centers).square_().sum(dim=2).amin(dim=1)
 
 
-def forward_with_features(
-    model: nn.Module, x: torch.Tensor, output_layer: nn.Linear | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One forward pass -> (log-probabilities, the input of the last Linear layer).
+@overload
+def out_of_distribution(scores: float, threshold: float) -> bool: ...
+@overload
+def out_of_distribution(scores: torch.Tensor, threshold: float) -> torch.Tensor: ...
+def out_of_distribution(scores: float | torch.Tensor, threshold: float) -> bool | torch.Tensor:
+    """The OOD verdict, for one score or a tensor of them: past the threshold is out of distribution."""
+    return scores > threshold
 
-    A forward hook captures the features. Hooks belong to the module, not to the call, so it
-    keeps only what this thread's pass produces: another thread running the same model at
-    the same time (the service's /explain gradients beside the inference thread) would
-    otherwise add its own batch's features to this one's (found in review).
+
+def forward_with_features(
+    model: nn.Module, x: torch.Tensor, output_layer: nn.Linear
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward pass -> (log-probabilities, the input of `output_layer`: the penultimate features).
+
+    A forward hook captures the features for the length of the call. Hooks belong to the
+    module, so the model must not run in another thread meanwhile: the served model is run by
+    its inference thread alone (`models.networks.for_inference` always returns a copy of its own).
     """
     captured: list[torch.Tensor] = []
-    layer = output_layer or last_linear(model)
-    caller = threading.get_ident()
 
     def capture(_module: nn.Module, inputs: tuple[torch.Tensor, ...], _output: torch.Tensor) -> None:
-        if threading.get_ident() == caller:
-            captured.append(inputs[0])
+        captured.append(inputs[0])
 
-    handle = layer.register_forward_hook(capture)
+    handle = output_layer.register_forward_hook(capture)
     try:
         log_ps = model(x)
     finally:
@@ -170,28 +172,29 @@ def forward_with_features(
 class Trust:
     """Calibrated probabilities and OOD scores for the served model; None-safe for old checkpoints.
 
-    Build it once with `Trust.from_loaded(loaded)`, then per batch, under inference mode:
-    `probabilities, scores = trust(served_model, x)`; an image is out of distribution when
-    its score is above `threshold` (`trust.flags(scores)`).
+    Build it once from a checkpoint's records (`LoadedModel.trust()`), then per batch, under
+    inference mode: `probabilities, scores = trust(served_model, x)`; an image is out of
+    distribution when `out_of_distribution(score, trust.threshold)`.
     """
 
     def __init__(
-        self, calibration: Calibration | None = None, ood: OODStats | None = None, device: torch.device | str = "cpu"
+        self,
+        calibration: Calibration | None = None,
+        ood: OODStats | None = None,
+        device: torch.device | str = "cpu",
+        output_layer: Callable[[nn.Module], nn.Linear] = last_linear,
     ) -> None:
         self.calibration = calibration
         self.ood = ood.to(device) if ood is not None else None
         self.threshold: float | None = ood.threshold if ood is not None else None
         self._inv_temperature = 1.0 / calibration.temperature if calibration is not None else None
+        self._find_output_layer = output_layer
         self._output_layers: weakref.WeakKeyDictionary[nn.Module, nn.Linear] = weakref.WeakKeyDictionary()
-
-    @classmethod
-    def from_loaded(cls, loaded: LoadedModel) -> Trust:
-        return cls(loaded.calibration, loaded.ood, loaded.device)
 
     def _output_layer(self, model: nn.Module) -> nn.Linear:
         layer = self._output_layers.get(model)
         if layer is None:
-            layer = self._output_layers[model] = last_linear(model)
+            layer = self._output_layers[model] = self._find_output_layer(model)
         return layer
 
     def __call__(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -205,9 +208,3 @@ class Trust:
         if self._inv_temperature is None:
             return log_ps.exp(), scores
         return torch.softmax(log_ps * self._inv_temperature, dim=1), scores
-
-    def flags(self, scores: torch.Tensor | None) -> torch.Tensor | None:
-        """Booleans: which scores are past the threshold (None without OOD statistics)."""
-        if scores is None or self.threshold is None:
-            return None
-        return scores > self.threshold

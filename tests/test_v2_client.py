@@ -63,7 +63,7 @@ def test_every_input_form_agrees_with_predict(server: tuple[object, int], binary
     client, port = server
     images = _pngs()
     config = PreprocessConfig(invert="auto")
-    x = np.stack([preprocess_image(Image.open(io.BytesIO(b)), config).numpy() for b in images])
+    x = np.stack([preprocess_image(Image.open(io.BytesIO(b)), config) for b in images])
     pixels = np.stack([garment(seed=s) for s in range(4)])
 
     fp32 = httpclient.InferInput("input", [4, 1, 28, 28], "FP32")

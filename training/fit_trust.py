@@ -1,8 +1,8 @@
 """Fit what `models.trust.Trust` serves: a temperature on the validation split, class-conditional
 Gaussians on the training split's penultimate features, and the OOD threshold on validation.
 
-Features come from `models.for_inference(model)`, the model the service runs, through the
-same hook the service uses. Method and measurements: docs/trust.md.
+Features come from `models.for_inference(model, architecture)`, the model the service runs,
+through the same hook the service uses. Method and measurements: docs/trust.md.
 """
 
 from __future__ import annotations
@@ -15,7 +15,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import for_inference
-from models.trust import Calibration, OODStats, forward_with_features, ood_scores
+from models.networks import Architecture
+from models.trust import (
+    MAX_TEMPERATURE,
+    MIN_TEMPERATURE,
+    Calibration,
+    OODStats,
+    forward_with_features,
+    ood_scores,
+    out_of_distribution,
+)
 
 ECE_BINS = 15
 FLAG_RATE = 0.05  # the most garments the OOD threshold should flag
@@ -24,11 +33,14 @@ SHRINKAGE = 1e-3  # added to the covariance's eigenvalues, relative to their mea
 
 
 @torch.inference_mode()
-def extract(model: nn.Module, x: torch.Tensor, batch_size: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+def extract(
+    model: nn.Module, architecture: Architecture, x: torch.Tensor, batch_size: int = 1000
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(log-probabilities, penultimate features) of the served form of `model`, on the CPU."""
-    served = for_inference(model.eval())
+    served = for_inference(model.eval(), architecture)
     device = next(served.parameters()).device
-    outputs = [forward_with_features(served, batch.to(device)) for batch in x.split(batch_size)]
+    layer = architecture.output_layer(served)
+    outputs = [forward_with_features(served, batch.to(device), layer) for batch in x.split(batch_size)]
     return torch.cat([o[0].cpu() for o in outputs]), torch.cat([o[1].cpu() for o in outputs])
 
 
@@ -43,7 +55,8 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: 
 
 
 def fit_temperature(log_ps: torch.Tensor, labels: torch.Tensor) -> float:
-    """The T minimizing the NLL of softmax(log_ps / T) (log T optimized, so T stays positive)."""
+    """The T minimizing the NLL of softmax(log_ps / T) (log T optimized, so T stays positive), within
+    the range a checkpoint may hold."""
     log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
     logits = log_ps.double()
     optimizer = torch.optim.LBFGS([log_t], lr=0.5, max_iter=100, line_search_fn="strong_wolfe")
@@ -56,11 +69,16 @@ def fit_temperature(log_ps: torch.Tensor, labels: torch.Tensor) -> float:
 
     with torch.enable_grad():
         optimizer.step(closure)
-    return float(log_t.detach().exp().clamp(0.05, 20.0))
+    return float(log_t.detach().exp().clamp(MIN_TEMPERATURE, MAX_TEMPERATURE))
 
 
 def calibrated(log_ps: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.softmax(log_ps.double() / temperature, dim=1)
+
+
+def flagged_share(scores: torch.Tensor, threshold: float) -> float:
+    """The share of these scores the OOD verdict flags."""
+    return float(out_of_distribution(scores, threshold).double().mean())
 
 
 def threshold_for(scores: torch.Tensor, flag_rate: float) -> float:
@@ -129,14 +147,16 @@ def fit_trust(
     train: tuple[torch.Tensor, torch.Tensor],
     val: tuple[torch.Tensor, torch.Tensor],
     test: tuple[torch.Tensor, torch.Tensor] | None = None,
+    *,
+    architecture: Architecture,
 ) -> TrustFit:
     """Temperature on `val`, OOD statistics on `train` with the threshold on `val`; with `test`,
     the metrics report its ECE before and after calibration and the share of it flagged.
 
-    Each split is (normalized inputs (N, 1, 28, 28), labels).
+    Each split is (normalized inputs (N, 1, 28, 28), labels); `architecture` is the model's.
     """
-    _, train_features = extract(model, train[0])
-    val_log_ps, val_features = extract(model, val[0])
+    _, train_features = extract(model, architecture, train[0])
+    val_log_ps, val_features = extract(model, architecture, val[0])
     val_labels = val[1].cpu()
     num_classes = val_log_ps.shape[1]
     temperature = fit_temperature(val_log_ps, val_labels)
@@ -151,7 +171,7 @@ def fit_trust(
     ood = fit_ood(train_features, train[1].cpu(), val_features, num_classes)
     metrics: dict[str, Any] = {"calibration_temperature": round(temperature, 6), "ood_threshold": ood.threshold}
     if test is not None:
-        test_log_ps, test_features = extract(model, test[0])
+        test_log_ps, test_features = extract(model, architecture, test[0])
         test_labels = test[1].cpu()
         metrics |= {
             "test_ece_uncalibrated": round(expected_calibration_error(test_log_ps.exp(), test_labels), 6),
@@ -159,6 +179,6 @@ def fit_trust(
                 expected_calibration_error(calibrated(test_log_ps, temperature), test_labels), 6
             ),
             "test_nll_calibrated": round(F.nll_loss(calibrated(test_log_ps, temperature).log(), test_labels).item(), 6),
-            "ood_test_flagged": round((ood_scores(test_features, ood) > ood.threshold).double().mean().item(), 6),
+            "ood_test_flagged": round(flagged_share(ood_scores(test_features, ood), ood.threshold), 6),
         }
     return TrustFit(calibration, ood, metrics)

@@ -1,7 +1,7 @@
 """Non-garment images for judging the out-of-distribution score, made offline and seeded.
 
 Every image is a PIL image, as an upload would be, and goes through the service's own
-preprocessing (`preprocess_array` with the checkpoint's settings, so the `invert=auto` rule
+preprocessing (`preprocess_image` with the checkpoint's settings, so the `invert=auto` rule
 applies): what is judged is what users hit, not a hand-made tensor. Kinds: uniform noise,
 blank (constant) images, simple shapes, rendered words, handwritten digits (scikit-learn's
 bundled 8x8 digits) and crops of photographs (scikit-learn's and scikit-image's bundled photos).
@@ -14,7 +14,7 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from models.preprocessing import PreprocessConfig, preprocess_array
+from models.preprocessing import PreprocessConfig, preprocess_image
 
 WORDS = (
     "hello", "world", "invoice", "total", "receipt", "meeting", "notes", "python", "torch", "fashion",
@@ -129,9 +129,9 @@ def generators() -> dict[str, Callable[[np.random.Generator], Image.Image]]:
 
 
 def ood_inputs(config: PreprocessConfig, per_kind: int = 500, seed: int = 0) -> dict[str, np.ndarray]:
-    """Kind -> (per_kind, 1, 28, 28) float32 model inputs, made by `preprocess_array` from PIL images."""
+    """Kind -> (per_kind, 1, 28, 28) float32 model inputs, made by `preprocess_image` from PIL images."""
     out = {}
     for i, (kind, draw) in enumerate(generators().items()):
         rng = np.random.default_rng([seed, i])
-        out[kind] = np.stack([preprocess_array(draw(rng), config) for _ in range(per_kind)])
+        out[kind] = np.stack([preprocess_image(draw(rng), config) for _ in range(per_kind)])
     return out

@@ -1,45 +1,25 @@
-"""`python -m training calibrate|ood-report`: fit the trust records into a checkpoint, and judge them."""
+"""The `calibrate` and `ood-report` commands: fit the trust records into a checkpoint, and judge them.
+
+Both rebuild the checkpoint's own train/validation split from its training record
+(`training.split.SplitPlan`). The argument parser is `training.cli`."""
 
 from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
+from sklearn.metrics import roc_auc_score
 
 from models import CheckpointError, LoadedModel, for_inference, load_checkpoint, save_checkpoint
 from models.preprocessing import normalize_tensor
 from models.trust import Trust
 from training.data import FashionMNIST
-from training.fit_trust import calibrated, expected_calibration_error, fit_trust
+from training.fit_trust import calibrated, expected_calibration_error, fit_trust, flagged_share
 from training.ood_data import ood_inputs
 from training.report import artifact_paths, write_json
-
-DEFAULT_SEED, DEFAULT_VAL_SIZE = 0, 5000  # what `train` uses; assumed for course checkpoints
-
-
-def add_commands(
-    commands: argparse._SubParsersAction[argparse.ArgumentParser],
-    add_data_options: Callable[[argparse.ArgumentParser], None],
-) -> None:
-    calibrate = commands.add_parser(
-        "calibrate", help="fit the temperature and the OOD statistics into a checkpoint (written as format v1)"
-    )
-    calibrate.add_argument("checkpoint", type=Path)
-    calibrate.add_argument("--out", type=Path, help="where to write it (default: over CHECKPOINT)")
-    calibrate.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    add_data_options(calibrate)
-
-    report = commands.add_parser("ood-report", help="AUROC and share flagged per kind of non-garment image")
-    report.add_argument("checkpoint", type=Path)
-    report.add_argument("--per-kind", type=int, default=500, help="images of each kind (default 500)")
-    report.add_argument("--seed", type=int, default=0)
-    report.add_argument("--json", action="store_true", help="print the table as JSON")
-    report.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    add_data_options(report)
+from training.split import SplitPlan
 
 
 def _load(args: argparse.Namespace, device: torch.device) -> LoadedModel:
@@ -53,17 +33,18 @@ def _load(args: argparse.Namespace, device: torch.device) -> LoadedModel:
 
 def training_split(loaded: LoadedModel, num_train: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(train indices, validation indices): the split `train` made for this checkpoint."""
-    seed = loaded.training.get("seed", DEFAULT_SEED)
-    val_size = min(loaded.training.get("val_examples", DEFAULT_VAL_SIZE), num_train // 5)
-    split = torch.randperm(num_train, generator=torch.Generator().manual_seed(seed))
-    return split[val_size:], split[:val_size]
+    try:
+        return SplitPlan.from_record(loaded.training).indices(num_train)
+    except ValueError as exc:
+        raise SystemExit(f"cannot rebuild the training split: {exc}") from None
 
 
 def run_calibrate(args: argparse.Namespace, device: torch.device, data: FashionMNIST) -> int:
     loaded = _load(args, device)
     train_idx, val_idx = training_split(loaded, len(data.train.labels))
     if not loaded.training:
-        print(f"{args.checkpoint}: no training record; assuming seed {DEFAULT_SEED}, {DEFAULT_VAL_SIZE} for validation")
+        plan = SplitPlan()
+        print(f"{args.checkpoint}: no training record; assuming seed {plan.seed}, {plan.val_size} for validation")
 
     def split(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return normalize_tensor(images, loaded.preprocess).unsqueeze(1), labels
@@ -73,6 +54,7 @@ def run_calibrate(args: argparse.Namespace, device: torch.device, data: FashionM
         split(data.train.images[train_idx], data.train.labels[train_idx]),
         split(data.train.images[val_idx], data.train.labels[val_idx]),
         split(data.test.images, data.test.labels),
+        architecture=loaded.architecture,
     )
     metrics = {**loaded.metrics, **fit.metrics}
     out = save_checkpoint(
@@ -102,13 +84,9 @@ def run_calibrate(args: argparse.Namespace, device: torch.device, data: FashionM
 
 
 def auroc(positives: torch.Tensor, negatives: torch.Tensor) -> float:
-    """P(a positive's score > a negative's), ties counting half (Mann-Whitney U)."""
-    scores = torch.cat([negatives, positives]).double()
-    _, inverse, counts = torch.unique(scores, return_inverse=True, return_counts=True)
-    below = torch.cumsum(counts, 0) - counts  # scores strictly below each distinct value
-    ranks = (below + (counts + 1) / 2.0)[inverse]  # mid-ranks, 1-based
-    n_pos, n_neg = len(positives), len(negatives)
-    return float((ranks[n_neg:].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    """P(a positive's score > a negative's), ties counting half: scikit-learn's ROC AUC."""
+    labels = torch.cat([torch.zeros(len(negatives)), torch.ones(len(positives))])
+    return float(roc_auc_score(labels.numpy(), torch.cat([negatives, positives]).double().numpy()))
 
 
 @torch.inference_mode()
@@ -123,14 +101,14 @@ def run_ood_report(args: argparse.Namespace, device: torch.device, data: Fashion
     if loaded.ood is None:
         raise SystemExit(f"{args.checkpoint} has no OOD statistics: run `python -m training calibrate` first")
     # Uncalibrated probabilities here; the calibrated ones are computed from them for the ECE.
-    trust, served = Trust(None, loaded.ood, device), for_inference(loaded.model)
+    trust = Trust(None, loaded.ood, device, loaded.architecture.output_layer)
+    served = for_inference(loaded.model, loaded.architecture)
     threshold = loaded.ood.threshold
     test_x = normalize_tensor(data.test.images, loaded.preprocess).unsqueeze(1)
     test_probs, test_scores = _scores(trust, served, test_x, device)
 
     def row(kind: str, scores: torch.Tensor, auc: float | None) -> dict[str, Any]:
-        flagged = float((scores > threshold).double().mean())
-        return {"kind": kind, "images": len(scores), "auroc": auc, "flagged": flagged}
+        return {"kind": kind, "images": len(scores), "auroc": auc, "flagged": flagged_share(scores, threshold)}
 
     rows = [row("test (garments)", test_scores, None)]
     every = []

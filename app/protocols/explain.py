@@ -12,27 +12,17 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import torch
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from app.decoding import decode_images_with_invert
+from app.decoding import decode_images
 from app.deps import AuthorizedPlaneDep
-from app.errors import unavailable
 from app.http.messages import header, receive_body
 from app.protocols import predict
 from app.protocols.predict import ImageFailure, TopK, none_classified, read_query, split_body
 from models.preprocessing import PreprocessConfig
-
-# SmoothGrad: the gradient averaged over this many copies of the input with Gaussian noise of
-# this standard deviation, as a share of the input's range (Smilkov et al. 2017 suggest 10-20 %).
-SMOOTHGRAD_SAMPLES = 16
-SMOOTHGRAD_NOISE = 0.15
-SALIENCY_METHOD = (
-    f"smoothgrad_x_input: |mean over {SMOOTHGRAD_SAMPLES} noisy copies (sigma {SMOOTHGRAD_NOISE:g} of the input "
-    "range) of d log p(top class) / d input, times (input - black image)|, divided by its maximum"
-)
+from models.saliency import SALIENCY_METHOD
 
 router = APIRouter(tags=["explain"])
 
@@ -64,37 +54,6 @@ def to_pixels(inputs: np.ndarray, preprocess: PreprocessConfig) -> np.ndarray:
     """Normalized (N, 1, S, S) model input -> (N, S, S) uint8 grayscale pixels (`normalize` undone)."""
     pixels = (inputs[:, 0] * preprocess.std + preprocess.mean) * 255.0
     return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
-
-
-def saliency_maps(
-    model: torch.nn.Module, inputs: np.ndarray, targets: np.ndarray, preprocess: PreprocessConfig
-) -> np.ndarray:
-    """(N, 1, S, S) model input and (N,) target classes -> (N, S, S) float32 maps in [0, 1] (SALIENCY_METHOD).
-
-    The attribution is against a black image (the data set's background), so pixels that are
-    black in the model input get 0. The noise is seeded: the same image gives the same map.
-    """
-    device = next(model.parameters()).device
-    count, _, height, width = inputs.shape
-    x = torch.from_numpy(inputs).to(device)
-    black = -preprocess.mean / preprocess.std  # pixel 0 after `normalize`
-    generator = torch.Generator().manual_seed(0)
-    noise = torch.randn((count * SMOOTHGRAD_SAMPLES, *inputs.shape[1:]), generator=generator)
-    noisy = x.repeat_interleave(SMOOTHGRAD_SAMPLES, dim=0) + noise.to(device) * (SMOOTHGRAD_NOISE / preprocess.std)
-    rows = torch.from_numpy(targets).to(device).repeat_interleave(SMOOTHGRAD_SAMPLES)
-    try:
-        with torch.enable_grad():
-            noisy.requires_grad_(True)
-            log_ps = model(noisy)
-            picked = log_ps.gather(1, rows[:, None]).sum()
-            (gradient,) = torch.autograd.grad(picked, noisy)  # the input's gradient only: the model's stay None
-    except torch.cuda.OutOfMemoryError:
-        torch.cuda.empty_cache()
-        raise unavailable("the accelerator ran out of memory; retry shortly") from None
-    mean_gradient = gradient.reshape(count, SMOOTHGRAD_SAMPLES, height, width).mean(dim=1)
-    maps = (mean_gradient * (x[:, 0] - black)).abs()
-    peak = maps.flatten(1).amax(dim=1).clamp_min(torch.finfo(maps.dtype).tiny)
-    return (maps / peak[:, None, None]).cpu().numpy()
 
 
 @router.post(
@@ -130,13 +89,13 @@ async def explain(request: Request, plane: AuthorizedPlaneDep) -> dict[str, Any]
         )
         uploads = split_body(body, request.headers.get("content-type", ""), settings.max_files)
         decoded, inverted = await run_in_threadpool(
-            decode_images_with_invert, uploads, preprocess, settings.max_image_pixels, invert
+            decode_images, uploads, preprocess, settings.max_image_pixels, invert, True
         )
         if decoded.inputs is None:
             raise none_classified(decoded)
         scored = await plane.infer(model, decoded)
         targets = scored.probabilities.argmax(axis=1)
-        maps = await run_in_threadpool(saliency_maps, model.model, decoded.inputs, targets, preprocess)
+        maps = await run_in_threadpool(model.saliency, decoded.inputs, targets)
     pixels = to_pixels(decoded.inputs, preprocess)
     explanations = predict.encode(scored, k, model.class_names, model.ood_threshold)
     for position, row in enumerate(scored.per_image()):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import partial
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 from urllib.parse import parse_qsl
 
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
@@ -28,11 +28,11 @@ from app.http.messages import Reply, dump_json, header, receive_body
 from app.http.multipart import parse_multipart
 from app.served_model import Scored
 from app.settings import Settings
-from models.preprocessing import Invert, PreprocessConfig
+from models.preprocessing import INVERT_CHOICES, Invert, PreprocessConfig
+from models.trust import out_of_distribution
 
 FIELD = "file"  # the multipart part name that carries images
 IMAGE_TYPES = sorted(t for t in ALLOWED_CONTENT_TYPES if t.startswith("image/"))
-InvertParam = Literal["auto", "true", "false"]
 
 
 class TopK(BaseModel):
@@ -60,10 +60,10 @@ class PredictResponse(BaseModel):
 
 
 _K = TypeAdapter(Annotated[int, Field(ge=1)])
-_INVERT: TypeAdapter[InvertParam] = TypeAdapter(InvertParam)
+_INVERT: TypeAdapter[Invert] = TypeAdapter(Invert)
 
 
-def parse_query(query_string: bytes, default_k: int, limit: int) -> tuple[int, InvertParam | None]:
+def parse_query(query_string: bytes, default_k: int, limit: int) -> tuple[int, Invert | None]:
     """`k` and `invert` from the query string, validated as FastAPI validates query parameters:
     every error at once, in its 422 body shape. Other parameters are ignored."""
     given: dict[str, list[str]] = {}
@@ -148,7 +148,7 @@ def encode(scored: Scored, k: int, class_names: Sequence[str], threshold: float 
             results.append({"filename": name, "error": {"status": outcome.status, "message": outcome.message}})
             continue
         score = None if scores is None else scores[outcome]
-        flagged = None if score is None or threshold is None else score > threshold
+        flagged = None if score is None or threshold is None else out_of_distribution(score, threshold)
         results.append(
             {
                 "filename": name,
@@ -165,7 +165,7 @@ def render_error(exc: ServeError) -> Reply:
     return Reply(exc.status, dump_json({"detail": exc.detail}), headers=exc.headers)
 
 
-def read_query(plane: DataPlane, query_string: bytes) -> tuple[int, InvertParam | None]:
+def read_query(plane: DataPlane, query_string: bytes) -> tuple[int, Invert | None]:
     """`k` and `invert` for /predict and /explain, bounded by the served model's classes."""
     settings = plane.settings
     classes = plane.model.num_classes if plane.model else settings.max_k
@@ -236,7 +236,7 @@ OPERATION: dict[str, Any] = {
             "in": "query",
             "required": False,
             "description": "override the model's invert rule",
-            "schema": {"type": "string", "enum": ["auto", "true", "false"], "title": "Invert"},
+            "schema": {"type": "string", "enum": list(INVERT_CHOICES), "title": "Invert"},
         },
     ],
     "requestBody": {

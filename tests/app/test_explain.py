@@ -13,16 +13,16 @@ from PIL import Image
 from app.main import create_app
 from app.protocols import explain
 from app.settings import Settings
-from models import PreprocessConfig
-from models.preprocessing import preprocess_array
+from models import PreprocessConfig, saliency
+from models.preprocessing import preprocess_image
 from tests.helpers import encode, garment, multipart, png, tiny_model
 
 BUNDLED = Path(__file__).resolve().parents[2] / "models" / "fashion_cnn.pt"
 
 
 def served_pixels(data: bytes, invert: str | None = None) -> list[list[int]]:
-    """The model input `preprocess_array` makes of these bytes, as 0..255 pixels."""
-    x = preprocess_array(Image.open(io.BytesIO(data)), PreprocessConfig(), invert)  # type: ignore[arg-type]
+    """The model input `preprocess_image` makes of these bytes, as 0..255 pixels."""
+    x = preprocess_image(Image.open(io.BytesIO(data)), PreprocessConfig(), invert)  # type: ignore[arg-type]
     return np.clip(np.rint((x[0] * 0.5 + 0.5) * 255), 0, 255).astype(int).tolist()
 
 
@@ -72,7 +72,7 @@ def test_shapes_ranges_and_the_same_classes_as_predict(client: TestClient) -> No
     ],
     ids=["plain", "fitted", "inverted"],
 )
-def test_input_is_what_preprocess_array_gives(client: TestClient, image: Image.Image) -> None:
+def test_input_is_what_preprocess_image_gives(client: TestClient, image: Image.Image) -> None:
     data = encode(image)
     assert explain_one(client, data)["input"] == served_pixels(data)
 
@@ -126,11 +126,11 @@ def test_saliency_lies_on_the_object_and_is_repeatable(client: TestClient) -> No
 
 
 def test_saliency_is_the_top_class_gradient_times_input(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(explain, "SMOOTHGRAD_SAMPLES", 1)
-    monkeypatch.setattr(explain, "SMOOTHGRAD_NOISE", 0.0)
+    monkeypatch.setattr(saliency, "SMOOTHGRAD_SAMPLES", 1)
+    monkeypatch.setattr(saliency, "SMOOTHGRAD_NOISE", 0.0)
     data = png(seed=9)
     explanation = explain_one(client, data, "k=1")
-    x = torch.tensor(preprocess_array(Image.open(io.BytesIO(data)), PreprocessConfig()))[None].requires_grad_(True)
+    x = torch.tensor(preprocess_image(Image.open(io.BytesIO(data)), PreprocessConfig()))[None].requires_grad_(True)
     log_ps = tiny_model()(x)
     top = int(log_ps.argmax())
     assert explanation["top_k"][0]["index"] == top  # type: ignore[index]
@@ -215,3 +215,18 @@ def test_bundled_model_gives_the_ood_verdict_of_predict(bundled: TestClient) -> 
     assert explanation["ood_score"] == prediction["ood_score"]
     assert isinstance(explanation["out_of_distribution"], bool)
     assert explanation["out_of_distribution"] == prediction["out_of_distribution"]
+
+
+def test_accelerator_out_of_memory_in_the_gradient_pass_is_503(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The one out-of-memory mapping (app.served_model.accelerator_memory) covers saliency too."""
+
+    def out_of_memory(*args: object) -> None:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr("app.served_model.saliency_maps", out_of_memory)
+    response = client.post("/explain", files={"file": ("a.png", png())})
+    assert response.status_code == 503 and response.headers["retry-after"] == "1"
+    assert "out of memory" in response.json()["detail"]
+    assert client.post("/predict", files={"file": ("a.png", png())}).status_code == 200

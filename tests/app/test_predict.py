@@ -20,7 +20,7 @@ NO_OOD = {"ood_score": None, "out_of_distribution": None}  # the tiny checkpoint
 
 def expected_top_k(data: bytes, k: int) -> list[dict[str, object]]:
     """What the tiny model says for these bytes, computed without the service."""
-    x = preprocess_image(Image.open(io.BytesIO(data)), PreprocessConfig()).unsqueeze(0)
+    x = torch.from_numpy(preprocess_image(Image.open(io.BytesIO(data)), PreprocessConfig())).unsqueeze(0)
     with torch.inference_mode():
         probs = tiny_model()(x).exp()[0]
     values, indices = probs.topk(k)

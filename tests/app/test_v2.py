@@ -150,7 +150,7 @@ def _encoded_images() -> list[bytes]:
 
 
 def _decoded(images: list[bytes]) -> np.ndarray:
-    return np.stack([preprocess_image(Image.open(io.BytesIO(b)), PreprocessConfig()).numpy() for b in images])
+    return np.stack([preprocess_image(Image.open(io.BytesIO(b)), PreprocessConfig()) for b in images])
 
 
 def test_bytes_images_binary_and_base64_are_decoded_as_predict_decodes_them(client: TestClient) -> None:

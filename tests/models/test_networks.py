@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models import Classifier, FashionCNN, Network, for_inference
+from models import ARCHITECTURES, Classifier, FashionCNN, Network, for_inference
 
 
 def _trained_looking(model: nn.Module) -> nn.Module:
@@ -23,7 +23,7 @@ def _trained_looking(model: nn.Module) -> nn.Module:
 def test_the_cnn_is_folded_and_channels_last_and_computes_the_same() -> None:
     model = _trained_looking(FashionCNN())
     keys = list(model.state_dict())
-    served = for_inference(model)
+    served = for_inference(model, ARCHITECTURES["cnn"])
     x = torch.randn(8, 1, 28, 28)
     with torch.inference_mode():
         assert torch.allclose(served(x), model(x), atol=1e-4)
@@ -36,9 +36,15 @@ def test_the_cnn_is_folded_and_channels_last_and_computes_the_same() -> None:
     assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 4
 
 
-def test_models_without_convolutions_are_served_as_they_are() -> None:
-    for model in (Network(784, 10, [32, 16]), Classifier()):
-        assert for_inference(model) is model
+def test_models_without_convolutions_are_served_as_an_unchanged_copy() -> None:
+    """Always a copy: saliency runs the original while the inference thread hooks the copy."""
+    for arch, model in (("network", Network(784, 10, [32, 16])), ("classifier", Classifier())):
+        served = for_inference(model.eval(), ARCHITECTURES[arch])
+        assert served is not model and not served.training
+        assert [type(m) for m in served.modules()] == [type(m) for m in model.modules()]
+        x = torch.randn(4, 1, 28, 28)
+        with torch.inference_mode():
+            assert torch.equal(served(x), model(x))
 
 
 def test_batchnorm_without_running_statistics_or_with_hooks_is_left_unfolded() -> None:
@@ -48,7 +54,7 @@ def test_batchnorm_without_running_statistics_or_with_hooks_is_left_unfolded() -
     first[1] = nn.BatchNorm2d(32, track_running_stats=False)  # batch statistics: nothing to fold
     second = model.features[1]
     second[1].register_forward_hook(lambda module, args, out: out * 2)
-    served = for_inference(model.eval())
+    served = for_inference(model.eval(), ARCHITECTURES["cnn"])
     assert isinstance(served.features[0][1], nn.BatchNorm2d)
     assert isinstance(served.features[1][1], nn.BatchNorm2d)
     assert sum(isinstance(m, nn.BatchNorm2d) for m in served.modules()) == 2  # the other two folded

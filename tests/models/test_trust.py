@@ -8,8 +8,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models import CheckpointError, PreprocessConfig, build_model, for_inference, load_checkpoint, save_checkpoint
-from models.trust import Calibration, OODStats, Trust, last_linear
+from models import (
+    ARCHITECTURES,
+    CheckpointError,
+    PreprocessConfig,
+    build_model,
+    for_inference,
+    load_checkpoint,
+    save_checkpoint,
+)
+from models.networks import last_linear
+from models.trust import Calibration, OODStats, Trust, out_of_distribution
 
 SMALL_CNN = {"channels": [4, 8], "hidden": 12, "num_classes": 10, "drop_p": 0.3}
 SMALL_MLP = {"input_size": 784, "output_size": 10, "hidden_layers": [32, 16], "drop_p": 0.2}
@@ -60,14 +69,13 @@ def test_a_checkpoint_without_records_loads_with_none_and_serves_plain_probabili
     loaded = load_checkpoint(write(tmp_path / "old.pt", "network"))
     assert loaded.calibration is None
     assert loaded.ood is None
-    trust = Trust.from_loaded(loaded)
+    trust = loaded.trust()
     assert trust.threshold is None
     x = torch.randn(3, 1, 28, 28)
     with torch.inference_mode():
         probs, scores = trust(loaded.model, x)
         expected = loaded.model(x).exp()
     assert scores is None
-    assert trust.flags(scores) is None
     torch.testing.assert_close(probs, expected)
 
 
@@ -76,8 +84,8 @@ def test_trust_serves_tempered_probabilities_and_scores_from_one_forward_pass(tm
     model = small_model(arch)
     calibration, ood = records(model)
     loaded = load_checkpoint(write(tmp_path / "m.pt", arch, calibration=calibration, ood=ood))
-    served = for_inference(loaded.model)
-    trust = Trust.from_loaded(loaded)
+    served = for_inference(loaded.model, loaded.architecture)
+    trust = loaded.trust()
     x = torch.randn(5, 1, 28, 28)
 
     calls = []
@@ -99,9 +107,7 @@ def test_trust_serves_tempered_probabilities_and_scores_from_one_forward_pass(tm
     assert scores is not None
     torch.testing.assert_close(scores, expected_scores, atol=1e-3, rtol=1e-4)
     assert trust.threshold == 3.5
-    flags = trust.flags(scores)
-    assert flags is not None
-    assert torch.equal(flags, scores > 3.5)
+    assert torch.equal(out_of_distribution(scores, trust.threshold), scores > 3.5)
     assert not last_linear(served)._forward_hooks  # the hook does not outlive the call
 
 
@@ -137,8 +143,8 @@ def test_trust_keeps_everything_on_the_models_cuda_device(tmp_path: Path, arch: 
     on_cpu, on_gpu = load_checkpoint(path), load_checkpoint(path, device="cuda")
     x = torch.randn(4, 1, 28, 28)
     with torch.inference_mode():
-        cpu_probs, cpu_scores = Trust.from_loaded(on_cpu)(for_inference(on_cpu.model), x)
-        gpu_probs, gpu_scores = Trust.from_loaded(on_gpu)(for_inference(on_gpu.model), x.cuda())
+        cpu_probs, cpu_scores = on_cpu.trust()(for_inference(on_cpu.model, on_cpu.architecture), x)
+        gpu_probs, gpu_scores = on_gpu.trust()(for_inference(on_gpu.model, on_gpu.architecture), x.cuda())
     assert gpu_probs.device.type == "cuda"
     assert gpu_scores is not None and gpu_scores.device.type == "cuda"
     assert cpu_scores is not None
@@ -147,16 +153,17 @@ def test_trust_keeps_everything_on_the_models_cuda_device(tmp_path: Path, arch: 
 
 
 def test_scores_stay_with_their_own_call_while_another_thread_runs_the_model() -> None:
-    """Found in review: the forward hook was the module's, so /explain's gradient passes on
-    another thread added their features to the inference thread's batch (16 scores for 1 image)."""
+    """The forward hook is the module's: saliency's gradient passes on the checkpoint's model must
+    not add their features to the inference thread's batch, which runs the served copy."""
     import threading
 
-    model = small_model("network")
+    model = small_model("network").eval()
+    served = for_inference(model, ARCHITECTURES["network"])
     calibration, ood = records(model)
     trust = Trust(calibration, ood)
     x = torch.randn(1, 1, 28, 28)
     with torch.inference_mode():
-        expected = trust(model, x)[1]
+        expected = trust(served, x)[1]
     stop = threading.Event()
 
     def other_thread() -> None:
@@ -168,7 +175,7 @@ def test_scores_stay_with_their_own_call_while_another_thread_runs_the_model() -
     thread.start()
     try:
         with torch.inference_mode():
-            outcomes = [trust(model, x)[1] for _ in range(2000)]
+            outcomes = [trust(served, x)[1] for _ in range(2000)]
     finally:
         stop.set()
         thread.join()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -16,9 +15,11 @@ import torch
 from models import load_checkpoint
 from tests.serverproc import ROOT, free_port
 from tests.training.test_training import synthetic_data  # noqa: F401  (fixture)
-from training.cli import Splits, _parameters_sha256, _split, main
+from training.cli import main
 from training.data import load_fashion_mnist
 from training.distributed import Distributed, shard, shard_batches, steps_per_epoch
+from training.pipeline import Splits, parameters_sha256, split_data
+from training.split import SplitPlan
 from training.train import evaluate
 
 # Weights of `python -m training train` on `synthetic_data` with the flags below, computed on main
@@ -171,7 +172,7 @@ def test_two_processes_train_one_model(synthetic_data: Path, tmp_path: Path) -> 
     assert result.stdout.count("epoch   1 ") == 1, "rank 0 alone prints"
 
     loaded = load_checkpoint(out)
-    assert _parameters_sha256(loaded.model) == digests["0"]
+    assert parameters_sha256(loaded.model) == digests["0"]
     assert loaded.training["world_size"] == 2
     report = json.loads(out.with_name("model.metrics.json").read_text())
     assert report["training"]["world_size"] == 2 and len(report["history"]) == 3
@@ -182,9 +183,9 @@ def test_two_processes_train_one_model(synthetic_data: Path, tmp_path: Path) -> 
         "model.pt",
     ], "one writer, no temporary files left"
 
-    args = argparse.Namespace(limit=605, val_size=5000, seed=3)
     data = load_fashion_mnist(synthetic_data)
-    splits: Splits = _split(args, data, loaded.preprocess, torch.device("cpu"))
+    plan = SplitPlan(seed=3, val_size=5000, limit=605)
+    splits: Splits = split_data(data, plan, loaded.preprocess, torch.device("cpu"))
     whole = evaluate(loaded.model, *splits.val)
     assert report["metrics"]["val_loss"] == pytest.approx(whole.loss, abs=2e-6)
     assert report["metrics"]["val_accuracy"] == pytest.approx(whole.accuracy, abs=1e-6)

@@ -3,6 +3,7 @@ from __future__ import annotations
 import gzip
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -10,10 +11,13 @@ import torch
 import torch.nn.functional as F
 
 import training.data as data_module
+import training.pipeline
+import training.trust_commands
 from models import build_model, load_checkpoint
 from tests.helpers import garment
 from training.cli import main
 from training.data import DataNotFoundError, load_fashion_mnist, read_idx
+from training.fit_trust import fit_trust
 from training.train import augment, batches, evaluate, fit, reseed
 
 
@@ -205,3 +209,37 @@ def test_cuda_without_cuda_is_a_clear_exit(synthetic_data: Path, tmp_path: Path)
         pytest.skip("this machine has CUDA")
     with pytest.raises(SystemExit, match="--device cuda: device 'cuda' requested but CUDA is not available"):
         main(["train", "--device", "cuda", "--data-dir", str(synthetic_data), "--out", str(tmp_path / "m.pt")])
+
+
+def test_calibrate_holds_out_what_training_held_out_under_limit(
+    synthetic_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkpoint trained with --limit: calibrate fits the temperature and the OOD threshold on
+    images the model never trained on, and the Gaussians on exactly the images it trained on."""
+    trained: list[torch.Tensor] = []
+    fitted: dict[str, torch.Tensor] = {}
+
+    def spy_fit(model: torch.nn.Module, train_x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        trained.append(train_x.cpu())
+        return fit(model, train_x, *args, **kwargs)
+
+    def spy_fit_trust(model: torch.nn.Module, train: Any, val: Any, *args: Any, **kwargs: Any) -> Any:
+        fitted.update(train=train[0].cpu(), val=val[0].cpu())
+        return fit_trust(model, train, val, *args, **kwargs)
+
+    out = tmp_path / "limited.pt"
+    monkeypatch.setattr(training.pipeline, "fit", spy_fit)
+    options = ["--data-dir", str(synthetic_data), "--device", "cpu"]
+    common = ["--arch", "network", "--hidden-layers", "16", "--epochs", "1", "--limit", "600", "--seed", "1"]
+    assert main(["train", *common, *options, "--out", str(out)]) == 0
+    monkeypatch.setattr(training.trust_commands, "fit_trust", spy_fit_trust)
+    assert main(["calibrate", str(out), *options]) == 0
+
+    def rows(x: torch.Tensor) -> set[bytes]:
+        return {image.numpy().tobytes() for image in x}
+
+    [train_x] = trained
+    assert len(rows(train_x)) == len(train_x) == 480, "synthetic images are distinct"
+    overlap = len(rows(fitted["val"]) & rows(train_x))
+    assert overlap == 0, f"calibration validated on {overlap} of {len(fitted['val'])} images the model trained on"
+    assert rows(fitted["train"]) == rows(train_x), "the Gaussians are fitted on what the model trained on"

@@ -1,0 +1,285 @@
+"""The `train` and `evaluate` commands: train a classifier and write its checkpoint, or score one.
+
+The argument parser is `training.cli`; each function here takes its parsed arguments."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from models import ARCHITECTURES, CheckpointError, build_model, load_checkpoint, model_args_for, save_checkpoint
+from models.devices import resolve_device
+from models.fashion_mnist import FASHION_MNIST_CLASSES
+from models.preprocessing import PreprocessConfig, normalize, normalize_tensor
+from training import distributed
+from training.data import DataNotFoundError, FashionMNIST, load_fashion_mnist
+from training.distributed import Distributed
+from training.fit_trust import fit_trust
+from training.report import artifact_paths, plot_confusion, plot_curves, write_json
+from training.split import SplitPlan
+from training.train import EpochResult, Evaluation, FitResult, evaluate, fit, reseed
+
+AUGMENTATIONS: dict[str, int | None] = {"none": None, "flip": 0, "shift": 2}  # -> max_shift
+
+
+def _model_args(args: argparse.Namespace) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    if args.hidden_layers:
+        if args.arch != "network":
+            raise SystemExit("--hidden-layers applies to --arch network only")
+        overrides["hidden_layers"] = args.hidden_layers
+    if args.drop_p is not None:
+        overrides["drop_p"] = args.drop_p
+    try:
+        return model_args_for(args.arch, overrides)
+    except ValueError as exc:
+        raise SystemExit(f"invalid model arguments: {exc}") from None
+
+
+def device_or_exit(name: str) -> torch.device:
+    """The --device option resolved, or a clear exit."""
+    try:
+        return resolve_device(name)
+    except (ValueError, RuntimeError) as exc:
+        raise SystemExit(f"--device {name}: {exc}") from None
+
+
+def data_or_exit(args: argparse.Namespace) -> FashionMNIST:
+    """Fashion-MNIST where --data-dir (or the usual places) has it, or an exit saying how to get it."""
+    try:
+        return load_fashion_mnist(args.data_dir, download=args.download)
+    except DataNotFoundError as exc:
+        raise SystemExit(str(exc)) from None
+
+
+def test_metrics(result: Evaluation, class_names: tuple[str, ...] | list[str]) -> dict[str, Any]:
+    return {
+        "test_accuracy": round(result.accuracy, 6),
+        "test_loss": round(result.loss, 6),
+        "per_class_accuracy": {
+            name: round(a, 6) for name, a in zip(class_names, result.per_class_accuracy, strict=True)
+        },
+    }
+
+
+def _print_epoch(record: EpochResult) -> None:
+    print(
+        f"epoch {record.epoch:3d}  train loss {record.train_loss:.4f}  val loss {record.val_loss:.4f}  "
+        f"val accuracy {100 * record.val_accuracy:.2f}%  ({record.seconds:.1f} s)",
+        flush=True,
+    )
+
+
+@dataclass(frozen=True)
+class Splits:
+    """Normalized (N, 1, 28, 28) inputs and labels on the training device."""
+
+    train: tuple[torch.Tensor, torch.Tensor]
+    val: tuple[torch.Tensor, torch.Tensor]
+    test: tuple[torch.Tensor, torch.Tensor]
+
+
+def split_plan(args: argparse.Namespace) -> SplitPlan:
+    return SplitPlan(seed=args.seed, val_size=args.val_size, limit=args.limit)
+
+
+def split_data(data: FashionMNIST, plan: SplitPlan, preprocess: PreprocessConfig, device: torch.device) -> Splits:
+    """Training and validation as `plan` splits them (the same examples in every process), and the
+    first `plan.limit` test examples (all without a limit)."""
+    train_idx, val_idx = plan.indices(len(data.train.labels))
+    test_images, test_labels = data.test.images[: plan.limit or None], data.test.labels[: plan.limit or None]
+
+    def inputs(images: torch.Tensor) -> torch.Tensor:
+        return normalize_tensor(images, preprocess).unsqueeze(1).to(device)
+
+    return Splits(
+        train=(inputs(data.train.images[train_idx]), data.train.labels[train_idx].to(device)),
+        val=(inputs(data.train.images[val_idx]), data.train.labels[val_idx].to(device)),
+        test=(inputs(test_images), test_labels.to(device)),
+    )
+
+
+def _new_model(args: argparse.Namespace, model_args: dict[str, Any], device: torch.device) -> nn.Module:
+    model = build_model(args.arch, model_args, device=device)
+    if ARCHITECTURES[args.arch].channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _training_record(
+    args: argparse.Namespace, splits: Splits, duration: float, device: torch.device, source: str, world_size: int
+) -> dict[str, Any]:
+    return {
+        "epochs": args.epochs,
+        **split_plan(args).record(),
+        "batch_size": args.batch_size,  # per process
+        "world_size": world_size,
+        "optimizer": "Adam",
+        "lr": args.lr,
+        "lr_schedule": "one-cycle",
+        "augment": args.augment,
+        "train_examples": len(splits.train[1]),
+        "val_examples": len(splits.val[1]),
+        "duration_s": round(duration, 1),
+        "device": str(device),
+        "torch_version": str(torch.__version__),
+        "data_source": source,
+    }
+
+
+def parameters_sha256(model: nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Train one model; under torchrun, data-parallel with rank 0 alone evaluating and writing files."""
+    ctx = distributed.from_environment()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model_args = _model_args(args)
+    device = device_or_exit(args.device)
+    try:
+        device = distributed.setup(ctx, device)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    try:
+        return _train(args, model_args, device, ctx)
+    finally:
+        distributed.teardown(ctx)
+
+
+def _train(args: argparse.Namespace, model_args: dict[str, Any], device: torch.device, ctx: Distributed) -> int:
+    data = data_or_exit(args)
+    preprocess = PreprocessConfig()
+    generator = reseed(args.seed + ctx.rank)  # own dropout and augmentation draws per process
+    splits = split_data(data, split_plan(args), preprocess, device)
+    model = _new_model(args, model_args, device)
+    if ctx.is_main:
+        where = f"{device} x {ctx.world_size} processes" if ctx.enabled else str(device)
+        print(
+            f"training {args.arch} {model_args} on {where}: {len(splits.train[1])} train / "
+            f"{len(splits.val[1])} validation / {len(splits.test[1])} test examples from {data.source}",
+            flush=True,
+        )
+    start = time.perf_counter()
+    fit_result = fit(
+        model,
+        *splits.train,
+        *splits.val,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        generator=generator,
+        max_shift=AUGMENTATIONS[args.augment],
+        fill=float(normalize(np.zeros(1), preprocess)[0]),
+        on_epoch=_print_epoch if ctx.is_main else None,
+        ctx=ctx,
+        shuffle_seed=args.seed,
+    )
+    duration = time.perf_counter() - start
+    assert fit_result.best_state is not None
+    model.load_state_dict(fit_result.best_state)
+    if ctx.enabled:
+        # One write: the ranks share torchrun's stdout, and print() writes the newline separately.
+        sys.stdout.write(f"rank {ctx.rank}/{ctx.world_size}: parameters sha256 {parameters_sha256(model)}\n")
+        sys.stdout.flush()
+    if not ctx.is_main:
+        return 0
+    training = _training_record(args, splits, duration, device, data.source, ctx.world_size)
+    out, paths, test = _evaluate_and_write(args, model, model_args, preprocess, splits, fit_result, training)
+    print(
+        f"best epoch {fit_result.best_epoch}: test accuracy {100 * test.accuracy:.2f}%, test loss {test.loss:.4f}; "
+        f"trained in {duration:.0f} s; wrote {out}, {', '.join(str(p) for p in paths.values())}"
+    )
+    return 0
+
+
+def _evaluate_and_write(
+    args: argparse.Namespace,
+    model: nn.Module,
+    model_args: dict[str, Any],
+    preprocess: PreprocessConfig,
+    splits: Splits,
+    fit_result: FitResult,
+    training: dict[str, Any],
+) -> tuple[Path, dict[str, Path], Evaluation]:
+    """Score the best weights on the test set, fit the trust records, write the checkpoint and its
+    curves, confusion matrix and metrics (each atomically)."""
+    test = evaluate(model, *splits.test)
+    trust = fit_trust(model, splits.train, splits.val, splits.test, architecture=ARCHITECTURES[args.arch])
+    best = fit_result.history[fit_result.best_epoch - 1]
+    metrics = {
+        **test_metrics(test, FASHION_MNIST_CLASSES),
+        "best_epoch": fit_result.best_epoch,
+        "val_accuracy": round(best.val_accuracy, 6),
+        "val_loss": round(best.val_loss, 6),
+        **trust.metrics,
+    }
+    model = model.to(memory_format=torch.contiguous_format)
+    out = save_checkpoint(
+        args.out,
+        model,
+        args.arch,
+        model_args,
+        preprocess,
+        metrics=metrics,
+        training=training,
+        calibration=trust.calibration,
+        ood=trust.ood,
+    )
+    paths = artifact_paths(out)
+    plot_curves(fit_result.history, paths["curves"])
+    plot_confusion(test.confusion, FASHION_MNIST_CLASSES, paths["confusion"])
+    write_json(
+        {
+            "checkpoint": str(out),
+            "arch": args.arch,
+            "model_args": model_args,
+            "metrics": metrics,
+            "training": training,
+            "history": [vars(r) for r in fit_result.history],
+            "confusion_matrix": test.confusion.tolist(),
+        },
+        paths["metrics"],
+    )
+    return out, paths, test
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    try:
+        loaded = load_checkpoint(args.checkpoint, device=device_or_exit(args.device))
+    except CheckpointError as exc:
+        raise SystemExit(f"cannot load checkpoint: {exc}") from None
+    data = data_or_exit(args)
+    images, labels = data.test.images, data.test.labels
+    if args.limit:
+        images, labels = images[: args.limit], labels[: args.limit]
+    x = normalize_tensor(images, loaded.preprocess).unsqueeze(1).to(loaded.device)
+    result = evaluate(loaded.model, x, labels.to(loaded.device))
+    metrics = test_metrics(result, loaded.class_names)
+    if args.json:
+        print(json.dumps({**metrics, "confusion_matrix": result.confusion.tolist()}, indent=2))
+        return 0
+    print(f"{args.checkpoint} ({loaded.arch}, {loaded.format} format) on {len(labels)} test images from {data.source}")
+    print(f"accuracy {100 * result.accuracy:.2f}%   loss {result.loss:.4f}")
+    width = max(map(len, loaded.class_names))
+    for name, acc in metrics["per_class_accuracy"].items():
+        print(f"  {name:<{width}}  {100 * acc:6.2f}%")
+    print("confusion matrix (rows: true, columns: predicted):")
+    for name, row in zip(loaded.class_names, result.confusion.tolist(), strict=True):
+        print(f"  {name:<{width}} " + " ".join(f"{v:5d}" for v in row))
+    return 0
