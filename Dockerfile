@@ -31,15 +31,20 @@ ARG TORCH_REQUIREMENT=torch
 ARG PIP_FIND_LINKS=""
 WORKDIR /src
 # torch first and from its own index, so the project's `torch>=...` is already met by the CPU build.
+# The venv pins torch 2.14.1 (constraints.txt), a CUDA build on PyPI; the image takes a CPU build
+# instead (a tenth of the size), and the container check passes the newest CPU wheel it has
+# offline (2.13.0+cpu on the CI machine): the same API, a different patch level of kernels.
 # hadolint ignore=DL3013
 RUN python -m venv /opt/venv \
     && pip install --index-url "$TORCH_INDEX_URL" "$TORCH_REQUIREMENT"
 # Serving dependencies straight from pyproject.toml (no extras: no torchvision), in their own layer
 # so that editing the code does not reinstall them.
-COPY pyproject.toml ./
+# The server stack at constraints.txt's pins (its torch lines aside: torch came from its own index above).
+COPY pyproject.toml constraints.txt ./
 RUN python -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' \
         > /tmp/requirements.txt \
-    && pip install -r /tmp/requirements.txt
+    && grep -v '^torch' constraints.txt > /tmp/constraints.txt \
+    && pip install -c /tmp/constraints.txt -r /tmp/requirements.txt
 COPY README.md ./
 COPY app ./app
 COPY models ./models

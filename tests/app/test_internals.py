@@ -1,0 +1,62 @@
+"""The framework internals the service relies on, checked against the installed versions.
+
+constraints.txt pins uvicorn, starlette, gunicorn and python-multipart; when a pin moves, these
+fail with a message naming the internal that moved and the module of ours that uses it.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+from gunicorn import glogging
+from gunicorn.arbiter import Arbiter
+from starlette.routing import Route
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+# What app/http/limits.py reads or overrides on uvicorn's httptools protocol.
+UVICORN_ATTRIBUTES = ("client", "cycle", "flow", "headers", "loop", "server_state", "transport", "url")
+UVICORN_METHODS = (
+    "connection_made",
+    "connection_lost",
+    "data_received",
+    "on_message_begin",
+    "on_headers_complete",
+    "on_body",
+    "on_message_complete",
+    "on_response_complete",
+)
+
+
+@pytest.mark.parametrize("name", UVICORN_ATTRIBUTES)
+def test_uvicorn_httptools_protocol_still_sets_what_limits_reads(name: str) -> None:
+    source = inspect.getsource(HttpToolsProtocol)
+    assert f"self.{name} =" in source or f"self.{name}:" in source, (
+        f"uvicorn's HttpToolsProtocol no longer sets self.{name}: app/http/limits.py reads it; "
+        "review the subclass before moving the uvicorn pin in constraints.txt"
+    )
+
+
+@pytest.mark.parametrize("name", UVICORN_METHODS)
+def test_uvicorn_httptools_protocol_still_has_the_overridden_hooks(name: str) -> None:
+    assert callable(getattr(HttpToolsProtocol, name, None)), (
+        f"uvicorn's HttpToolsProtocol.{name} is gone: app/http/limits.py overrides it"
+    )
+
+
+def test_starlette_routes_still_compile_a_path_regex() -> None:
+    route = Route("/v2/models/{model}/infer", lambda request: None)
+    match = route.path_regex.match("/v2/models/tiny/infer")
+    assert match is not None and match.groupdict() == {"model": "tiny"}, (
+        "starlette's Route.path_regex changed: app/http/routing.py FastRoutes matches with it"
+    )
+
+
+@pytest.mark.parametrize("name", ["handle_hup", "handle_int", "handle_quit", "handle_term", "manage_workers"])
+def test_gunicorn_arbiter_still_has_the_overridden_hooks(name: str) -> None:
+    assert callable(getattr(Arbiter, name, None)), f"gunicorn's Arbiter.{name} is gone: app/server.py overrides it"
+
+
+def test_gunicorn_logger_still_has_setup_and_error_log() -> None:
+    assert callable(getattr(glogging.Logger, "setup", None))
+    assert "self.error_log" in inspect.getsource(glogging.Logger), "app/server.py filters gunicorn's error_log"
