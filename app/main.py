@@ -25,7 +25,7 @@ from app.protocols.v2 import infer as v2_infer
 from app.protocols.v2 import metadata as v2_metadata
 from app.protocols.v2 import openapi as v2_openapi
 from app.protocols.v2.response import render_error as v2_render_error
-from app.reload.snapshot import reload_counts, snapshot_path
+from app.reload.snapshot import last_reload, reload_counts, snapshot_path
 from app.routes import docs, health, metrics, model, page
 from app.settings import STATIC_DIR, Settings
 
@@ -48,7 +48,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the service; the model loads when the app starts (its lifespan), never at import."""
     settings = settings or Settings()
     plane = DataPlane(settings, api_key_digests=load_api_keys(settings))
-    plane.metrics.add_live(ModelCollector(partial(_served, plane), lambda: reload_counts(snapshot_path())))
+    collector = ModelCollector(
+        partial(_served, plane), lambda: reload_counts(snapshot_path()), lambda: last_reload(snapshot_path())
+    )
+    plane.metrics.add_live(collector)
 
     v2_endpoint = Endpoint("v2 inference", partial(v2_infer.infer, plane), v2_render_error)
     fast_routes = [

@@ -147,11 +147,18 @@ class Metrics:
 
 class ModelCollector(Collector):
     """`fashion_serve_model_info` (the model this worker serves now: one series, value 1) and
-    `fashion_serve_model_reloads_total{result}` (the supervisor's counts), read at each scrape."""
+    `fashion_serve_model_reloads_total{result}` (the supervisor's counts) and the last reload's
+    outcome (`fashion_serve_model_last_reload_success`, `..._timestamp_seconds`), read at each scrape."""
 
-    def __init__(self, served: Callable[[], tuple[str, ...] | None], reloads: Callable[[], dict[str, int]]) -> None:
+    def __init__(
+        self,
+        served: Callable[[], tuple[str, ...] | None],
+        reloads: Callable[[], dict[str, int]],
+        last_reload: Callable[[], dict[str, Any] | None],
+    ) -> None:
         self.served = served  # (name, arch, sha256, device) of the model now served, or None
         self.reloads = reloads
+        self.last_reload = last_reload
 
     def collect(self) -> Iterator[Metric]:
         info = GaugeMetricFamily(
@@ -167,3 +174,15 @@ class ModelCollector(Collector):
         for result, count in self.reloads().items():
             reloads.add_metric([result], count)
         yield reloads
+        last = self.last_reload()
+        if last is not None:
+            yield GaugeMetricFamily(
+                "fashion_serve_model_last_reload_success",
+                "1 if the last SIGHUP reload was installed, 0 if it was refused",
+                value=1 if last.get("result") == "success" else 0,
+            )
+            yield GaugeMetricFamily(
+                "fashion_serve_model_last_reload_timestamp_seconds",
+                "When the last SIGHUP reload ended (Unix time)",
+                value=float(last.get("finished_at") or 0),
+            )

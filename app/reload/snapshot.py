@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 SNAPSHOT_ENV = "FASHION_SERVE_MODEL_SNAPSHOT"  # set by the supervisor for its workers; internal
 COUNTS_FILE = "reloads.json"
@@ -20,10 +21,22 @@ def snapshot_path() -> Path | None:
     return Path(value) if value else None
 
 
-def reload_counts(snapshot: Path | None) -> dict[str, int]:
-    """Reloads so far by result, as the supervisor recorded them beside the snapshot."""
-    counts = {"success": 0, "failure": 0}
+def _record(snapshot: Path | None) -> dict[str, Any]:
     if snapshot is not None:
         with contextlib.suppress(OSError, ValueError):
-            counts.update(json.loads((snapshot.parent / COUNTS_FILE).read_text()))
-    return counts
+            record = json.loads((snapshot.parent / COUNTS_FILE).read_text())
+            if isinstance(record, dict):
+                return record
+    return {}
+
+
+def reload_counts(snapshot: Path | None) -> dict[str, int]:
+    """Reloads so far by result, as the supervisor recorded them beside the snapshot."""
+    record = _record(snapshot)
+    return {result: int(record.get(result, 0)) for result in ("success", "failure")}
+
+
+def last_reload(snapshot: Path | None) -> dict[str, Any] | None:
+    """The last reload's outcome: `result`, `finished_at` (Unix time) and the refusal's `reason`."""
+    last = _record(snapshot).get("last")
+    return last if isinstance(last, dict) else None

@@ -30,7 +30,9 @@ class CheckpointSource:
         self.device = device
         self.snapshot = directory / "current.pt"
         self.counts = {"success": 0, "failure": 0}
+        self.last: dict[str, object] | None = None  # the last reload's result, time and reason
         self._validation: tuple[subprocess.Popen[bytes], float] | None = None
+        self._again = False  # a SIGHUP came during the validation: reload once more after it
 
     @classmethod
     def create(cls, configured: Path, device: str) -> CheckpointSource:
@@ -81,7 +83,10 @@ class CheckpointSource:
         `poll` (from the supervisor's loop) finishes the reload. Never raises: a reload that
         cannot even start is a failure like any other."""
         if self._validation is not None:
-            logger.warning("reload: a reload is already being validated; this SIGHUP is ignored")
+            # Operators send one signal per change: remembered, never dropped. Several signals
+            # during one validation make one more reload, of the file as it is when it starts.
+            self._again = True
+            logger.info("reload: a reload is being validated; the file is read again once it ends")
             return
         try:
             candidate = self._copy()
@@ -100,10 +105,19 @@ class CheckpointSource:
             self._failed(f"cannot start the validation: {exc!r}")
 
     def poll(self) -> None:
-        """Finish a reload whose validation has ended: the new snapshot, or a refusal."""
+        """Finish a reload whose validation has ended (the new snapshot, or a refusal), then
+        start the reload a SIGHUP asked for meanwhile."""
         if self._validation is None:
             return
         process, started = self._validation
+        if process.poll() is None and time.monotonic() - started <= VALIDATE_TIMEOUT_S:
+            return
+        self._finish(process, started)
+        if self._again:
+            self._again = False
+            self.start_reload()
+
+    def _finish(self, process: subprocess.Popen[bytes], started: float) -> None:
         timed_out = time.monotonic() - started > VALIDATE_TIMEOUT_S
         # The verdict is what the validation wrote, not its exit status: gunicorn's loop reaps
         # every child it sees end (os.waitpid(-1)), and a reaped status reads as 0.
@@ -127,19 +141,22 @@ class CheckpointSource:
             candidate.unlink(missing_ok=True)
             self._failed(f"cannot install the new copy: {exc.strerror or exc}")
             return
-        self.counts["success"] += 1
-        self._write_counts()
+        self._record("success")
         logger.info("reload: %s validated; the workers switch to it now", self.configured)
 
     def _failed(self, reason: str) -> None:
-        self.counts["failure"] += 1
-        self._write_counts()
+        self._record("failure", reason)
         logger.error("reload refused, still serving the previous model: checkpoint %s: %s", self.configured, reason)
+
+    def _record(self, result: str, reason: str | None = None) -> None:
+        self.counts[result] += 1
+        self.last = {"result": result, "finished_at": time.time(), "reason": reason}
+        self._write_counts()
 
     def _write_counts(self) -> None:
         partial = self.directory / f"{COUNTS_FILE}.tmp"
         try:
-            partial.write_text(json.dumps(self.counts))
+            partial.write_text(json.dumps({**self.counts, "last": self.last}))
             os.replace(partial, self.directory / COUNTS_FILE)
         except OSError as exc:  # the counts are for /metrics; never a reason to stop serving
             logger.warning("reload: cannot record the reload counts: %s", exc.strerror or exc)

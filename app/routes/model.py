@@ -5,11 +5,13 @@ from typing import Any
 from fastapi import APIRouter
 
 from app.deps import AuthorizedPlaneDep
+from app.reload.snapshot import last_reload, snapshot_path
 
 router = APIRouter(tags=["model"])
 
 
 @router.get("/model")
 def describe_model(plane: AuthorizedPlaneDep) -> dict[str, Any]:
-    """Architecture, state_dict keys and shapes, classes, preprocessing, metrics and checkpoint facts."""
-    return plane.current_model().describe()
+    """Architecture, state_dict keys and shapes, classes, preprocessing, metrics and checkpoint facts,
+    and the last SIGHUP reload's outcome (null before any, or without the supervisor)."""
+    return {**plane.current_model().describe(), "last_reload": last_reload(snapshot_path())}

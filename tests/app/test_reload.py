@@ -1,5 +1,6 @@
-"""A worker following the supervisor's snapshot (app/reload.py, app.main._follow_snapshot): the
-swap, the old model's retirement, and what a request that still holds the old model gets."""
+"""Both halves of a reload: the supervisor's (a SIGHUP during a validation is remembered) and a
+worker following the snapshot (the swap, the old model's retirement, and what a request that
+still holds the old model gets)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from app.batching import BatcherClosed, MicroBatcher
 from app.decoding import ModelInput
 from app.errors import ServeError
 from app.main import create_app
-from app.reload.snapshot import SNAPSHOT_ENV
+from app.reload.snapshot import SNAPSHOT_ENV, last_reload, reload_counts
+from app.reload.supervisor import CheckpointSource
 from app.settings import Settings
 from tests.helpers import png, wait_for, write_tiny_checkpoint
 
@@ -61,3 +63,26 @@ def test_a_closed_batcher_refuses_new_items_and_the_runtime_answers_503(client: 
     finally:
         service.batcher = real
     assert refused.value.status == 503 and refused.value.headers == {"Retry-After": "1"}
+
+
+def test_a_sighup_during_a_validation_is_remembered_and_the_last_file_wins(tmp_path: Path) -> None:
+    """A broken file, then a fixed one while the first is still being validated: the second
+    SIGHUP used to be ignored and the service never loaded the fixed file."""
+    configured = write_tiny_checkpoint(tmp_path / "model.pt", seed=1)
+    source = CheckpointSource(configured, tmp_path / "snapshot", "cpu")
+    source.directory.mkdir()
+    source.install()
+    configured.write_bytes(b"not a checkpoint")
+    source.start_reload()  # validating the broken file
+    fixed = write_tiny_checkpoint(tmp_path / "fixed.pt", seed=2).read_bytes()
+    configured.write_bytes(fixed)
+    source.start_reload()
+    source.start_reload()  # several signals during one validation make one more reload
+    assert wait_for(lambda: source.poll() is None and source.counts["success"] == 1, timeout=120)
+    assert source.counts == {"success": 1, "failure": 1}
+    assert source.snapshot.read_bytes() == fixed
+    assert reload_counts(source.snapshot) == {"success": 1, "failure": 1}
+    last = last_reload(source.snapshot)
+    assert last is not None and last["result"] == "success" and last["finished_at"] > 0
+    source.poll()
+    assert source.counts == {"success": 1, "failure": 1}, "no third reload"
