@@ -30,11 +30,16 @@ class BatcherClosed(RuntimeError):
     """The batcher was closed (its model replaced, or the service stopping)."""
 
 
+class DeadlineExpired(TimeoutError):
+    """The item's deadline passed while it waited: dropped before the batch, never computed."""
+
+
 @dataclass
 class _Job(Generic[Item, Result]):
     item: Item
     future: asyncio.Future[Result]
     loop: asyncio.AbstractEventLoop
+    deadline: float | None  # time.monotonic() past which nobody wants the result
 
 
 def _resolve(future: asyncio.Future[Result], outcome: Result | BaseException) -> None:
@@ -59,8 +64,10 @@ class MicroBatcher(Generic[Item, Result]):
         max_batch_size: int,
         max_wait_s: float = 0.0,
         nice: int = 0,
+        on_drop: Callable[[str, int], None] | None = None,
     ) -> None:
         self._run_batch = run_batch
+        self._on_drop = on_drop  # told (reason, count) of items dropped before a batch
         self._max_batch_size = max_batch_size
         self._max_wait_s = max_wait_s
         self._nice = nice
@@ -80,19 +87,42 @@ class MicroBatcher(Generic[Item, Result]):
         self._closed = True
         self._queue.put(None)
 
-    def stop(self, timeout: float | None = None) -> None:
-        """Finish the items already queued, then end the thread."""
-        self.close()
-        self._thread.join(timeout)
-
-    async def submit(self, item: Item) -> Result:
-        """Queue one item and wait for its result (or its exception); BatcherClosed once closed."""
+    async def submit(self, item: Item, deadline: float | None = None) -> Result:
+        """Queue one item and wait for its result (or its exception); BatcherClosed once closed.
+        Past `deadline` (a `time.monotonic()` value) an item still waiting is dropped with
+        DeadlineExpired; one whose caller was cancelled is dropped too."""
         if self._closed or not self._thread.is_alive():
             raise BatcherClosed("the inference thread is not running")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Result] = loop.create_future()
-        self._queue.put(_Job(item, future, loop))
+        self._queue.put(_Job(item, future, loop, deadline))
         return await future
+
+    def _drop_abandoned(self, jobs: list[_Job[Item, Result]]) -> list[_Job[Item, Result]]:
+        """The jobs still wanted; those past their deadline get DeadlineExpired, those whose
+        caller is gone nothing, and neither reaches the model."""
+        now = time.monotonic()
+        live, expired, cancelled = [], 0, 0
+        for job in jobs:
+            if job.future.done():
+                cancelled += 1
+            elif job.deadline is not None and now >= job.deadline:
+                expired += 1
+                self._answer(job, DeadlineExpired("the request's deadline passed while it waited"))
+            else:
+                live.append(job)
+        if self._on_drop:
+            for reason, count in (("deadline", expired), ("cancelled", cancelled)):
+                if count:
+                    self._on_drop(reason, count)
+        return live
+
+    @staticmethod
+    def _answer(job: _Job[Item, Result], outcome: Result | BaseException) -> None:
+        try:
+            job.loop.call_soon_threadsafe(_resolve, job.future, outcome)
+        except RuntimeError:  # that caller's event loop is closed: nobody is waiting
+            logger.debug("dropped a result for a closed event loop")
 
     def _take_waiting(self, first: _Job[Item, Result]) -> tuple[list[_Job[Item, Result]], bool]:
         """The first job plus those queued (or arriving within `max_wait_s`), up to the batch
@@ -127,6 +157,9 @@ class MicroBatcher(Generic[Item, Result]):
             if first is None:
                 break
             jobs, stopping = self._take_waiting(first)
+            jobs = self._drop_abandoned(jobs)
+            if not jobs:
+                continue
             try:
                 outcomes = self._run_batch([job.item for job in jobs])
                 if len(outcomes) != len(jobs):
@@ -135,7 +168,4 @@ class MicroBatcher(Generic[Item, Result]):
                 logger.warning("a batch of %d requests failed: %r", len(jobs), exc)
                 outcomes = [exc] * len(jobs)
             for job, outcome in zip(jobs, outcomes, strict=True):
-                try:
-                    job.loop.call_soon_threadsafe(_resolve, job.future, outcome)
-                except RuntimeError:  # that caller's event loop is closed: nobody is waiting
-                    logger.debug("dropped a result for a closed event loop")
+                self._answer(job, outcome)

@@ -11,12 +11,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
+import math
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from starlette.concurrency import run_in_threadpool
 
-from app.batching import BatcherClosed
+from app.batching import BatcherClosed, DeadlineExpired
 from app.errors import ServeError, unavailable
 from app.observability import Metrics
 from app.served_model import Pending, Scored, ServedModel
@@ -27,6 +29,20 @@ from app.settings import Settings
 # decoded in the threadpool first, so a big image never holds up the small ones behind it.
 INLINE_DECODE_BYTES = 64 * 1024
 UNAUTHORIZED = "missing or invalid API key: send Authorization: Bearer <key>"
+TIMEOUT_HEADER = b"x-request-timeout"  # seconds, fractions allowed: the client's deadline over HTTP
+
+
+def parse_timeout_s(value: bytes | str | None) -> float | None:
+    """A client's timeout in seconds (the X-Request-Timeout header): a positive finite number, else 400."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ServeError(400, "X-Request-Timeout must be a positive number of seconds")
+    return seconds
 
 
 @dataclass
@@ -96,6 +112,12 @@ class DataPlane:
 
     # --- the inference path ----------------------------------------------------------------------
 
+    def deadline(self, started: float, *client_timeouts_s: float | None) -> float | None:
+        """The request's deadline (a `time.monotonic()` value): the earliest of the server's
+        default (`request_timeout_s`) and the client's timeouts, counted from `started`."""
+        timeouts = [t for t in (self.settings.request_timeout_s, *client_timeouts_s) if t is not None]
+        return started + min(timeouts) if timeouts else None
+
     @contextlib.contextmanager
     def admit(self, name: str | None = None, version: str | None = None) -> Iterator[ServedModel]:
         """The one admission step: the model asked for, and a place among the requests in
@@ -110,12 +132,15 @@ class DataPlane:
         finally:
             self.in_flight -= 1
 
-    async def infer(self, model: ServedModel, request: Pending, encoded_bytes: int = 0) -> Scored:
+    async def infer(
+        self, model: ServedModel, request: Pending, encoded_bytes: int = 0, deadline: float | None = None
+    ) -> Scored:
         """Score a request's model input in `model`'s shared batches. A decoder (encoded images)
         runs on the inference thread with its batch when the images are small, else in the
-        threadpool.
+        threadpool. Work past its `deadline` is dropped before the forward pass (504).
 
-        Raises ServeError: the request refused as a whole, not ready, or out of accelerator memory.
+        Raises ServeError: the request refused as a whole, not ready, past its deadline, or out
+        of accelerator memory.
         """
         batcher = model.batcher
         if batcher is None:
@@ -123,8 +148,13 @@ class DataPlane:
         if callable(request) and encoded_bytes > INLINE_DECODE_BYTES:
             request = await run_in_threadpool(request)
         try:
-            scored = await batcher.submit(request)
+            if deadline is not None and time.monotonic() >= deadline:
+                self.metrics.dropped.labels("deadline").inc()
+                raise DeadlineExpired("the request's deadline passed before it reached the model")
+            scored = await batcher.submit(request, deadline)
         except BatcherClosed:  # its model was replaced long ago (a reload), or the service is stopping
             raise unavailable("the model was replaced while this request waited; retry") from None
+        except DeadlineExpired as exc:
+            raise ServeError(504, f"deadline exceeded: {exc}; not computed") from None
         self.metrics.images_per_request.observe(len(scored.input.names))
         return scored

@@ -57,7 +57,7 @@ def lifespan(plane: DataPlane) -> Callable[[Any], contextlib.AbstractAsyncContex
 async def load(plane: DataPlane, source: Path | None) -> ServedModel:
     """A model loaded, its inference thread started, warmed up through the real path."""
     model = await run_in_threadpool(ServedModel.load, plane.settings, source, _observe(plane))
-    batcher = model.start(nice=INFERENCE_NICE)
+    batcher = model.start(nice=INFERENCE_NICE, on_drop=_count_drops(plane))
     side = model.input_size
     await batcher.submit(ModelInput.of(np.zeros((1, 1, side, side), np.float32)))
     return model
@@ -102,6 +102,13 @@ def drain_on_sigterm(health: Health) -> None:
 
     with contextlib.suppress(ValueError):  # not the main thread (e.g. under TestClient): no signals
         signal.signal(signal.SIGTERM, handler)
+
+
+def _count_drops(plane: DataPlane) -> Callable[[str, int], None]:
+    def on_drop(reason: str, count: int) -> None:
+        plane.metrics.dropped.labels(reason).inc(count)
+
+    return on_drop
 
 
 def _observe(plane: DataPlane) -> Callable[[int, float], None]:

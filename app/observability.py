@@ -115,6 +115,12 @@ class Metrics:
             buckets=(1, 2, 4, 8, 16, 32, 64),
             registry=self.registry,
         )
+        self.dropped = Counter(
+            "fashion_serve_dropped_requests",
+            "Requests dropped before the forward pass, by reason (deadline passed, caller gone)",
+            ("reason",),
+            registry=self.registry,
+        )
         self._live: list[Collector] = []
 
     def add_live(self, collector: Collector) -> None:

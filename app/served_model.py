@@ -86,10 +86,15 @@ class ServedModel:
         self.trust = loaded.trust()  # calibration and OOD statistics, when the checkpoint has them
         self.batcher: MicroBatcher[Pending, Scored] | None = None  # this model's inference thread, once started
 
-    def start(self, nice: int = 0) -> MicroBatcher[Pending, Scored]:
-        """Start this model's inference thread: the micro-batcher every protocol submits to."""
+    def start(self, nice: int = 0, on_drop: Callable[[str, int], None] | None = None) -> MicroBatcher[Pending, Scored]:
+        """Start this model's inference thread: the micro-batcher every protocol submits to;
+        `on_drop` is told (reason, count) of requests dropped before a forward pass."""
         self.batcher = MicroBatcher(
-            self.run_batch, self.settings.max_batch_size, self.settings.max_batch_wait_ms / 1000, nice=nice
+            self.run_batch,
+            self.settings.max_batch_size,
+            self.settings.max_batch_wait_ms / 1000,
+            nice=nice,
+            on_drop=on_drop,
         )
         self.batcher.start()
         return self.batcher

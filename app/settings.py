@@ -28,6 +28,7 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(32, ge=1, le=1024)
     max_batch_wait_ms: float = Field(0.0, ge=0.0, le=1000.0)
     max_concurrency: int = Field(128, ge=1)
+    request_timeout_s: float | None = Field(None, gt=0, le=3600)  # None: no server default deadline
     max_connections: int = Field(1024, ge=1)
     body_timeout_s: float = Field(30.0, gt=0)
     shutdown_grace_s: int = Field(8, ge=0)

@@ -163,9 +163,7 @@ def _sha_of(path: Path) -> str:
 
 
 @pytest.mark.parametrize("replacement", ["another model", "a broken file", "nothing"])
-def test_a_replaced_worker_serves_the_validated_model_whatever_the_path_holds(
-    tmp_path: Path, replacement: str
-) -> None:
+def test_a_replaced_worker_serves_the_validated_model_whatever_the_path_holds(tmp_path: Path, replacement: str) -> None:
     """Findings 1 and 2: a worker that died was replaced by one that read the path again."""
     path = write_tiny_checkpoint(tmp_path / "m.pt", seed=1)
     first = _sha_of(path)

@@ -9,6 +9,7 @@ so an ordinary FastAPI route.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -16,6 +17,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
+from app.dataplane import parse_timeout_s
 from app.decoding import decode_images
 from app.deps import AuthorizedPlaneDep
 from app.http.messages import header, receive_body
@@ -77,7 +79,9 @@ async def explain(request: Request, plane: AuthorizedPlaneDep) -> dict[str, Any]
     The same bodies, `k`, `invert` and limits as /predict; an image that cannot be used gets
     an `error` in its place while the others are answered.
     """
+    started = time.monotonic()
     settings = plane.settings
+    deadline = plane.deadline(started, parse_timeout_s(request.headers.get("x-request-timeout")))
     k, invert = read_query(plane, request.scope["query_string"])
     with plane.admit() as model:
         preprocess = model.loaded.preprocess
@@ -93,7 +97,7 @@ async def explain(request: Request, plane: AuthorizedPlaneDep) -> dict[str, Any]
         )
         if decoded.inputs is None:
             raise none_classified(decoded)
-        scored = await plane.infer(model, decoded)
+        scored = await plane.infer(model, decoded, deadline=deadline)
         targets = scored.probabilities.argmax(axis=1)
         maps = await run_in_threadpool(model.saliency, decoded.inputs, targets)
     pixels = to_pixels(decoded.inputs, preprocess)

@@ -12,6 +12,7 @@ and /docs show.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from functools import partial
 from typing import Annotated, Any
@@ -21,7 +22,7 @@ from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 from pydantic.json_schema import models_json_schema
 from starlette.types import Receive, Scope
 
-from app.dataplane import DataPlane
+from app.dataplane import TIMEOUT_HEADER, DataPlane, parse_timeout_s
 from app.decoding import ALLOWED_CONTENT_TYPES, ModelInput, decode_images
 from app.errors import ServeError
 from app.http.messages import Reply, dump_json, header, receive_body
@@ -174,7 +175,9 @@ def read_query(plane: DataPlane, query_string: bytes) -> tuple[int, Invert | Non
 
 async def predict(plane: DataPlane, scope: Scope, receive: Receive) -> Reply:
     """POST /predict: classify images sent as multipart parts named `file`, or one image as the raw body."""
+    started = time.monotonic()
     plane.authorize(header(scope, b"authorization"))
+    deadline = plane.deadline(started, parse_timeout_s(header(scope, TIMEOUT_HEADER)))
     k, invert = read_query(plane, scope["query_string"])
     settings = plane.settings
     content_type = (header(scope, b"content-type") or b"").decode("latin-1")
@@ -183,7 +186,7 @@ async def predict(plane: DataPlane, scope: Scope, receive: Receive) -> Reply:
             receive, header(scope, b"content-length"), settings.max_upload_bytes, settings.body_timeout_s
         )
         decode = partial(decode_body, body, content_type, model.loaded.preprocess, settings, invert)
-        scored = await plane.infer(model, decode, len(body))
+        scored = await plane.infer(model, decode, len(body), deadline)
     if scored.input.inputs is None:
         raise none_classified(scored.input)
     predictions = encode(scored, k, model.class_names, model.ood_threshold)
@@ -263,6 +266,9 @@ OPERATION: dict[str, Any] = {
         "413": _responses("too large: bytes, pixels or number of files"),
         "415": _responses("not an accepted image type"),
         "422": _responses("bad parameters or no 'file' part"),
+        "504": _responses(
+            "the deadline (X-Request-Timeout, FASHION_SERVE_REQUEST_TIMEOUT_S) passed before the model ran"
+        ),
         "503": _responses("not ready, busy, or out of accelerator memory; see Retry-After"),
     },
 }

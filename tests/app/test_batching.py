@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from starlette.types import Receive
 
-from app.batching import MicroBatcher
+from app.batching import DeadlineExpired, MicroBatcher
 from app.dataplane import DataPlane
 from app.decoding import image_to_input
 from app.errors import ServeError
@@ -43,7 +43,8 @@ async def _submit_while_busy(batcher: MicroBatcher[int, int], gate: threading.Ev
     await asyncio.sleep(0.05)  # the others queue up meanwhile
     gate.set()
     results = await asyncio.gather(*tasks, return_exceptions=True)
-    batcher.stop(5)
+    batcher.close()
+    batcher.join(5)
     return results
 
 
@@ -133,7 +134,8 @@ def test_max_wait_lets_a_batch_fill_and_zero_never_waits() -> None:
 
         assert asyncio.run(two_apart()) == [10, 20]
         assert batches == expected, wait  # with a wait, the full batch goes at once (not after 5 s)
-        batcher.stop(1.0)
+        batcher.close()
+        batcher.join(1.0)
 
 
 def test_concurrency_cap_answers_503_with_retry_after() -> None:
@@ -207,7 +209,8 @@ def test_a_closed_caller_loop_does_not_kill_the_inference_thread() -> None:
     time.sleep(0.1)
     batcher._run_batch = lambda items: [i * 2 for i in items]
     assert asyncio.run(asyncio.wait_for(batcher.submit(21), 5)) == 42
-    batcher.stop(5)
+    batcher.close()
+    batcher.join(5)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="per-thread nice values are Linux behaviour")
@@ -225,7 +228,8 @@ def test_the_inference_thread_runs_at_a_lower_priority_than_its_callers() -> Non
 
     assert asyncio.run(ask()) == min(before + 5, 19)
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before  # the caller's is untouched
-    batcher.stop(1.0)
+    batcher.close()
+    batcher.join(1.0)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="per-thread nice values are Linux behaviour")
@@ -236,3 +240,36 @@ def test_the_service_starts_its_inference_thread_lowered(client: object) -> None
     assert thread.name == "inference" and thread.native_id is not None
     mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     assert os.getpriority(os.PRIO_PROCESS, thread.native_id) == min(mine + INFERENCE_NICE, 19)
+
+
+def test_work_past_its_deadline_is_dropped_before_the_batch_and_counted() -> None:
+    release = threading.Event()
+    seen: list[list[int]] = []
+    drops: list[tuple[str, int]] = []
+
+    def run_batch(items: list[int]) -> list[int | BaseException]:
+        seen.append(list(items))
+        release.wait(5)
+        return [i * 10 for i in items]
+
+    batcher: MicroBatcher[int, int] = MicroBatcher(
+        run_batch, max_batch_size=8, on_drop=lambda r, n: drops.append((r, n))
+    )
+    batcher.start()
+
+    async def scenario() -> list[object]:
+        busy = asyncio.ensure_future(batcher.submit(1))  # holds the thread
+        await asyncio.sleep(0.05)
+        late = asyncio.ensure_future(batcher.submit(2, deadline=time.monotonic() + 0.05))
+        fine = asyncio.ensure_future(batcher.submit(3, deadline=time.monotonic() + 30))
+        await asyncio.sleep(0.2)  # the late one's deadline passes while it waits
+        release.set()
+        return list(await asyncio.gather(busy, late, fine, return_exceptions=True))
+
+    busy, late, fine = asyncio.run(scenario())
+    batcher.close()
+    batcher.join(5)
+    assert busy == 10 and fine == 30
+    assert isinstance(late, DeadlineExpired)
+    assert seen == [[1], [3]], "the expired item never reached run_batch"
+    assert drops == [("deadline", 1)]

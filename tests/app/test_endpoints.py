@@ -166,3 +166,29 @@ def test_every_protocol_takes_one_admission_rule_while_draining(client: TestClie
     assert client.post("/predict", files={"file": ("a.png", png())}).status_code == 200
     v2 = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 784], "data": [0.0] * 784}]}
     assert client.post("/v2/models/tiny/infer", json=v2).status_code == 200
+
+
+def test_deadlines_from_every_source_answer_504_in_each_protocol_shape(client: TestClient) -> None:
+    """A deadline that has passed is never computed: 504, counted, and the next request is served."""
+    expired = {"X-Request-Timeout": "0.000001"}
+    response = client.post("/predict", files={"file": ("a.png", png())}, headers=expired)
+    assert response.status_code == 504 and "deadline" in response.json()["detail"]
+    tensor = {"name": "input", "datatype": "FP32", "shape": [1, 784], "data": [0.0] * 784}
+    v2 = client.post("/v2/models/tiny/infer", json={"inputs": [tensor], "parameters": {"timeout": 1}})
+    assert v2.status_code == 504 and "deadline" in v2.json()["error"]
+    assert client.post("/explain", files={"file": ("a.png", png())}, headers=expired).status_code == 504
+    assert (
+        client.post("/predict", files={"file": ("a.png", png())}, headers={"X-Request-Timeout": "x"}).status_code == 400
+    )
+    bad = client.post("/v2/models/tiny/infer", json={"inputs": [tensor], "parameters": {"timeout": -5}})
+    assert bad.status_code == 400
+    assert (
+        client.post("/predict", files={"file": ("a.png", png())}, headers={"X-Request-Timeout": "30"}).status_code
+        == 200
+    )
+    assert 'fashion_serve_dropped_requests_total{reason="deadline"} 3.0' in client.get("/metrics").text
+
+
+def test_the_server_default_deadline_applies(settings: Settings) -> None:
+    with TestClient(create_app(settings.model_copy(update={"request_timeout_s": 1e-9}))) as client:
+        assert client.post("/predict", files={"file": ("a.png", png())}).status_code == 504

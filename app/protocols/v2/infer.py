@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from functools import partial
 
 from starlette.concurrency import run_in_threadpool
 from starlette.types import Receive, Scope
 
-from app.dataplane import INLINE_DECODE_BYTES, DataPlane
+from app.dataplane import INLINE_DECODE_BYTES, TIMEOUT_HEADER, DataPlane, parse_timeout_s
 from app.http.messages import Reply, header, receive_body
 from app.protocols.v2.request import (
     HEADER_LENGTH,
@@ -35,7 +36,9 @@ def _parse(scope: Scope, body: bytes, model: ServedModel, settings: Settings) ->
 
 
 async def infer(plane: DataPlane, scope: Scope, receive: Receive) -> Reply:
+    started = time.monotonic()
     plane.authorize(header(scope, b"authorization"))
+    header_timeout_s = parse_timeout_s(header(scope, TIMEOUT_HEADER))
     settings = plane.settings
     params = scope.get("path_params", {})
     with plane.admit(params.get("model", ""), params.get("version")) as model:
@@ -48,5 +51,6 @@ async def infer(plane: DataPlane, scope: Scope, receive: Receive) -> Reply:
             request, pending = _parse(scope, body, model, settings)
         else:
             request, pending = await run_in_threadpool(_parse, scope, body, model, settings)
-        scored = await plane.infer(model, pending, len(body))
+        deadline = plane.deadline(started, header_timeout_s, request.timeout_s)
+        scored = await plane.infer(model, pending, len(body), deadline)
     return encode(request, scored, model)

@@ -72,6 +72,7 @@ INFER_OPERATION: dict[str, Any] = {
         "405": _error("method not allowed"),
         "408": _error("the body did not arrive in time"),
         "413": _error("over the body limit or FASHION_SERVE_V2_MAX_IMAGES images"),
+        "504": _error("the deadline (`timeout` parameter, X-Request-Timeout, the server's default) passed first"),
         "503": _error("not ready, draining, busy or out of accelerator memory; see Retry-After"),
     },
 }

@@ -45,6 +45,7 @@ class InferRequest:
     data: Any  # JSON data, or the input's raw binary bytes
     binary: bool
     outputs: list[OutputRequest] = field(default_factory=list)
+    timeout_s: float | None = None  # the request's `timeout` parameter (Triton's, in microseconds)
 
 
 def _bad(message: str) -> ServeError:
@@ -134,7 +135,18 @@ def parse_infer_request(
         data,
         size is not None,
         _parse_outputs(request.get("outputs"), binary_default, outputs, num_classes),
+        _timeout_s(parameters),
     )
+
+
+def _timeout_s(parameters: dict[str, Any]) -> float | None:
+    """The `timeout` parameter, microseconds as Triton has it, in seconds."""
+    value = parameters.get("timeout")
+    if value is None:
+        return None
+    if type(value) is not int or value <= 0:
+        raise _bad("parameter 'timeout' must be a positive integer number of microseconds")
+    return value / 1e6
 
 
 def _parse_outputs(
