@@ -122,8 +122,8 @@ def _parse_plain(body: bytes, boundary: bytes, collect: _Collector) -> list[Part
             headers_end, lines = position - 2, []
         else:
             # Only as far as the largest header block python-multipart accepts: a body that is
-            # all header lines must not be copied and split here (found in review: 154 MB for
-            # a 10 MB body).
+            # all header lines must not be copied and split here (its memory would grow many
+            # times the body's: docs/performance.md).
             headers_end = body.find(b"\r\n\r\n", position, position + _PLAIN_MAX_HEADER_BLOCK)
             if headers_end < 0:
                 return None
