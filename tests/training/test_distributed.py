@@ -101,6 +101,11 @@ def test_a_single_process_trains_bit_identically_to_before(
     arch: str,
     augment: str,
 ) -> None:
+    capability = torch.backends.cpu.get_cpu_capability()
+    if arch == "cnn" and capability != "AVX512":
+        # Convolutions run other oneDNN kernels without AVX-512, and an epoch of training grows
+        # their rounding apart (sums off by up to 0.12 on an AVX2 CPU); the MLP cases still run.
+        pytest.skip(f"the CNN's reference sums were recorded on an AVX-512 CPU; this one is {capability}")
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
     threads = torch.get_num_threads()
