@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import time
@@ -17,10 +18,33 @@ logger = logging.getLogger("app.access")
 VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
+REFUSAL_SUMMARY_S = 10.0  # at most one log line per this many seconds for 503 refusals
+
+
+class RefusalLog:
+    """503 refusals are counted in /metrics and summed in the log: one line per interval, not
+    one per refusal, so that refusing under overload stays far cheaper than answering."""
+
+    def __init__(self, interval_s: float = REFUSAL_SUMMARY_S) -> None:
+        self.interval_s = interval_s
+        self.count = 0
+        self.logged_at = -math.inf
+
+    def refused(self) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if now - self.logged_at >= self.interval_s:
+            logger.warning(
+                "refused %d requests with 503 since the last such line (503s are counted in /metrics)", self.count
+            )
+            self.count, self.logged_at = 0, now
+
+
 class RequestContextMiddleware:
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
         self.metrics = metrics
+        self.refusals = RefusalLog()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -46,5 +70,8 @@ class RequestContextMiddleware:
             # The matched route's template labels the metrics (`/v2/models/{model}/infer`); anything else is "other".
             route = getattr(scope.get("route"), "path", "other")
             self.metrics.count_request(route, scope["method"], status, elapsed)
-            logger.info("%s %s %d %.1fms", scope["method"], scope["path"], status, elapsed * 1000)
+            if status == 503:
+                self.refusals.refused()
+            else:
+                logger.info("%s %s %d %.1fms", scope["method"], scope["path"], status, elapsed * 1000)
             request_id_var.reset(token)

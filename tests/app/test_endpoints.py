@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 from pathlib import Path
 
@@ -192,3 +193,17 @@ def test_deadlines_from_every_source_answer_504_in_each_protocol_shape(client: T
 def test_the_server_default_deadline_applies(settings: Settings) -> None:
     with TestClient(create_app(settings.model_copy(update={"request_timeout_s": 1e-9}))) as client:
         assert client.post("/predict", files={"file": ("a.png", png())}).status_code == 504
+
+
+def test_refusals_are_summed_in_the_log_not_logged_one_by_one(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = TestClient(create_app(settings))  # no `with`: no model, every inference request is 503
+    with caplog.at_level(logging.INFO, logger="app.access"):
+        statuses = [client.post("/predict", files={"file": ("a.png", png())}).status_code for _ in range(20)]
+    assert statuses == [503] * 20
+    access = [r.getMessage() for r in caplog.records if r.name == "app.access"]
+    assert len(access) == 1 and access[0].startswith("refused 1 requests with 503"), access
+    assert (
+        'fashion_serve_requests_total{method="POST",route="/predict",status="503"} 20.0' in client.get("/metrics").text
+    )
