@@ -269,7 +269,7 @@ HEADER = (
 )
 
 
-def main(argv: list[str] | None = None) -> int:
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--seconds", type=int, default=8, help="measured time per row")
     parser.add_argument("--warmup", type=int, default=2)
@@ -278,10 +278,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cnn", type=Path, default=ROOT / "models" / "fashion_cnn.pt")
     parser.add_argument("--quick", action="store_true", help="only the c=32 rows and the ratios")
     parser.add_argument("--only", help="run just the rows of one server (naive, empty, service) or api (v2-fp32, ...)")
-    args = parser.parse_args(argv)
-    if shutil.which("wrk") is None:
-        raise SystemExit("wrk not found: apt-get install wrk")
+    return parser.parse_args(argv)
 
+
+def _cases(args: argparse.Namespace) -> list[Case]:
     levels = (32,) if args.quick else (1, 8, 32, 128)
     w = args.workers
     cases = [
@@ -296,8 +296,67 @@ def main(argv: list[str] | None = None) -> int:
         Case("service", "mlp", w, 32, (32,), "v2-fp32"),
         Case("service", "mlp", w, 1, (32,), "v2-bytes"),
     ]
-    if args.only:
-        cases = [c for c in cases if args.only in (c.server, c.api)]
+    return [c for c in cases if args.only in (c.server, c.api)] if args.only else cases
+
+
+def _bodies(tmp: Path, case: Case, checkpoint: Path, pngs: list[bytes]) -> tuple[Path, str]:
+    """The request bodies wrk sends for `case` (written once per api, model and size), and their type."""
+    bodies = tmp / f"{case.api}-{case.model}-{case.per_request}"
+    if not bodies.exists():
+        bodies.mkdir()
+        if case.api == "predict":
+            content_type = write_bodies(bodies, pngs, case.per_request)
+        else:
+            datatype = "FP32" if case.api == "v2-fp32" else "BYTES"
+            write_v2_bodies(bodies, checkpoint, pngs, case.per_request, datatype)
+            content_type = "application/octet-stream"
+        (bodies / "type").write_text(content_type)
+    return bodies, (bodies / "type").read_text()
+
+
+@dataclass
+class Health:
+    """/health/live probed while /predict runs at c=32 (the MLP, one image per request)."""
+
+    p99_ms: float | None = None
+    failures: int = 0
+
+
+def _run_case(
+    case: Case, checkpoint: Path, bodies: Path, content_type: str, args: argparse.Namespace, health: Health
+) -> dict[int, dict]:
+    """Start the case's server, drive each concurrency level, print its rows; rows by level."""
+    path = "/predict?k=3" if case.api == "predict" else f"/v2/models/{checkpoint.stem}/infer"
+    rows = {}
+    server = start(case.server, checkpoint, case.workers)
+    try:
+        for c in case.concurrency:
+            probe = None
+            if case.api == "predict" and case.per_request == 1 and c == 32 and case.model == "mlp":
+                probe = LivenessProbe(server.port)
+                probe.start()
+            row = rows[c] = drive(server, bodies, content_type, c, args.seconds, args.warmup, path)
+            if probe:
+                probe.stopping.set()
+                probe.join()
+                health.p99_ms, health.failures = probe.p99_ms(), probe.failures
+            print(
+                f"{case.server:<8} {case.api:<8} {case.model:<5} {case.workers:>2} "
+                f"{case.per_request:>3} {c:>4} "
+                f"{row['rps']:>8.0f} {row['p50']:>7.2f} {row['p90']:>7.2f} {row['p99']:>7.2f} "
+                f"{row['errors']:>4} {row['cpu_ms']:>10.2f} {row['wrk_cpu']:>8.0f} {row['rss']:>9.0f} "
+                f"{server.ready_s:>7.2f}",
+                flush=True,
+            )
+    finally:
+        server.stop()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _arguments(argv)
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk not found: apt-get install wrk")
     checkpoints = {"mlp": args.mlp, "cnn": args.cnn}
     pngs = fashion_pngs(256)
     print(
@@ -305,53 +364,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(HEADER)
     results: dict[tuple[str, str, int, int, str], dict] = {}
-    health_p99 = None
-    health_failures = 0
+    health = Health()
     with tempfile.TemporaryDirectory() as tmp:
-        for case in cases:
-            bodies = Path(tmp) / f"{case.api}-{case.model}-{case.per_request}"
-            if not bodies.exists():
-                bodies.mkdir()
-                if case.api == "predict":
-                    content_type = write_bodies(bodies, pngs, case.per_request)
-                else:
-                    datatype = "FP32" if case.api == "v2-fp32" else "BYTES"
-                    write_v2_bodies(bodies, checkpoints[case.model], pngs, case.per_request, datatype)
-                    content_type = "application/octet-stream"
-                (bodies / "type").write_text(content_type)
-            content_type = (bodies / "type").read_text()
-            name = checkpoints[case.model].stem
-            path = "/predict?k=3" if case.api == "predict" else f"/v2/models/{name}/infer"
-            server = start(case.server, checkpoints[case.model], case.workers)
-            try:
-                for c in case.concurrency:
-                    probe = None
-                    if case.api == "predict" and case.per_request == 1 and c == 32 and case.model == "mlp":
-                        probe = LivenessProbe(server.port)
-                        probe.start()
-                    row = drive(server, bodies, content_type, c, args.seconds, args.warmup, path)
-                    if probe:
-                        probe.stopping.set()
-                        probe.join()
-                        health_p99 = probe.p99_ms()
-                        health_failures = probe.failures
-                    results[(case.server, case.model, case.per_request, c, case.api)] = row
-                    print(
-                        f"{case.server:<8} {case.api:<8} {case.model:<5} {case.workers:>2} "
-                        f"{case.per_request:>3} {c:>4} "
-                        f"{row['rps']:>8.0f} {row['p50']:>7.2f} {row['p90']:>7.2f} {row['p99']:>7.2f} "
-                        f"{row['errors']:>4} {row['cpu_ms']:>10.2f} {row['wrk_cpu']:>8.0f} {row['rss']:>9.0f} "
-                        f"{server.ready_s:>7.2f}",
-                        flush=True,
-                    )
-            finally:
-                server.stop()
-
+        for case in _cases(args):
+            bodies, content_type = _bodies(Path(tmp), case, checkpoints[case.model], pngs)
+            for c, row in _run_case(case, checkpoints[case.model], bodies, content_type, args, health).items():
+                results[(case.server, case.model, case.per_request, c, case.api)] = row
     if args.only:
-        if health_p99 is not None:
-            print(f"/health/live p99 while /predict runs at c=32: {health_p99:.2f} ms, {health_failures} failed")
+        if health.p99_ms is not None:
+            print(f"/health/live p99 while /predict runs at c=32: {health.p99_ms:.2f} ms, {health.failures} failed")
         return 0
+    _print_ratios(results, health, args.quick)
+    return 0
 
+
+def _print_ratios(results: dict[tuple[str, str, int, int, str], dict], health: Health, quick: bool) -> None:
     def rps(server: str, model: str = "mlp", per: int = 1, c: int = 32, api: str = "predict") -> float:
         return results[(server, model, per, c, api)]["rps"]
 
@@ -359,13 +386,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"c=32, course MLP: service / naive  = {rps('service') / rps('naive'):.2f}x   (target >= 3x)")
     print(f"c=32, course MLP: service / empty  = {rps('service') / rps('empty'):.2f}x   (target >= 0.7x)")
     print(f"c=32, CNN:        service / naive  = {rps('service', 'cnn') / rps('naive', 'cnn'):.2f}x")
-    if not args.quick:
+    if not quick:
         p50 = results[("service", "mlp", 1, 1, "predict")]["p50"]
         print(f"c=1,  course MLP: service p50 = {p50:.2f} ms   (target <= 0.6 ms)")
     p99 = results[("service", "mlp", 1, 32, "predict")]["p99"]
     print(f"c=32, course MLP: service p99 = {p99:.2f} ms   (target <= 15 ms)")
     print(
-        f"/health/live p99 while /predict runs at c=32: {health_p99:.2f} ms, {health_failures} failed   "
+        f"/health/live p99 while /predict runs at c=32: {health.p99_ms:.2f} ms, {health.failures} failed   "
         "(target <= 5 ms)"
     )
     images_per_s = rps("service", "mlp", 8, 32) * 8
@@ -377,7 +404,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"c=32, MLP: v2 FP32 binary, 1 image / /predict        = {v2_fp32:.2f}x req/s   (target >= 1.2x)")
     print(f"c=32, MLP: v2 FP32 binary, 32 images, images/s / /predict = {v2_batch:.2f}x   (target >= 4x)")
     print(f"c=32, MLP: v2 BYTES (PNG), 1 image / /predict        = {v2_bytes:.2f}x req/s   (target >= 0.9x)")
-    return 0
 
 
 def platform_line() -> str:
