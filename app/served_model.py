@@ -20,8 +20,9 @@ from app.batching import MicroBatcher
 from app.decoding import ModelInput
 from app.errors import ServeError, unavailable
 from app.settings import Settings
-from models import LoadedModel, for_inference, load_checkpoint
+from models import CheckpointError, LoadedModel, load_checkpoint
 from models.saliency import saliency_maps
+from models.served_form import FormError
 
 # What the batcher takes: a decoded request, or a decoder to run on the inference thread
 # (cheap decodes ride along with the forward pass: one thread hand-off per request).
@@ -82,8 +83,11 @@ class ServedModel:
         self.name = settings.served_name
         self.class_names = tuple(loaded.class_names)
         self.device = loaded.device  # asked once: it walks the model's parameters
-        self.model = for_inference(loaded.model, loaded.architecture)  # /model shows the original
         self.trust = loaded.trust()  # calibration and OOD statistics, when the checkpoint has them
+        try:  # the fp32 copy or the checkpoint's faster form; /model shows the original
+            self.forward = loaded.forward(settings.backend, settings.torch_threads)
+        except FormError as exc:
+            raise CheckpointError(str(exc)) from None
         self.batcher: MicroBatcher[Pending, Scored] | None = None  # this model's inference thread, once started
 
     def start(self, nice: int = 0, on_drop: Callable[[str, int], None] | None = None) -> MicroBatcher[Pending, Scored]:
@@ -141,7 +145,7 @@ class ServedModel:
             x = torch.from_numpy(batch)
             if self.device.type != "cpu":
                 x = x.to(self.device, non_blocking=True)
-            probabilities, scores = self.trust(self.model, x)
+            probabilities, scores = self.trust.apply(*self.forward(x))
             return probabilities.cpu().numpy(), None if scores is None else scores.cpu().numpy()
 
     def saliency(self, inputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -197,8 +201,15 @@ class ServedModel:
         return rows, None if chunks[0][1] is None else np.concatenate([c[1] for c in chunks])
 
     def summary(self) -> str:
-        """One line for the logs: name, architecture, checkpoint hash, device."""
-        return f"{self.name} ({self.loaded.arch}, {self.checkpoint.sha256[:12]}) on {self.device}"
+        """One line for the logs: name, architecture, checkpoint hash, device, served form."""
+        where = f"on {self.device} as {self.forward.name}"
+        return f"{self.name} ({self.loaded.arch}, {self.checkpoint.sha256[:12]}) {where}"
+
+    def backend(self) -> dict[str, Any]:
+        """Which form serves (`models.served_form`), its precision, and what `optimize` recorded of it."""
+        record = self.loaded.served_form
+        recorded = record.describe() if record is not None and record.name == self.forward.name else {}
+        return {**recorded, "name": self.forward.name, "precision": self.forward.precision}
 
     def describe(self) -> dict[str, Any]:
         model = self.loaded.model
@@ -214,6 +225,7 @@ class ServedModel:
             "classes": list(self.class_names),
             "input_shape": [1, self.input_size, self.input_size],
             "device": str(self.device),
+            "backend": self.backend(),
             "preprocess": self.loaded.preprocess.to_dict(),
             "metrics": self.loaded.metrics,
             "training": self.loaded.training,

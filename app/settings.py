@@ -19,6 +19,7 @@ class Settings(BaseSettings):
 
     checkpoint: Path = BUNDLED_CHECKPOINT
     device: str = "auto"
+    backend: Literal["auto", "torch-fp32", "onnx-int8"] = "auto"  # auto: the checkpoint's int8 form where sound
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     max_files: int = Field(16, ge=1, le=1024)
     max_image_pixels: int = Field(16_777_216, ge=1024, le=89_478_485)

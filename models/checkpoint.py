@@ -25,8 +25,9 @@ from torch import nn
 
 from models.devices import resolve_device
 from models.fashion_mnist import FASHION_MNIST_CLASSES
-from models.networks import ARCHITECTURES, Architecture, build_model, model_args_for
-from models.preprocessing import PreprocessConfig
+from models.networks import ARCHITECTURES, Architecture, build_model, for_inference, model_args_for
+from models.preprocessing import PreprocessConfig, normalize
+from models.served_form import RECORD_KEY, FormRecord, Forward, build_forward
 from models.trust import Calibration, OODStats, RecordError, Trust
 
 FORMAT_VERSION = 1
@@ -56,6 +57,7 @@ class LoadedModel:
     created_at: str | None = None
     calibration: Calibration | None = None  # None: the checkpoint has no calibration record
     ood: OODStats | None = None  # None: no out-of-distribution statistics
+    served_form: FormRecord | None = None  # None: no faster form made by `python -m training optimize`
 
     @property
     def device(self) -> torch.device:
@@ -68,6 +70,17 @@ class LoadedModel:
     def trust(self) -> Trust:
         """What serves this checkpoint's calibration and OOD records (either may be absent)."""
         return Trust(self.calibration, self.ood, self.device, self.architecture.output_layer)
+
+    def forward(self, backend: str = "auto", threads: int = 1) -> Forward:
+        """The form to serve (`models.served_form.build_forward`; raises FormError): the fp32 copy
+        from `for_inference`, or the record's faster form where it is sound and `backend` allows."""
+        served = for_inference(self.model, self.architecture)
+        layer = self.architecture.output_layer(served) if self.ood is not None else None
+        record = self.served_form
+        reference = None
+        if record is not None:
+            reference = torch.from_numpy(normalize(record.reference, self.preprocess)).unsqueeze(1)
+        return build_forward(served, self.model, layer, record, reference, backend, threads)
 
 
 def save_checkpoint(
@@ -82,10 +95,11 @@ def save_checkpoint(
     calibration: Calibration | None = None,
     ood: OODStats | None = None,
     created_at: str | None = None,
+    served_form: FormRecord | None = None,
 ) -> Path:
     """Write a format-v1 checkpoint atomically (temp file, then rename) and return its path.
 
-    `calibration` and `ood` are optional records; `created_at` defaults to now.
+    `calibration`, `ood` and `served_form` are optional records; `created_at` defaults to now.
     """
     path = Path(path)
     checkpoint = {
@@ -103,6 +117,8 @@ def save_checkpoint(
         checkpoint["calibration"] = calibration.to_record()
     if ood is not None:
         checkpoint["ood"] = ood.to_record()
+    if served_form is not None:
+        checkpoint[RECORD_KEY] = served_form.to_record()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(checkpoint, tmp)
@@ -244,7 +260,7 @@ def load_checkpoint(
     created_at = ckpt.get("created_at")
     if created_at is not None and not isinstance(created_at, str):
         raise CheckpointError(f"checkpoint entry 'created_at' has type {type(created_at).__name__}, not str")
-    calibration, ood = _records(ckpt, architecture.output_layer(shapes))
+    calibration, ood, served_form = _records(ckpt, architecture.output_layer(shapes))
     target = _device(device)
     # assign=True adopts the loaded tensors in place of the meta ones: no second copy.
     shapes.load_state_dict(state_dict, strict=True, assign=True)
@@ -260,6 +276,7 @@ def load_checkpoint(
         created_at=created_at,
         calibration=calibration,
         ood=ood.to(target) if ood is not None else None,
+        served_form=served_form,
     )
 
 
@@ -298,8 +315,10 @@ def _class_names(ckpt: Mapping[str, Any], shapes: nn.Module, architecture: Archi
     return class_names
 
 
-def _records(ckpt: Mapping[str, Any], output: nn.Linear) -> tuple[Calibration | None, OODStats | None]:
-    """The optional calibration and OOD records, checked against the output layer's shape."""
+def _records(
+    ckpt: Mapping[str, Any], output: nn.Linear
+) -> tuple[Calibration | None, OODStats | None, FormRecord | None]:
+    """The optional calibration, OOD and served-form records, checked against the output layer's shape."""
     try:
         calibration = Calibration.from_record(ckpt["calibration"]) if ckpt.get("calibration") is not None else None
         ood = (
@@ -307,9 +326,10 @@ def _records(ckpt: Mapping[str, Any], output: nn.Linear) -> tuple[Calibration | 
             if ckpt.get("ood") is not None
             else None
         )
+        served_form = FormRecord.from_record(ckpt[RECORD_KEY]) if ckpt.get(RECORD_KEY) is not None else None
     except RecordError as exc:
         raise CheckpointError(f"invalid checkpoint record: {exc}") from None
-    return calibration, ood
+    return calibration, ood, served_form
 
 
 def _device(device: torch.device | str) -> torch.device:

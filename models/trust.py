@@ -200,11 +200,14 @@ class Trust:
     def __call__(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(N, 1, 28, 28) normalized input -> (calibrated probabilities (N, C), OOD scores (N,) or None)."""
         if self.ood is None:
-            log_ps = model(x)
-            scores = None
-        else:
-            log_ps, features = forward_with_features(model, x, self._output_layer(model))
-            scores = ood_scores(features, self.ood)
+            return self.apply(model(x), None)
+        return self.apply(*forward_with_features(model, x, self._output_layer(model)))
+
+    def apply(
+        self, log_ps: torch.Tensor, features: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A forward pass's outputs (from any served form) -> (calibrated probabilities, OOD scores or None)."""
+        scores = None if self.ood is None or features is None else ood_scores(features, self.ood)
         if self._inv_temperature is None:
             return log_ps.exp(), scores
         return torch.softmax(log_ps * self._inv_temperature, dim=1), scores

@@ -12,8 +12,11 @@ from app.main import create_app
 from app.settings import BUNDLED_CHECKPOINT, Settings
 from models import load_checkpoint, normalize_tensor
 from models.preprocessing import _border_mean
+from models.served_form import ONNX_INT8, TORCH_FP32
 from tests.helpers import encode
 from training.data import DataNotFoundError, FashionMNIST, load_fashion_mnist
+from training.ood_data import ood_inputs
+from training.optimize import gate_failures, measure
 from training.train import evaluate
 
 
@@ -34,6 +37,20 @@ def test_bundled_checkpoint_reaches_its_recorded_accuracy(fmnist: FashionMNIST) 
     assert loaded.training["data_source"].startswith("idx:")
 
 
+def test_the_served_int8_form_passes_its_quality_gates_on_the_test_set(fmnist: FashionMNIST) -> None:
+    """What `python -m training optimize` checked before storing the form holds where the tests run."""
+    loaded = load_checkpoint(BUNDLED_CHECKPOINT)
+    form = loaded.forward()
+    assert form.name == ONNX_INT8 and loaded.served_form is not None
+    test = (normalize_tensor(fmnist.test.images, loaded.preprocess).unsqueeze(1), fmnist.test.labels)
+    ood = ood_inputs(loaded.preprocess, 300, seed=0)
+    fp32 = measure(loaded.forward(TORCH_FP32), loaded.trust(), test, ood)
+    int8 = measure(form, loaded.trust(), test, ood)
+    assert gate_failures(fp32, int8) == [], (fp32, int8)
+    recorded = loaded.served_form.info["measured"]["int8"]
+    assert int8["accuracy"] == pytest.approx(recorded["accuracy"], abs=0.15)
+
+
 def test_auto_invert_leaves_every_real_item_as_it_is(fmnist: FashionMNIST) -> None:
     images = torch.cat([fmnist.train.images, fmnist.test.images])
     backgrounds = [_border_mean(a) for a in images[::7].numpy()]
@@ -44,8 +61,8 @@ def test_served_predictions_match_the_model_on_real_images(fmnist: FashionMNIST)
     """PNG round trip through HTTP gives what the model says on the raw tensors."""
     loaded = load_checkpoint(BUNDLED_CHECKPOINT)
     images, labels = fmnist.test.images[:64], fmnist.test.labels[:64]
-    with torch.inference_mode():
-        direct = loaded.model(normalize_tensor(images, loaded.preprocess).unsqueeze(1)).argmax(dim=1).tolist()
+    with torch.inference_mode():  # the form the service serves (its int8 graph)
+        direct = loaded.forward()(normalize_tensor(images, loaded.preprocess).unsqueeze(1))[0].argmax(dim=1).tolist()
     files = [("file", (f"{i}.png", encode(Image.fromarray(a.numpy())), "image/png")) for i, a in enumerate(images)]
     settings = Settings(device="cpu", max_files=64)
     with TestClient(create_app(settings)) as client:
@@ -89,14 +106,15 @@ def test_the_service_serves_calibrated_probabilities_and_the_ood_verdict(fmnist:
             headers={"Inference-Header-Content-Length": str(len(text))},
         ).json()
     flags = [p["out_of_distribution"] for p in predictions]
-    assert sum(flags[:8]) <= 1 and all(flags[8:]), flags
+    # Uniform noise: the fp32 model flags 88 % of such images and the int8 form 87 % (docs/performance.md).
+    assert sum(flags[:8]) <= 1 and sum(flags[8:]) >= 3, flags
     outputs = {o["name"]: o for o in v2["outputs"]}
     assert outputs["ood_score"]["shape"] == [12, 1]
     assert [p["ood_score"] for p in predictions] == pytest.approx(outputs["ood_score"]["data"], rel=1e-3)
-    # Calibrated: softmax(log_probs / T) of the model's own output, not its plain exp().
+    # Calibrated: softmax(log_probs / T) of the served form's output, not its plain exp().
     x = normalize_tensor(fmnist.test.images[:8], loaded.preprocess).unsqueeze(1)
     with torch.inference_mode():
-        calibrated = torch.softmax(loaded.model(x) / loaded.calibration.temperature, dim=1)
+        calibrated = torch.softmax(loaded.forward()(x)[0] / loaded.calibration.temperature, dim=1)
     served = np.asarray(outputs["probabilities"]["data"], np.float32).reshape(12, 10)[:8]
     np.testing.assert_allclose(served, calibrated.numpy(), atol=1e-5)
     top = [p["top_k"][0]["probability"] for p in predictions[:8]]

@@ -1,7 +1,8 @@
-"""`python -m training train|evaluate|calibrate|ood-report`: the argument parser and nothing else.
+"""`python -m training train|evaluate|calibrate|ood-report|optimize`: the argument parser and nothing else.
 
 Each subcommand names the function that runs it (`set_defaults(run=...)`); the pipelines are
-`training.pipeline` (train, evaluate) and `training.trust_commands` (calibrate, ood-report).
+`training.pipeline` (train, evaluate), `training.trust_commands` (calibrate, ood-report) and
+`training.optimize` (optimize).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 
 from models import ARCHITECTURES
 from training.data import FashionMNIST
+from training.optimize import run_optimize
 from training.pipeline import AUGMENTATIONS, data_or_exit, device_or_exit, run_evaluate, run_train
 from training.split import DEFAULT_SEED, DEFAULT_VAL_SIZE
 from training.trust_commands import run_calibrate, run_ood_report
@@ -87,6 +89,17 @@ def _add_trust_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     report.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     _add_data_options(report)
     report.set_defaults(run=_with_device_and_data(run_ood_report))
+
+    optimize = commands.add_parser(
+        "optimize", help="make the int8 served form (ONNX Runtime), check its quality gates, store it in the checkpoint"
+    )
+    optimize.add_argument("checkpoint", type=Path)
+    optimize.add_argument("--out", type=Path, help="where to write it (default: over CHECKPOINT)")
+    optimize.add_argument("--per-kind", type=int, default=500, help="non-garment images of each kind for the OOD gate")
+    optimize.add_argument("--threads", type=int, help="CPU threads (default: torch's; 1 for ONNX Runtime)")
+    optimize.add_argument("--data-dir", type=Path, help="folder with the four Fashion-MNIST IDX files (.gz or raw)")
+    optimize.add_argument("--download", action="store_true", help="download with torchvision if not found (internet)")
+    optimize.set_defaults(run=lambda args: run_optimize(args, data_or_exit(args)))
 
 
 def build_parser() -> argparse.ArgumentParser:

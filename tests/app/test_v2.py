@@ -67,7 +67,7 @@ def test_server_metadata_health_and_model_metadata(client: TestClient) -> None:
     expected = {
         "name": "tiny",
         "versions": ["1"],
-        "platform": "pytorch",
+        "platform": "pytorch_libtorch",
         "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 28, 28]}],
         "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]}],
     }

@@ -14,6 +14,7 @@ from app.http.routing import protocol_route
 from app.protocols.v2.request import INPUT, OOD_SCORE, PROBABILITIES
 from app.protocols.v2.response import render_error
 from app.served_model import ServedModel
+from models.served_form import ONNX_INT8
 
 EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "health", "metadata"]
 
@@ -63,13 +64,18 @@ def _outputs(model: ServedModel) -> list[tuple[str, int]]:
     return [(PROBABILITIES, model.num_classes)] + ([(OOD_SCORE, 1)] if model.ood_threshold is not None else [])
 
 
+def _platform(model: ServedModel) -> str:
+    """Triton's platform names: which runtime serves the model."""
+    return "onnxruntime_onnx" if model.forward.name == ONNX_INT8 else "pytorch_libtorch"
+
+
 def _model_metadata(plane: DataPlane, name: str, version: str | None) -> dict[str, Any]:
     model = plane.current_model(name, version)
     side = model.input_size
     return {
         "name": model.name,
         "versions": [model.settings.model_version],
-        "platform": "pytorch",
+        "platform": _platform(model),
         "inputs": [{"name": INPUT, "datatype": "FP32", "shape": [-1, 1, side, side]}],
         "outputs": [{"name": n, "datatype": "FP32", "shape": [-1, width]} for n, width in _outputs(model)],
     }
@@ -86,8 +92,9 @@ def _model_config(plane: DataPlane, name: str, version: str | None) -> dict[str,
     side = model.input_size
     return {
         "name": model.name,
-        "platform": "pytorch_libtorch",
-        "backend": "pytorch",
+        "platform": _platform(model),
+        "backend": "onnxruntime" if model.forward.name == ONNX_INT8 else "pytorch",
+        "parameters": {"precision": {"string_value": model.forward.precision}},
         "max_batch_size": model.settings.v2_max_images,
         "input": [{"name": INPUT, "data_type": "TYPE_FP32", "format": "FORMAT_NCHW", "dims": [1, side, side]}],
         "output": [{"name": n, "data_type": "TYPE_FP32", "dims": [width]} for n, width in _outputs(model)],
