@@ -156,7 +156,7 @@ async def _event_loop_share(bodies: list[bytes], content_type: str) -> float:
     first = partial(decode_body, bodies[0], content_type, service.loaded.preprocess, service.settings)
     answer = service.run_batch([first])[0]
 
-    async def answered(item: object) -> object:
+    async def answered(item: object, deadline: float | None = None) -> object:
         return answer
 
     service.batcher.submit = answered
@@ -170,7 +170,8 @@ async def _event_loop_share(bodies: list[bytes], content_type: str) -> float:
             return messages.pop()
 
         async def send(message: MutableMapping[str, Any]) -> None:
-            pass
+            if message["type"] == "http.response.start" and message["status"] != 200:
+                raise RuntimeError(f"/predict answered {message['status']}: the stub no longer fits the app")
 
         headers = [(b"host", b"bench"), (b"content-type", raw_type), (b"content-length", str(len(body)).encode())]
         scope: dict[str, Any] = {"type": "http", "method": "POST", "path": "/predict", "query_string": b"k=3"}
