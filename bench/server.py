@@ -75,7 +75,7 @@ def wait_ready(process: subprocess.Popen[str], port: int, timeout: float = 60.0)
             with urllib.request.urlopen(f"http://{HOST}:{port}/health/ready", timeout=1) as response:
                 if response.status == 200:
                     return
-        except OSError:  # refused while it starts, or 503 until the model is loaded
+        except OSError:  # refused while it starts, or an error status until the model is loaded
             pass
         time.sleep(0.02)
     raise TimeoutError(f"server not ready after {timeout:g} s")
