@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--head-mb", type=float, default=8.0)
     args = parser.parse_args(argv)
     env = {"FASHION_SERVE_LOG_LEVEL": "warning"}
-    with serving(env, root=args.root, capture=False) as (server, port):
+    with serving(env, workers=1, root=args.root, capture=False) as (server, port):
         before = _rss_mb(server.pid)
         outcomes: Counter[str] = Counter()
         lock = threading.Lock()

@@ -27,7 +27,7 @@ class StartOptions(TypedDict, total=False):
     """start_server's keyword options, for the functions that pass them on."""
 
     module: str
-    workers: int
+    workers: int | None
     root: Path
     capture: bool
 
@@ -43,19 +43,22 @@ def start_server(
     env: dict[str, str] | None = None,
     *args: str,
     module: str = "app",
-    workers: int = 1,
+    workers: int | None = None,
     root: Path = ROOT,
     capture: bool = True,
 ) -> tuple[subprocess.Popen[str], int]:
-    """Spawn `python -m <module> --host 127.0.0.1 --port <free> --workers <workers> <args>` from `root`
-    (args come last, so they override), on the CPU unless `env` says otherwise; `env` adds to this
-    process's environment. With `capture`, stdout and stderr share one pipe, read with communicate():
-    a long run that logs much should log at warning. Without, they go to this process's own."""
+    """Spawn `python -m <module> --host 127.0.0.1 --port <free> <args>` from `root`, with
+    `--workers` when `workers` is given (else one worker, unless `env` sets FASHION_SERVE_WORKERS),
+    on the CPU unless `env` says otherwise; `env` adds to this process's environment. With
+    `capture`, stdout and stderr share one pipe, read with communicate(): a long run that logs much
+    should log at warning. Without, they go to this process's own."""
     port = free_port()
+    command = [sys.executable, "-m", module, "--host", HOST, "--port", str(port)]
+    command += ["--workers", str(workers)] if workers is not None else []
     process = subprocess.Popen(
-        [sys.executable, "-m", module, "--host", HOST, "--port", str(port), "--workers", str(workers), *args],
+        [*command, *args],
         cwd=root,
-        env={**os.environ, "FASHION_SERVE_DEVICE": "cpu", **(env or {})},
+        env={**os.environ, "FASHION_SERVE_DEVICE": "cpu", "FASHION_SERVE_WORKERS": "1", **(env or {})},
         stdout=subprocess.PIPE if capture else None,
         stderr=subprocess.STDOUT if capture else None,
         text=True,

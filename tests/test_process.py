@@ -18,7 +18,7 @@ from bench.server import ROOT, serving, start_server, wait_ready
 from tests.helpers import png, write_tiny_checkpoint
 
 
-def _fails_to_start(checkpoint: Path, workers: int = 1) -> str:
+def _fails_to_start(checkpoint: Path, workers: int | None = None) -> str:
     process, _ = start_server({"FASHION_SERVE_CHECKPOINT": str(checkpoint)}, workers=workers)
     output, _ = process.communicate(timeout=60)
     assert process.returncode == 1
