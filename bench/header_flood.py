@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import os
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -19,7 +18,8 @@ import urllib.request
 from collections import Counter
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from bench.server import ROOT, serving
+
 CHUNK = 64 * 1024
 
 
@@ -62,17 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=200)
     parser.add_argument("--head-mb", type=float, default=8.0)
     args = parser.parse_args(argv)
-    port = 18700 + os.getpid() % 1000
-    env = {**os.environ, "FASHION_SERVE_LOG_LEVEL": "warning", "FASHION_SERVE_DEVICE": "cpu"}
-    command = [sys.executable, "-m", "app", "--port", str(port), "--workers", "1"]
-    server = subprocess.Popen(command, cwd=args.root, env=env)
-    try:
-        for _ in range(300):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health/ready", timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.1)
+    env = {"FASHION_SERVE_LOG_LEVEL": "warning"}
+    with serving(env, workers=1, root=args.root, capture=False) as (server, port):
         before = _rss_mb(server.pid)
         outcomes: Counter[str] = Counter()
         lock = threading.Lock()
@@ -92,9 +83,6 @@ def main(argv: list[str] | None = None) -> int:
             f"RSS {before:.0f} MB -> peak {peak:.0f} MB (+{peak - before:.0f} MB); "
             f"answers {dict(outcomes)}; ready afterwards: {ready}; {time.perf_counter() - started:.1f} s"
         )
-    finally:
-        server.terminate()
-        server.wait(20)
     return 0
 
 

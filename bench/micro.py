@@ -17,10 +17,15 @@ import os
 import sys
 import time
 from collections.abc import Callable, MutableMapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-ROOT = Path(__file__).resolve().parent.parent
+from bench.server import ROOT
+
+if TYPE_CHECKING:
+    from app.served_model import ServedModel
+    from app.settings import Settings
 
 
 def best_us(run: Callable[[int], object], n: int) -> float:
@@ -34,39 +39,54 @@ def best_us(run: Callable[[int], object], n: int) -> float:
     return best * 1e6
 
 
-def main(argv: list[str] | None = None) -> int:
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.micro", description=__doc__)
     parser.add_argument("--checkpoint", type=Path, default=ROOT / "models" / "course_network.pt")
-    args = parser.parse_args(argv)
-    os.environ.update(
-        FASHION_SERVE_CHECKPOINT=str(args.checkpoint), FASHION_SERVE_DEVICE="cpu", FASHION_SERVE_LOG_LEVEL="warning"
-    )
+    return parser.parse_args(argv)
+
+
+@dataclass
+class _Requests:
+    """Single-image /predict bodies of real test images, and the served model they go to."""
+
+    bodies: list[bytes]
+    content_type: str
+    settings: Settings
+    service: ServedModel
+
+    @classmethod
+    def load(cls, count: int = 256) -> _Requests:
+        """From the FASHION_SERVE_* environment, as the service would."""
+        import tempfile
+
+        from app.served_model import ServedModel
+        from app.settings import Settings
+        from bench.run import fashion_pngs, write_bodies
+
+        with tempfile.TemporaryDirectory() as tmp:
+            content_type = write_bodies(Path(tmp), fashion_pngs(count), 1)
+            bodies = [(Path(tmp) / f"body_{i}.bin").read_bytes() for i in range(count)]
+        settings = Settings()
+        return cls(bodies, content_type, settings, ServedModel.load(settings))
+
+
+def _inference_rows(requests: _Requests) -> list[tuple[str, float]]:
+    """Microseconds of each stage on the inference side: split, decode, forward pass, whole step."""
     from functools import partial
 
     import numpy as np
-    import torch
 
     from app.http.multipart import parse_multipart
     from app.protocols.predict import decode_body
-    from app.served_model import Pending, ServedModel
-    from app.settings import Settings
-    from bench.run import fashion_pngs, write_bodies
+    from app.served_model import Pending
 
-    torch.set_num_threads(1)
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        content_type = write_bodies(Path(tmp), fashion_pngs(256), 1)
-        bodies = [(Path(tmp) / f"body_{i}.bin").read_bytes() for i in range(256)]
-    settings = Settings()
-    service = ServedModel.load(settings)
+    bodies, content_type = requests.bodies, requests.content_type
+    settings, service = requests.settings, requests.service
     preprocess = service.loaded.preprocess
     uploads: list[Pending] = [partial(decode_body, body, content_type, preprocess, settings) for body in bodies]
     inputs = [decode_body(body, content_type, preprocess, settings) for body in bodies]
     arrays = [d.inputs for d in inputs if d.inputs is not None]
     batches = [np.concatenate(arrays[j * 16 : (j + 1) * 16]) for j in range(16)]
-
-    print(f"checkpoint: {args.checkpoint.name}; torch {torch.__version__}, 1 thread; microseconds, best of 7")
 
     def split(i: int) -> object:
         return parse_multipart(bodies[i % 256], content_type, "file", 16)
@@ -86,15 +106,30 @@ def main(argv: list[str] | None = None) -> int:
     def step_16(i: int) -> object:
         return service.run_batch(uploads[(i % 16) * 16 : (i % 16) * 16 + 16])
 
-    rows = [
+    return [
         ("multipart split (one image)", best_us(split, 2000)),
         ("decode one upload to model input", best_us(decode, 1000)),
         ("forward pass, batch of 1", best_us(forward_1, 300)),
         ("forward pass, batch of 16 (per image)", best_us(forward_16, 30) / 16),
         ("inference step, 1 request", best_us(step_1, 300)),
         ("inference step, 16 requests (per request)", best_us(step_16, 30) / 16),
-        ("event-loop thread's share of a request", asyncio.run(_event_loop_share(bodies, content_type))),
     ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _arguments(argv)
+    # Set before the app's modules read them.
+    os.environ.update(
+        FASHION_SERVE_CHECKPOINT=str(args.checkpoint), FASHION_SERVE_DEVICE="cpu", FASHION_SERVE_LOG_LEVEL="warning"
+    )
+    import torch
+
+    torch.set_num_threads(1)
+    requests = _Requests.load()
+    print(f"checkpoint: {args.checkpoint.name}; torch {torch.__version__}, 1 thread; microseconds, best of 7")
+    rows = _inference_rows(requests)
+    share = asyncio.run(_event_loop_share(requests.bodies, requests.content_type))
+    rows.append(("event-loop thread's share of a request", share))
     for name, micros in rows:
         print(f"{name:<44} {micros:9.1f}")
     return 0
@@ -121,7 +156,7 @@ async def _event_loop_share(bodies: list[bytes], content_type: str) -> float:
     first = partial(decode_body, bodies[0], content_type, service.loaded.preprocess, service.settings)
     answer = service.run_batch([first])[0]
 
-    async def answered(item: object) -> object:
+    async def answered(item: object, deadline: float | None = None) -> object:
         return answer
 
     service.batcher.submit = answered
@@ -135,7 +170,8 @@ async def _event_loop_share(bodies: list[bytes], content_type: str) -> float:
             return messages.pop()
 
         async def send(message: MutableMapping[str, Any]) -> None:
-            pass
+            if message["type"] == "http.response.start" and message["status"] != 200:
+                raise RuntimeError(f"/predict answered {message['status']}: the stub no longer fits the app")
 
         headers = [(b"host", b"bench"), (b"content-type", raw_type), (b"content-length", str(len(body)).encode())]
         scope: dict[str, Any] = {"type": "http", "method": "POST", "path": "/predict", "query_string": b"k=3"}

@@ -59,12 +59,13 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m bench.references")
     parser.add_argument("name", choices=["naive", "empty"])
+    parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args(argv)
     settings = Settings()
     configure_logging(settings.log_format, settings.log_level)
-    return serve(settings, "127.0.0.1", args.port, args.workers, application=f"bench.references:{args.name}")
+    return serve(settings, args.host, args.port, args.workers, application=f"bench.references:{args.name}")
 
 
 if __name__ == "__main__":

@@ -12,10 +12,8 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import re
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,8 +21,7 @@ import urllib.request
 from pathlib import Path
 
 from bench.clients import KeepAliveLoad, Request
-
-ROOT = Path(__file__).resolve().parent.parent
+from bench.server import ROOT, serving
 
 
 def _requests(index: int) -> list[Request]:
@@ -59,16 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     folder = Path(tempfile.mkdtemp(prefix="bench-reload-"))
     path = folder / "model.pt"
     path.write_bytes((ROOT / "models" / "course_network.pt").read_bytes())
-    port = 18900 + os.getpid() % 100
-    env = {**os.environ, "FASHION_SERVE_CHECKPOINT": str(path), "FASHION_SERVE_LOG_LEVEL": "warning"}
-    server = subprocess.Popen([sys.executable, "-m", "app", "--port", str(port), "--workers", "2"], cwd=ROOT, env=env)
-    try:
-        for _ in range(300):
-            try:
-                _get(port, "/health/ready")
-                break
-            except OSError:
-                time.sleep(0.1)
+    env = {"FASHION_SERVE_CHECKPOINT": str(path), "FASHION_SERVE_LOG_LEVEL": "warning"}
+    with serving(env, workers=2, capture=False) as (server, port):
         load = KeepAliveLoad(port, args.clients, _requests).start()
         third = args.seconds / 3
         time.sleep(third)
@@ -87,9 +76,6 @@ def main(argv: list[str] | None = None) -> int:
             f"{sum(load.outcomes.values())} requests, {load.failed} failed {dict(load.outcomes)}; "
             f"reloads {reloads}; serving {arch}"
         )
-    finally:
-        server.terminate()
-        server.wait(30)
     return 0
 
 

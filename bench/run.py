@@ -18,13 +18,15 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
+from bench.server import ROOT, serving
+
 LUA = Path(__file__).resolve().parent / "multipart.lua"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -33,7 +35,7 @@ PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 @dataclass
 class Server:
     name: str
-    process: subprocess.Popen[bytes]
+    process: subprocess.Popen[str]
     port: int
     ready_s: float
 
@@ -73,50 +75,22 @@ class Server:
         workers = sizes[1:] if len(sizes) > 1 else sizes  # with workers, the first process only supervises
         return statistics.mean(workers)
 
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
 
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start(name: str, checkpoint: Path, workers: int) -> Server:
-    port = _free_port()
+@contextmanager
+def started(name: str, checkpoint: Path, workers: int) -> Iterator[Server]:
+    """The service, or a reference app (naive, empty), ready on a loopback port; stopped at the end."""
     env = {
-        **os.environ,
         "FASHION_SERVE_CHECKPOINT": str(checkpoint),
-        "FASHION_SERVE_DEVICE": "cpu",
         "FASHION_SERVE_LOG_LEVEL": "warning",
         "BENCH_CHECKPOINT": str(checkpoint),
         "OMP_NUM_THREADS": "1",
     }
     # The references run on the service's own server stack (gunicorn + uvicorn workers,
     # uvloop + httptools, one listening socket per worker), so only the app differs.
-    module = "app" if name == "service" else "bench.references"
-    command = [sys.executable, "-m", module, *([] if name == "service" else [name])]
-    command += ["--port", str(port), "--workers", str(workers)]
-    started = time.perf_counter()
-    process = subprocess.Popen(command, cwd=ROOT, env=env)
-    while True:
-        if process.poll() is not None:
-            raise SystemExit(f"{name} server exited with {process.returncode}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health/ready", timeout=1) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            time.sleep(0.02)
-    return Server(name, process, port, time.perf_counter() - started)
+    module, args = ("app", ()) if name == "service" else ("bench.references", (name,))
+    began = time.perf_counter()
+    with serving(env, *args, module=module, workers=workers, capture=False) as (process, port):
+        yield Server(name, process, port, time.perf_counter() - began)
 
 
 def write_bodies(folder: Path, images: list[bytes], per_request: int) -> str:
@@ -328,8 +302,7 @@ def _run_case(
     """Start the case's server, drive each concurrency level, print its rows; rows by level."""
     path = "/predict?k=3" if case.api == "predict" else f"/v2/models/{checkpoint.stem}/infer"
     rows = {}
-    server = start(case.server, checkpoint, case.workers)
-    try:
+    with started(case.server, checkpoint, case.workers) as server:
         for c in case.concurrency:
             probe = None
             if case.api == "predict" and case.per_request == 1 and c == 32 and case.model == "mlp":
@@ -348,8 +321,6 @@ def _run_case(
                 f"{server.ready_s:>7.2f}",
                 flush=True,
             )
-    finally:
-        server.stop()
     return rows
 
 

@@ -12,7 +12,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.run import ROOT, drive, fashion_pngs, start, write_bodies
+from bench.run import drive, fashion_pngs, started, write_bodies
+from bench.server import ROOT
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,16 +24,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", type=Path, default=ROOT / "models" / "fashion_cnn.pt")
     args = parser.parse_args(argv)
 
-    server = start("service", args.checkpoint, args.workers)
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            content_type = write_bodies(Path(tmp), fashion_pngs(256), 1)
-            drive(server, Path(tmp), content_type, args.connections, 15, 2)  # warm-up: allocator settles
-            rss_before = server.rss_mb_per_worker()
-            row = drive(server, Path(tmp), content_type, args.connections, args.seconds, 1)
-            rss_after = server.rss_mb_per_worker()
-    finally:
-        server.stop()
+    with started("service", args.checkpoint, args.workers) as server, tempfile.TemporaryDirectory() as tmp:
+        content_type = write_bodies(Path(tmp), fashion_pngs(256), 1)
+        drive(server, Path(tmp), content_type, args.connections, 15, 2)  # warm-up: allocator settles
+        rss_before = server.rss_mb_per_worker()
+        row = drive(server, Path(tmp), content_type, args.connections, args.seconds, 1)
+        rss_after = server.rss_mb_per_worker()
     growth = 100 * (rss_after - rss_before) / rss_before
     print(
         f"soak: {args.seconds:g} s at c={args.connections}, {args.workers} workers, {args.checkpoint.name}: "

@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bench.server import ROOT, serving
 from tests.helpers import encode, multipart
-from tests.serverproc import ROOT, serving
 
 pytestmark = pytest.mark.slow
 

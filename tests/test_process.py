@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.server import ROOT, serving, start_server, wait_ready
 from tests.helpers import png, write_tiny_checkpoint
-from tests.serverproc import ROOT, serving, start_server, wait_ready
 
 
-def _fails_to_start(checkpoint: Path, *args: str) -> str:
-    process, _ = start_server({"FASHION_SERVE_CHECKPOINT": str(checkpoint)}, *args)
+def _fails_to_start(checkpoint: Path, workers: int | None = None) -> str:
+    process, _ = start_server({"FASHION_SERVE_CHECKPOINT": str(checkpoint)}, workers=workers)
     output, _ = process.communicate(timeout=60)
     assert process.returncode == 1
     critical = [line for line in output.splitlines() if "CRITICAL" in line]
@@ -44,7 +44,7 @@ def test_malicious_checkpoint_is_refused_and_nothing_runs(tmp_path: Path, worker
             return (os.system, (f"touch {marker}",))
 
     torch.save({"format_version": 1, "payload": RunsCode()}, tmp_path / "evil.pt")
-    line = _fails_to_start(tmp_path / "evil.pt", "--workers", workers)
+    line = _fails_to_start(tmp_path / "evil.pt", workers=int(workers))
     assert "pickled Python objects" in line
     assert not marker.exists()
 
@@ -161,7 +161,7 @@ def _children(pid: int) -> set[int]:
 
 def test_a_killed_worker_is_replaced_and_service_goes_on(tmp_path: Path) -> None:
     checkpoint = write_tiny_checkpoint(tmp_path / "m.pt")
-    process, port = start_server({"FASHION_SERVE_CHECKPOINT": str(checkpoint)}, "--workers", "2")
+    process, port = start_server({"FASHION_SERVE_CHECKPOINT": str(checkpoint)}, workers=2)
     try:
         wait_ready(process, port)
         deadline = time.monotonic() + 30
@@ -232,7 +232,7 @@ def test_connections_are_spread_over_the_workers(tmp_path: Path) -> None:
     """Found in benchmarking: with one shared listening socket, the first worker to wake took
     most of a burst of new keep-alive connections (32 of 32) and the other worker idled."""
     checkpoint = write_tiny_checkpoint(tmp_path / "m.pt")
-    with serving({"FASHION_SERVE_CHECKPOINT": str(checkpoint)}, "--workers", "2") as (process, port):
+    with serving({"FASHION_SERVE_CHECKPOINT": str(checkpoint)}, workers=2) as (process, port):
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:  # both workers listening: each answers ready
             time.sleep(0.2)
@@ -268,7 +268,7 @@ def test_sigint_to_the_supervisor_drains_like_sigterm(tmp_path: Path) -> None:
     """Found in review: gunicorn turned SIGINT into SIGQUIT for the workers, which uvicorn workers
     ignore, so they were killed after the grace period instead of finishing their requests."""
     checkpoint = write_tiny_checkpoint(tmp_path / "m.pt")
-    process, port = start_server({"FASHION_SERVE_CHECKPOINT": str(checkpoint)}, "--workers", "2")
+    process, port = start_server({"FASHION_SERVE_CHECKPOINT": str(checkpoint)}, workers=2)
     try:
         wait_ready(process, port)
         body, content_type = _multipart(png())
@@ -296,7 +296,7 @@ def test_sigint_to_the_supervisor_drains_like_sigterm(tmp_path: Path) -> None:
 
 def test_a_second_server_on_the_same_port_is_refused(tmp_path: Path) -> None:
     checkpoint = write_tiny_checkpoint(tmp_path / "m.pt")
-    with serving({"FASHION_SERVE_CHECKPOINT": str(checkpoint)}, "--workers", "2") as (first, port):
+    with serving({"FASHION_SERVE_CHECKPOINT": str(checkpoint)}, workers=2) as (first, port):
         second = _start_on_a_taken_port(checkpoint, port)
         assert second.returncode == 1
         assert f"cannot start: 127.0.0.1:{port}: Address already in use" in second.stderr
@@ -309,7 +309,7 @@ def test_the_metrics_directory_lives_as_long_as_the_supervisor(tmp_path: Path) -
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     env = {"FASHION_SERVE_CHECKPOINT": str(checkpoint), "TMPDIR": str(scratch)}
-    process, port = start_server(env, "--workers", "2")
+    process, port = start_server(env, workers=2)
     try:
         wait_ready(process, port)
         [metrics_dir] = scratch.glob("fashion-serve-metrics-*")

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.server import serving
 from tests.helpers import multipart, png, wait_for, write_tiny_checkpoint
-from tests.serverproc import serving
 
 pytestmark = pytest.mark.slow
 
@@ -126,7 +126,7 @@ def test_reload_under_load_swaps_the_model_everywhere_and_a_bad_one_changes_noth
     path = write_tiny_checkpoint(tmp_path / "m.pt", seed=1)
     first = _sha_of(path)
     env = {"FASHION_SERVE_CHECKPOINT": str(path), "FASHION_SERVE_LOG_LEVEL": "warning"}  # stdout is a pipe
-    with serving(env, "--workers", "2") as (process, port):
+    with serving(env, workers=2) as (process, port):
         assert _shas_seen(port) == {first}
         assert _reloads(port) == {"success": 0.0, "failure": 0.0}
         with under_load(port) as load:
@@ -168,7 +168,7 @@ def test_a_replaced_worker_serves_the_validated_model_whatever_the_path_holds(tm
     path = write_tiny_checkpoint(tmp_path / "m.pt", seed=1)
     first = _sha_of(path)
     env = {"FASHION_SERVE_CHECKPOINT": str(path), "FASHION_SERVE_LOG_LEVEL": "warning"}  # stdout is a pipe
-    with serving(env, "--workers", "2") as (process, port):
+    with serving(env, workers=2) as (process, port):
         with under_load(port) as load:
             if replacement == "another model":
                 write_tiny_checkpoint(path, seed=3)
@@ -291,7 +291,7 @@ def test_the_supervisor_keeps_supervising_while_a_reload_is_validated(tmp_path: 
     """Found in review: the validation ran inside gunicorn's loop, so a worker that died meanwhile
     was replaced only once it ended (and SIGTERM waited for it too)."""
     path = write_tiny_checkpoint(tmp_path / "m.pt", seed=1)
-    with serving({"FASHION_SERVE_CHECKPOINT": str(path)}, "--workers", "2") as (process, port):
+    with serving({"FASHION_SERVE_CHECKPOINT": str(path)}, workers=2) as (process, port):
         write_tiny_checkpoint(path, seed=2)
         process.send_signal(signal.SIGHUP)
         time.sleep(0.2)
@@ -334,7 +334,7 @@ def test_api_keys_guard_the_model_but_not_the_probes(tmp_path: Path) -> None:
 
 
 def test_a_missing_keys_file_stops_start_up_with_one_line(tmp_path: Path) -> None:
-    from tests.serverproc import start_server
+    from bench.server import start_server
 
     process, _ = start_server({"FASHION_SERVE_API_KEYS_FILE": str(tmp_path / "nope")})
     output, _ = process.communicate(timeout=60)

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bench.server import serving
 from models import FASHION_MNIST_CLASSES, PreprocessConfig, preprocess_image
 from models.preprocessing import normalize
 from tests.helpers import garment, multipart
-from tests.serverproc import serving
 
 httpclient = pytest.importorskip("tritonclient.http")
 from tritonclient.utils import InferenceServerException  # noqa: E402

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import math
 import random
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -113,6 +113,63 @@ class FitResult:
     best_epoch: int = 0
     best_state: dict[str, torch.Tensor] | None = None
 
+    def add(self, record: EpochResult, model: nn.Module) -> None:
+        """Record an epoch; keep the model's weights when it is the best so far: highest validation
+        accuracy, then lowest validation loss."""
+        if self.best_epoch == 0 or _rank(record) > _rank(self.history[self.best_epoch - 1]):
+            self.best_epoch = record.epoch
+            self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.history.append(record)
+
+
+def _rank(record: EpochResult) -> tuple[float, float]:
+    return record.val_accuracy, -record.val_loss
+
+
+@dataclass
+class _Optimization:
+    """The network as trained (wrapped in DistributedDataParallel under torchrun), Adam and its
+    one-cycle learning rate."""
+
+    net: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    device: torch.device
+    ctx: Distributed
+
+    @classmethod
+    def create(cls, model: nn.Module, lr: float, epochs: int, steps: int, ctx: Distributed) -> _Optimization:
+        device = next(model.parameters()).device
+        net: nn.Module = model
+        if ctx.enabled:
+            net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, epochs=epochs, steps_per_epoch=steps)
+        return cls(net, optimizer, scheduler, device, ctx)
+
+    def train_epoch(
+        self,
+        order: Iterable[torch.Tensor],
+        train_x: torch.Tensor,
+        train_y: torch.Tensor,
+        augmentation: Callable[[torch.Tensor], torch.Tensor] | None,
+    ) -> float:
+        """One step per index batch of `order`; the training loss per example, over all processes."""
+        self.net.train()
+        total_loss, seen = 0.0, 0
+        for idx in order:
+            x = train_x[idx] if augmentation is None else augmentation(train_x[idx])
+            x, y = x.to(self.device, non_blocking=True), train_y[idx].to(self.device, non_blocking=True)
+            loss = F.nll_loss(self.net(x), y, reduction="sum")
+            self.optimizer.zero_grad(set_to_none=True)
+            (loss / len(y)).backward()
+            self.optimizer.step()
+            self.scheduler.step()
+            total_loss += loss.item()
+            seen += len(y)
+        loss_sum, examples = all_sum(torch.tensor([total_loss, seen], dtype=torch.float64), self.ctx).tolist()
+        return float(loss_sum / examples)
+
 
 def fit(
     model: nn.Module,
@@ -141,19 +198,12 @@ def fit(
     averaged after each epoch, and losses and accuracies are summed over all processes, so every
     process holds the same weights and records the same history and best epoch.
     """
-    device = next(model.parameters()).device
-    net: nn.Module = model
-    if ctx.enabled:
-        net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     steps = steps_per_epoch(len(train_y), batch_size, ctx)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, epochs=epochs, steps_per_epoch=steps)
+    optimization = _Optimization.create(model, lr, epochs, steps, ctx)
+    augmentation = None if max_shift is None else partial(augment, max_shift=max_shift, fill=fill, generator=generator)
     result = FitResult()
-    best = (-1.0, -math.inf)
     for epoch in range(1, epochs + 1):
         start = time.perf_counter()
-        net.train()
-        total_loss, seen = 0.0, 0
         order = (
             shard_batches(len(train_y), batch_size, ctx, shuffle_seed, epoch)
             if ctx.enabled
@@ -166,27 +216,11 @@ def fit(
             leave=False,
             disable=not (ctx.is_main and sys.stderr.isatty()),
         )
-        for idx in bar:
-            x = train_x[idx]
-            if max_shift is not None:
-                x = augment(x, max_shift, fill, generator)
-            x, y = x.to(device, non_blocking=True), train_y[idx].to(device, non_blocking=True)
-            loss = F.nll_loss(net(x), y, reduction="sum")
-            optimizer.zero_grad(set_to_none=True)
-            (loss / len(y)).backward()
-            optimizer.step()
-            scheduler.step()
-            total_loss += loss.item()
-            seen += len(y)
-        loss_sum, examples = all_sum(torch.tensor([total_loss, seen], dtype=torch.float64), ctx).tolist()
+        train_loss = optimization.train_epoch(bar, train_x, train_y, augmentation)
         average_buffers(model, ctx)
         val = evaluate_across(model, val_x, val_y, ctx)
-        record = EpochResult(epoch, loss_sum / examples, val.loss, val.accuracy, time.perf_counter() - start)
-        result.history.append(record)
-        if (val.accuracy, -val.loss) > best:
-            best = (val.accuracy, -val.loss)
-            result.best_epoch = epoch
-            result.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        record = EpochResult(epoch, train_loss, val.loss, val.accuracy, time.perf_counter() - start)
+        result.add(record, model)
         if on_epoch:
             on_epoch(record)
     return result

@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 
 from app.main import create_app
 from app.settings import Settings
-from tests.serverproc import ROOT, serving
+from bench.server import ROOT, serving
 
 KUSTOMIZE_ROOT = ROOT / "deploy" / "kubernetes"
 OVERLAYS = ("cpu", "gpu", "kserve")

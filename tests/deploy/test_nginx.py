@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from app.settings import Settings
-from tests.serverproc import ROOT
+from bench.server import ROOT
 
 CONF = (ROOT / "deploy" / "nginx" / "default.conf").read_text()
 UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}

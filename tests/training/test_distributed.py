@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.server import ROOT, free_port
 from models import load_checkpoint
-from tests.serverproc import ROOT, free_port
 from tests.training.test_training import synthetic_data  # noqa: F401  (fixture)
 from training.cli import main
 from training.data import load_fashion_mnist
