@@ -18,7 +18,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +26,10 @@ from pathlib import Path
 from PIL import Image
 
 from bench.server import ROOT, serving
+from models.served_form import TORCH_FP32
+
+# A benchmark case's identity: server, model, images per request, api, served form.
+Key = tuple[str, str, int, str, str]
 
 LUA = Path(__file__).resolve().parent / "multipart.lua"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -77,10 +81,12 @@ class Server:
 
 
 @contextmanager
-def started(name: str, checkpoint: Path, workers: int) -> Iterator[Server]:
-    """The service, or a reference app (naive, empty), ready on a loopback port; stopped at the end."""
+def started(name: str, checkpoint: Path, workers: int, backend: str = "auto") -> Iterator[Server]:
+    """The service (serving the `backend` form), or a reference app (naive, empty), ready on a
+    loopback port; stopped at the end."""
     env = {
         "FASHION_SERVE_CHECKPOINT": str(checkpoint),
+        "FASHION_SERVE_BACKEND": backend,
         "FASHION_SERVE_LOG_LEVEL": "warning",
         "BENCH_CHECKPOINT": str(checkpoint),
         "OMP_NUM_THREADS": "1",
@@ -235,11 +241,17 @@ class Case:
     per_request: int
     concurrency: tuple[int, ...]
     api: str = "predict"  # predict, or v2 with binary FP32 or BYTES (encoded PNG) input: v2-fp32, v2-bytes
+    backend: str = "auto"  # the service's FASHION_SERVE_BACKEND: auto serves the checkpoint's fastest sound form
+
+    @property
+    def key(self) -> Key:
+        return (self.server, self.model, self.per_request, self.api, self.backend)
 
 
 HEADER = (
-    f"{'server':<8} {'api':<8} {'model':<5} {'wk':>2} {'img':>3} {'c':>4} {'req/s':>8} {'p50 ms':>7} {'p90 ms':>7} "
-    f"{'p99 ms':>7} {'err':>4} {'cpu ms/req':>10} {'wrk cpu%':>8} {'rss MB/wk':>9} {'ready s':>7}"
+    f"{'server':<8} {'api':<8} {'model':<5} {'form':<10} {'wk':>2} {'img':>3} {'c':>4} {'req/s':>8} "
+    f"{'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7} {'err':>4} {'cpu ms/req':>10} {'wrk cpu%':>8} {'rss MB/wk':>9} "
+    f"{'ready s':>7}"
 )
 
 
@@ -266,6 +278,8 @@ def _cases(args: argparse.Namespace) -> list[Case]:
         Case("naive", "cnn", 1, 1, (32,)),
         Case("service", "cnn", w, 1, levels),
         Case("service", "cnn", w, 8, (8, 32)),
+        Case("service", "cnn", w, 1, levels, backend=TORCH_FP32),
+        Case("service", "cnn", w, 8, (8, 32), backend=TORCH_FP32),
         Case("service", "mlp", w, 1, (32,), "v2-fp32"),
         Case("service", "mlp", w, 32, (32,), "v2-fp32"),
         Case("service", "mlp", w, 1, (32,), "v2-bytes"),
@@ -302,7 +316,7 @@ def _run_case(
     """Start the case's server, drive each concurrency level, print its rows; rows by level."""
     path = "/predict?k=3" if case.api == "predict" else f"/v2/models/{checkpoint.stem}/infer"
     rows = {}
-    with started(case.server, checkpoint, case.workers) as server:
+    with started(case.server, checkpoint, case.workers, case.backend) as server:
         for c in case.concurrency:
             probe = None
             if case.api == "predict" and case.per_request == 1 and c == 32 and case.model == "mlp":
@@ -314,7 +328,7 @@ def _run_case(
                 probe.join()
                 health.p99_ms, health.failures = probe.p99_ms(), probe.failures
             print(
-                f"{case.server:<8} {case.api:<8} {case.model:<5} {case.workers:>2} "
+                f"{case.server:<8} {case.api:<8} {case.model:<5} {_form(case):<10} {case.workers:>2} "
                 f"{case.per_request:>3} {c:>4} "
                 f"{row['rps']:>8.0f} {row['p50']:>7.2f} {row['p90']:>7.2f} {row['p99']:>7.2f} "
                 f"{row['errors']:>4} {row['cpu_ms']:>10.2f} {row['wrk_cpu']:>8.0f} {row['rss']:>9.0f} "
@@ -334,13 +348,13 @@ def main(argv: list[str] | None = None) -> int:
         f"machine: {os.cpu_count()} CPUs, {platform_line()}; {args.seconds:g} s per row after {args.warmup:g} s warm-up"
     )
     print(HEADER)
-    results: dict[tuple[str, str, int, int, str], dict] = {}
+    results: dict[tuple[Key, int], dict] = {}
     health = Health()
     with tempfile.TemporaryDirectory() as tmp:
         for case in _cases(args):
             bodies, content_type = _bodies(Path(tmp), case, checkpoints[case.model], pngs)
             for c, row in _run_case(case, checkpoints[case.model], bodies, content_type, args, health).items():
-                results[(case.server, case.model, case.per_request, c, case.api)] = row
+                results[(case.key, c)] = row
     if args.only:
         if health.p99_ms is not None:
             print(f"/health/live p99 while /predict runs at c=32: {health.p99_ms:.2f} ms, {health.failures} failed")
@@ -349,18 +363,27 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _print_ratios(results: dict[tuple[str, str, int, int, str], dict], health: Health, quick: bool) -> None:
+def _form(case: Case) -> str:
+    return "" if case.server != "service" or case.model != "cnn" else case.backend
+
+
+def _print_ratios(results: dict[tuple[Key, int], dict], health: Health, quick: bool) -> None:
+    def row(server: str, model: str = "mlp", per: int = 1, c: int = 32, api: str = "predict", **form: str) -> dict:
+        return results[((server, model, per, api, form.get("form", "auto")), c)]
+
     def rps(server: str, model: str = "mlp", per: int = 1, c: int = 32, api: str = "predict") -> float:
-        return results[(server, model, per, c, api)]["rps"]
+        return float(row(server, model, per, c, api)["rps"])
 
     print()
     print(f"c=32, course MLP: service / naive  = {rps('service') / rps('naive'):.2f}x   (target >= 3x)")
     print(f"c=32, course MLP: service / empty  = {rps('service') / rps('empty'):.2f}x   (target >= 0.7x)")
     print(f"c=32, CNN:        service / naive  = {rps('service', 'cnn') / rps('naive', 'cnn'):.2f}x")
     if not quick:
-        p50 = results[("service", "mlp", 1, 1, "predict")]["p50"]
+        p50 = row("service", c=1)["p50"]
         print(f"c=1,  course MLP: service p50 = {p50:.2f} ms   (target <= 0.6 ms)")
-    p99 = results[("service", "mlp", 1, 32, "predict")]["p99"]
+        cnn_p50 = row("service", "cnn", c=1)["p50"]
+        print(f"c=1,  CNN (auto form): service p50 = {cnn_p50:.2f} ms = {cnn_p50 / p50:.2f}x the MLP's   (<= 1x)")
+    p99 = row("service")["p99"]
     print(f"c=32, course MLP: service p99 = {p99:.2f} ms   (target <= 15 ms)")
     print(
         f"/health/live p99 while /predict runs at c=32: {health.p99_ms:.2f} ms, {health.failures} failed   "
@@ -375,6 +398,18 @@ def _print_ratios(results: dict[tuple[str, str, int, int, str], dict], health: H
     print(f"c=32, MLP: v2 FP32 binary, 1 image / /predict        = {v2_fp32:.2f}x req/s   (target >= 1.2x)")
     print(f"c=32, MLP: v2 FP32 binary, 32 images, images/s / /predict = {v2_batch:.2f}x   (target >= 4x)")
     print(f"c=32, MLP: v2 BYTES (PNG), 1 image / /predict        = {v2_bytes:.2f}x req/s   (target >= 0.9x)")
+    _print_cnn_ratios(row)
+
+
+def _print_cnn_ratios(row: Callable[..., dict]) -> None:
+    """The default CNN per served form, against the stack's ceiling (empty) and the course MLP."""
+    fast, fp32 = row("service", "cnn")["rps"], row("service", "cnn", form=TORCH_FP32)["rps"]
+    empty, mlp = row("empty")["rps"], row("service")["rps"]
+    print(f"c=32, CNN: auto form / empty = {fast / empty:.2f}x   (target >= 0.75x); {TORCH_FP32}: {fp32 / empty:.2f}x")
+    print(f"c=32, CNN: auto form / course MLP = {fast / mlp:.2f}x   (target >= 0.8x)")
+    print(f"c=32, CNN: auto form / {TORCH_FP32} = {fast / fp32:.2f}x req/s   (target >= 2x)")
+    batch = row("service", "cnn", 8)["rps"] / row("service", "cnn", 8, form=TORCH_FP32)["rps"]
+    print(f"c=32, CNN, 8 images per request: auto form / {TORCH_FP32} = {batch:.2f}x images/s   (target >= 2x)")
 
 
 def platform_line() -> str:
