@@ -81,10 +81,13 @@ class Server:
 
 
 @contextmanager
-def started(name: str, checkpoint: Path, workers: int, backend: str = "auto") -> Iterator[Server]:
-    """The service (serving the `backend` form), or a reference app (naive, empty), ready on a
-    loopback port; stopped at the end."""
+def started(
+    name: str, checkpoint: Path, workers: int, backend: str = "auto", extra_env: dict[str, str] | None = None
+) -> Iterator[Server]:
+    """The service (serving the `backend` form, with `extra_env` on top), or a reference app
+    (naive, empty), ready on a loopback port; stopped at the end."""
     env = {
+        **(extra_env or {}),
         "FASHION_SERVE_CHECKPOINT": str(checkpoint),
         "FASHION_SERVE_BACKEND": backend,
         "FASHION_SERVE_LOG_LEVEL": "warning",
@@ -201,15 +204,20 @@ def drive(
     seconds: float,
     warmup: float,
     path: str = "/predict?k=3",
+    timeout: str = "10s",
+    statuses: bool = False,
 ) -> dict:
+    """wrk at `connections` for `seconds` after `warmup`; `timeout`: when wrk gives up on an answer;
+    `statuses`: count the answers by status code (the row's `summary` then has them)."""
     env = {
         **os.environ,
+        **({"BENCH_STATUSES": "1"} if statuses else {}),
         "BENCH_BODIES": str(bodies),
         "BENCH_COUNT": (bodies / "count").read_text(),
         "BENCH_CONTENT_TYPE": content_type,
     }
     url = f"http://127.0.0.1:{server.port}{path}"
-    base = ["wrk", "-t1", f"-c{connections}", "-s", str(LUA), "--timeout", "10s", url]
+    base = ["wrk", "-t1", f"-c{connections}", "-s", str(LUA), "--timeout", timeout, url]
     subprocess.run([*base[:3], f"-d{round(warmup)}s", *base[3:]], env=env, capture_output=True, check=True)
     cpu_before = server.cpu_seconds()
     wrk_before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -230,6 +238,7 @@ def drive(
         "cpu_ms": 1000 * cpu / max(1, summary["requests"]),
         "wrk_cpu": 100 * wrk_cpu / duration,
         "rss": server.rss_mb_per_worker(),
+        "summary": summary,
     }
 
 
