@@ -74,6 +74,9 @@ class MicroBatcher(Generic[Item, Result]):
         self._queue: queue.SimpleQueue[_Job[Item, Result] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
         self._closed = False
+        # Seconds of this thread's work per item, a moving average over recent batches (0 until
+        # the first): how fast the queue drains, which admission turns into a queue delay.
+        self.seconds_per_item = 0.0
 
     def start(self) -> None:
         self._thread.start()
@@ -160,6 +163,7 @@ class MicroBatcher(Generic[Item, Result]):
             jobs = self._drop_abandoned(jobs)
             if not jobs:
                 continue
+            began = time.perf_counter()
             try:
                 outcomes = self._run_batch([job.item for job in jobs])
                 if len(outcomes) != len(jobs):
@@ -167,5 +171,10 @@ class MicroBatcher(Generic[Item, Result]):
             except BaseException as exc:  # handed to every waiting request, never lost
                 logger.warning("a batch of %d requests failed: %r", len(jobs), exc)
                 outcomes = [exc] * len(jobs)
+            self._measured((time.perf_counter() - began) / len(jobs))
             for job, outcome in zip(jobs, outcomes, strict=True):
                 self._answer(job, outcome)
+
+    def _measured(self, seconds_per_item: float, weight: float = 0.2) -> None:
+        previous = self.seconds_per_item
+        self.seconds_per_item = previous + weight * (seconds_per_item - previous) if previous else seconds_per_item

@@ -119,18 +119,38 @@ class DataPlane:
         return started + min(timeouts) if timeouts else None
 
     @contextlib.contextmanager
-    def admit(self, name: str | None = None, version: str | None = None) -> Iterator[ServedModel]:
-        """The one admission step: the model asked for, and a place among the requests in
-        progress; past `max_concurrency`, 503 instead of queueing. Held until the answer is
-        computed: the model stays the one the request was admitted to, even across a reload."""
+    def admit(
+        self, name: str | None = None, version: str | None = None, deadline: float | None = None
+    ) -> Iterator[ServedModel]:
+        """The one admission step: the model asked for, and a place in its queue if the work
+        already admitted would be done within `max_queue_delay_s` (else 503 at once, which costs
+        far less than an answer) and before the request's `deadline` (else 504, never computed). The wait is Little's
+        law: requests in progress times the inference thread's measured seconds per request.
+        `max_concurrency` caps the requests in progress whatever the estimate. Held until the
+        answer is computed: the model stays the one the request was admitted to, even across a reload."""
         model = self.current_model(name, version)
-        if self.in_flight >= self.settings.max_concurrency:
-            raise unavailable(f"server busy: {self.in_flight} requests in progress; retry shortly")
+        self._check_room(model, deadline)
         self.in_flight += 1
         try:
             yield model
         finally:
             self.in_flight -= 1
+
+    def _check_room(self, model: ServedModel, deadline: float | None) -> None:
+        settings = self.settings
+        if self.in_flight >= settings.max_concurrency:
+            self.metrics.refused.labels("concurrency").inc()
+            raise unavailable(f"server busy: {self.in_flight} requests in progress; retry shortly")
+        batcher = model.batcher
+        wait = self.in_flight * (batcher.seconds_per_item if batcher is not None else 0.0)
+        if deadline is not None and (left := deadline - time.monotonic()) <= wait:
+            self.metrics.dropped.labels("deadline").inc()
+            raise ServeError(
+                504, f"deadline exceeded: about {wait:.2f} s of work ahead, {max(left, 0):.2f} s left; not computed"
+            )
+        if wait > (most := settings.max_queue_delay_s):
+            self.metrics.refused.labels("queue_delay").inc()
+            raise unavailable(f"server busy: about {wait:.2f} s of work ahead, more than {most:g} s; retry shortly")
 
     async def infer(
         self, model: ServedModel, request: Pending, encoded_bytes: int = 0, deadline: float | None = None

@@ -121,6 +121,12 @@ class Metrics:
             ("reason",),
             registry=self.registry,
         )
+        self.refused = Counter(
+            "fashion_serve_refused_requests",
+            "Inference requests refused 503 at admission, by reason (queue_delay, concurrency)",
+            ("reason",),
+            registry=self.registry,
+        )
         self._live: list[Collector] = []
 
     def add_live(self, collector: Collector) -> None:

@@ -28,7 +28,8 @@ class Settings(BaseSettings):
     torch_threads: int = Field(1, ge=1, le=256)
     max_batch_size: int = Field(32, ge=1, le=1024)
     max_batch_wait_ms: float = Field(0.0, ge=0.0, le=1000.0)
-    max_concurrency: int = Field(128, ge=1)
+    max_concurrency: int = Field(1024, ge=1)  # a cap on requests in progress; max_queue_delay_s refuses first
+    max_queue_delay_s: float = Field(1.0, gt=0, le=60)  # admit while the work ahead would be done within this
     request_timeout_s: float | None = Field(None, gt=0, le=3600)  # None: no server default deadline
     max_connections: int = Field(1024, ge=1)
     body_timeout_s: float = Field(30.0, gt=0)

@@ -83,7 +83,7 @@ async def explain(request: Request, plane: AuthorizedPlaneDep) -> dict[str, Any]
     settings = plane.settings
     deadline = plane.deadline(started, parse_timeout_s(request.headers.get("x-request-timeout")))
     k, invert = read_query(plane, request.scope["query_string"])
-    with plane.admit() as model:
+    with plane.admit(deadline=deadline) as model:
         preprocess = model.loaded.preprocess
         body = await receive_body(
             request.receive,

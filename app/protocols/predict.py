@@ -181,7 +181,7 @@ async def predict(plane: DataPlane, scope: Scope, receive: Receive) -> Reply:
     k, invert = read_query(plane, scope["query_string"])
     settings = plane.settings
     content_type = (header(scope, b"content-type") or b"").decode("latin-1")
-    with plane.admit() as model:
+    with plane.admit(deadline=deadline) as model:
         body = await receive_body(
             receive, header(scope, b"content-length"), settings.max_upload_bytes, settings.body_timeout_s
         )

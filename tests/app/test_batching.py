@@ -7,6 +7,7 @@ import threading
 import time
 from functools import partial
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -138,9 +139,15 @@ def test_max_wait_lets_a_batch_fill_and_zero_never_waits() -> None:
         batcher.join(1.0)
 
 
+def _plane(seconds_per_request: float = 0.0, **settings: Any) -> DataPlane:
+    """A data plane whose model's inference thread drains `seconds_per_request` per request."""
+    plane = DataPlane(Settings(**settings))
+    plane.model = SimpleNamespace(batcher=SimpleNamespace(seconds_per_item=seconds_per_request))  # type: ignore[assignment]
+    return plane
+
+
 def test_concurrency_cap_answers_503_with_retry_after() -> None:
-    runtime = DataPlane(Settings(max_concurrency=2))
-    runtime.model = SimpleNamespace(batcher=object())  # type: ignore[assignment]  # admission needs a model
+    runtime = _plane(max_concurrency=2)
     with runtime.admit(), runtime.admit():
         with pytest.raises(ServeError) as refused, runtime.admit():
             pass
@@ -149,6 +156,44 @@ def test_concurrency_cap_answers_503_with_retry_after() -> None:
     assert runtime.in_flight == 0
     with runtime.admit():
         assert runtime.in_flight == 1
+
+
+def test_admission_refuses_when_the_work_ahead_would_take_longer_than_the_queue_delay_or_the_deadline() -> None:
+    plane = _plane(seconds_per_request=0.01, max_queue_delay_s=1.0)  # 100 requests drain in 1 s
+    plane.in_flight = 99
+    with plane.admit():  # 0.99 s of work ahead: admitted
+        assert plane.in_flight == 100
+    plane.in_flight = 101
+    with pytest.raises(ServeError) as refused, plane.admit():  # 1.01 s ahead: refused, nothing held
+        pass
+    assert plane.in_flight == 101 and refused.value.status == 503
+    assert "about 1.01 s of work ahead" in refused.value.detail and refused.value.headers == {"Retry-After": "1"}
+    plane.in_flight = 30  # 0.3 s ahead: within the queue delay, not within a deadline 0.2 s away
+    with pytest.raises(ServeError) as late, plane.admit(deadline=time.monotonic() + 0.2):
+        pass
+    assert late.value.status == 504 and "0.30 s of work ahead" in late.value.detail
+    with plane.admit(deadline=time.monotonic() + 0.5):
+        assert plane.in_flight == 31
+    assert plane.metrics.refused.labels("queue_delay")._value.get() == 1
+    assert plane.metrics.dropped.labels("deadline")._value.get() == 1
+
+
+def test_the_batcher_measures_how_fast_it_drains() -> None:
+    def run_batch(items: list[int]) -> list[int | BaseException]:
+        time.sleep(0.004 * len(items))
+        return items
+
+    batcher: MicroBatcher[int, int] = MicroBatcher(run_batch, max_batch_size=8)
+    assert batcher.seconds_per_item == 0.0  # nothing measured: admission refuses nobody yet
+    batcher.start()
+
+    async def some() -> list[int]:
+        return [*await asyncio.gather(*(batcher.submit(i) for i in range(16)))]
+
+    assert asyncio.run(some()) == list(range(16))
+    assert 0.003 <= batcher.seconds_per_item <= 0.02
+    batcher.close()
+    batcher.join(1.0)
 
 
 def _receiver(messages: list[dict[str, object]], delay: float = 0.0) -> Receive:

@@ -41,7 +41,10 @@ async def infer(plane: DataPlane, scope: Scope, receive: Receive) -> Reply:
     header_timeout_s = parse_timeout_s(header(scope, TIMEOUT_HEADER))
     settings = plane.settings
     params = scope.get("path_params", {})
-    with plane.admit(params.get("model", ""), params.get("version")) as model:
+    # The deadline known before the body (server default, header) decides admission; the
+    # body's `timeout` parameter, once parsed, can only make it earlier.
+    known_deadline = plane.deadline(started, header_timeout_s)
+    with plane.admit(params.get("model", ""), params.get("version"), known_deadline) as model:
         body = await receive_body(
             receive, header(scope, b"content-length"), settings.max_upload_bytes, settings.body_timeout_s
         )
