@@ -29,6 +29,10 @@ from app.settings import Settings
 # decoded in the threadpool first, so a big image never holds up the small ones behind it.
 INLINE_DECODE_BYTES = 64 * 1024
 UNAUTHORIZED = "missing or invalid API key: send Authorization: Bearer <key>"
+# Admission refusals are answered late (`ServeError.hold_s`): a deadline refusal just before the
+# deadline, a busy one once the excess work ahead would have drained (at most MAX_HOLD_S).
+HOLD_MARGIN_S = 0.1
+MAX_HOLD_S = 1.0
 TIMEOUT_HEADER = b"x-request-timeout"  # seconds, fractions allowed: the client's deadline over HTTP
 
 
@@ -124,7 +128,9 @@ class DataPlane:
     ) -> Iterator[ServedModel]:
         """The one admission step: the model asked for, and a place in its queue if the work
         already admitted would be done within `max_queue_delay_s` (else 503 at once, which costs
-        far less than an answer) and before the request's `deadline` (else 504, never computed). The wait is Little's
+        far less than an answer) and before the request's `deadline` (else 504, never computed).
+        Both refusals are held before they are sent (`hold_s`), so that a client that sends again
+        at once cannot turn the service into a machine that mostly refuses. The wait is Little's
         law: requests in progress times the inference thread's measured seconds per request.
         `max_concurrency` caps the requests in progress whatever the estimate. Held until the
         answer is computed: the model stays the one the request was admitted to, even across a reload."""
@@ -145,12 +151,13 @@ class DataPlane:
         wait = self.in_flight * (batcher.seconds_per_item if batcher is not None else 0.0)
         if deadline is not None and (left := deadline - time.monotonic()) <= wait:
             self.metrics.dropped.labels("deadline").inc()
-            raise ServeError(
-                504, f"deadline exceeded: about {wait:.2f} s of work ahead, {max(left, 0):.2f} s left; not computed"
-            )
+            detail = f"deadline exceeded: about {wait:.2f} s of work ahead, {max(left, 0):.2f} s left; not computed"
+            raise ServeError(504, detail, hold_s=max(0.0, left - min(HOLD_MARGIN_S, left / 2)))
         if wait > (most := settings.max_queue_delay_s):
             self.metrics.refused.labels("queue_delay").inc()
-            raise unavailable(f"server busy: about {wait:.2f} s of work ahead, more than {most:g} s; retry shortly")
+            busy = unavailable(f"server busy: about {wait:.2f} s of work ahead, more than {most:g} s; retry shortly")
+            busy.hold_s = min(wait - most, MAX_HOLD_S)
+            raise busy
 
     async def infer(
         self, model: ServedModel, request: Pending, encoded_bytes: int = 0, deadline: float | None = None

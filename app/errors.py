@@ -16,11 +16,16 @@ class ServeError(Exception):
     `detail` is a message, or for 422 FastAPI's list of validation errors.
     """
 
-    def __init__(self, status: int, detail: object, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, status: int, detail: object, headers: dict[str, str] | None = None, hold_s: float = 0.0
+    ) -> None:
         super().__init__(detail)
         self.status = status
         self.detail = detail
         self.headers = headers or {}
+        # Seconds to wait before answering (admission refusals under overload): a client that
+        # sends again as soon as it is refused then comes back later, and refusing costs less.
+        self.hold_s = hold_s
 
     @property
     def message(self) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import socket
 from typing import Any
 
@@ -125,6 +126,20 @@ def claim_address(host: str, port: int) -> socket.socket:
     return claim
 
 
+def _allow_descriptors(wanted: int) -> None:
+    """Raise this process's (and so its workers') open-file limit towards `wanted`, as far as the
+    hard limit allows: each connection is a descriptor, and a soft limit of 1,024 would fail
+    accepts long before `max_connections`."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    if target < wanted:
+        logging.getLogger("app").warning(
+            "open files are limited to %d: fewer than max_connections x workers (%d) can connect", target, wanted
+        )
+
+
 def serve(
     settings: Settings,
     host: str,
@@ -139,6 +154,7 @@ def serve(
     Raises AddressInUse before starting; gunicorn itself exits 3 if a worker cannot boot.
     """
     claim = claim_address(host, port)
+    _allow_descriptors(settings.max_connections * workers + 256)
     options: dict[str, Any] = {
         "bind": f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
         "workers": workers,

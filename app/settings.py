@@ -31,7 +31,7 @@ class Settings(BaseSettings):
     max_concurrency: int = Field(1024, ge=1)  # a cap on requests in progress; max_queue_delay_s refuses first
     max_queue_delay_s: float = Field(1.0, gt=0, le=60)  # admit while the work ahead would be done within this
     request_timeout_s: float | None = Field(None, gt=0, le=3600)  # None: no server default deadline
-    max_connections: int = Field(1024, ge=1)
+    max_connections: int = Field(8192, ge=1)  # per worker; uvicorn refuses every request past it
     body_timeout_s: float = Field(30.0, gt=0)
     shutdown_grace_s: int = Field(8, ge=0)
     log_format: Literal["text", "json"] = "text"

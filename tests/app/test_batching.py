@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 from starlette.types import Receive
 
 from app.batching import DeadlineExpired, MicroBatcher
@@ -168,14 +169,31 @@ def test_admission_refuses_when_the_work_ahead_would_take_longer_than_the_queue_
         pass
     assert plane.in_flight == 101 and refused.value.status == 503
     assert "about 1.01 s of work ahead" in refused.value.detail and refused.value.headers == {"Retry-After": "1"}
+    assert refused.value.hold_s == pytest.approx(0.01)  # answered once the excess would have drained
     plane.in_flight = 30  # 0.3 s ahead: within the queue delay, not within a deadline 0.2 s away
     with pytest.raises(ServeError) as late, plane.admit(deadline=time.monotonic() + 0.2):
         pass
     assert late.value.status == 504 and "0.30 s of work ahead" in late.value.detail
+    assert 0.05 < late.value.hold_s <= 0.1  # answered just before the deadline, not at once
     with plane.admit(deadline=time.monotonic() + 0.5):
         assert plane.in_flight == 31
     assert plane.metrics.refused.labels("queue_delay")._value.get() == 1
     assert plane.metrics.dropped.labels("deadline")._value.get() == 1
+
+
+def test_a_held_refusal_is_answered_after_its_hold(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    plane = client.app.state.plane  # type: ignore[attr-defined]
+    monkeypatch.setattr(plane.model.batcher, "seconds_per_item", 10.0)  # any work ahead takes too long
+    plane.in_flight = 1
+    try:
+        began = time.monotonic()
+        response = client.post("/predict", files={"file": ("a.png", png())})
+        held_for = time.monotonic() - began
+    finally:
+        plane.in_flight = 0
+    assert response.status_code == 503 and "server busy" in response.json()["detail"]
+    assert held_for >= 0.9  # min(10 s of work - the 1 s queue delay, MAX_HOLD_S = 1 s)
+    assert client.post("/predict", files={"file": ("a.png", png())}).status_code == 200
 
 
 def test_the_batcher_measures_how_fast_it_drains() -> None:
