@@ -198,3 +198,9 @@ class ModelCollector(Collector):
                 "When the last SIGHUP reload ended (Unix time)",
                 value=float(last.get("finished_at") or 0),
             )
+            if isinstance(last.get("validation_s"), int | float):
+                yield GaugeMetricFamily(
+                    "fashion_serve_model_last_reload_validation_seconds",
+                    "How long the last SIGHUP reload's validation took",
+                    value=float(last["validation_s"]),
+                )

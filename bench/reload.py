@@ -48,6 +48,12 @@ def _get(port: int, path: str) -> str:
         return str(response.read().decode())
 
 
+def _validation_s(port: int) -> str:
+    """How long the last reload's validation took, as /metrics says."""
+    found = re.search(r"^fashion_serve_model_last_reload_validation_seconds (\S+)$", _get(port, "/metrics"), re.M)
+    return f"{float(found.group(1)):.2f}" if found else "?"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.reload", description=__doc__)
     parser.add_argument("--clients", type=int, default=16)
@@ -64,10 +70,13 @@ def main(argv: list[str] | None = None) -> int:
         path.write_bytes((ROOT / "models" / "fashion_cnn.pt").read_bytes())  # a valid, different model
         server.send_signal(signal.SIGHUP)
         time.sleep(third)
+        good_s = _validation_s(port)
         path.write_bytes(b"a broken copy")
         server.send_signal(signal.SIGHUP)
         time.sleep(third)
+        broken_s = _validation_s(port)
         load.stop()
+        print(f"validation under load: the good file {good_s} s, the broken one {broken_s} s")
         metrics = _get(port, "/metrics")
         reloads = dict(re.findall(r'fashion_serve_model_reloads_total\{result="(\w+)"\} ([0-9.]+)', metrics))
         arch = json.loads(_get(port, "/model"))["arch"]

@@ -156,6 +156,26 @@ def test_reload_under_load_swaps_the_model_everywhere_and_a_bad_one_changes_noth
     assert len(errors) == 1 and "reload refused" in errors[0] and str(path) in errors[0], errors
 
 
+def test_a_broken_file_then_a_fixed_one_under_load_ends_with_the_fixed_model(tmp_path: Path) -> None:
+    """The operator's finding: SIGHUP with a broken file, then SIGHUP with it fixed while the first
+    was still being validated; the second was ignored and the fixed file never served."""
+    path = write_tiny_checkpoint(tmp_path / "m.pt", seed=1)
+    env = {"FASHION_SERVE_CHECKPOINT": str(path), "FASHION_SERVE_LOG_LEVEL": "warning"}
+    with serving(env, workers=2) as (process, port), under_load(port) as load:
+        path.write_bytes(path.read_bytes()[:300])
+        process.send_signal(signal.SIGHUP)
+        time.sleep(0.05)
+        write_tiny_checkpoint(path, seed=2)
+        fixed = _sha_of(path)
+        process.send_signal(signal.SIGHUP)
+        assert wait_for(lambda: _shas_seen(port) == {fixed}), "every worker serves the fixed model"
+        assert _reloads(port)["success"] == 1.0
+        validation = re.search(r"last_reload_validation_seconds ([0-9.e+-]+)", _get(port, "/metrics")[1])
+        assert validation is not None and float(validation.group(1)) > 0
+    assert load.errors == [], load.errors[:5]
+    assert set(load.statuses) == {200}, load.statuses
+
+
 def _sha_of(path: Path) -> str:
     import hashlib
 

@@ -1,13 +1,21 @@
 """The supervisor's half of a reload: the snapshot the workers serve, replaced only by a
-checkpoint that a separate process validated (see `app.reload`)."""
+checkpoint that a separate process validated (see `app.reload`).
+
+The validating process is forked from the supervisor, which has imported the application
+(gunicorn's `preload_app`) but never runs the model: the child starts with torch and the
+app already imported, so a broken file is refused and a good one validated in well under the
+time a new interpreter takes to import torch (docs/performance.md has the figures). It loads
+and warms up the checkpoint as a worker would, writes its verdict, and exits; the supervisor
+itself still runs nothing of the model."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
-import subprocess
+import signal
 import sys
 import tempfile
 import time
@@ -31,8 +39,9 @@ class CheckpointSource:
         self.snapshot = directory / "current.pt"
         self.counts = {"success": 0, "failure": 0}
         self.last: dict[str, object] | None = None  # the last reload's result, time and reason
-        self._validation: tuple[subprocess.Popen[bytes], float] | None = None
+        self._validation: Validation | None = None
         self._again = False  # a SIGHUP came during the validation: reload once more after it
+        self._took_s: float | None = None  # how long the validation that just ended took
 
     @classmethod
     def create(cls, configured: Path, device: str) -> CheckpointSource:
@@ -90,15 +99,7 @@ class CheckpointSource:
             return
         try:
             candidate = self._copy()
-            verdict = (self.directory / "verdict.txt").open("w")
-            with verdict:
-                process = subprocess.Popen(
-                    [sys.executable, "-m", "app.reload.validate", str(candidate)],
-                    stdout=verdict,
-                    stderr=subprocess.STDOUT,
-                    env={**os.environ, "FASHION_SERVE_DEVICE": self.device},
-                )
-            self._validation = (process, time.monotonic())
+            self._validation = Validation.fork(candidate, self.directory / "verdict.txt", self.device)
         except CheckpointError as exc:
             self._failed(str(exc))
         except Exception as exc:
@@ -107,27 +108,23 @@ class CheckpointSource:
     def poll(self) -> None:
         """Finish a reload whose validation has ended (the new snapshot, or a refusal), then
         start the reload a SIGHUP asked for meanwhile."""
-        if self._validation is None:
+        validation = self._validation
+        if validation is None or not (validation.ended() or validation.seconds() > VALIDATE_TIMEOUT_S):
             return
-        process, started = self._validation
-        if process.poll() is None and time.monotonic() - started <= VALIDATE_TIMEOUT_S:
-            return
-        self._finish(process, started)
+        self._finish(validation)
         if self._again:
             self._again = False
             self.start_reload()
 
-    def _finish(self, process: subprocess.Popen[bytes], started: float) -> None:
-        timed_out = time.monotonic() - started > VALIDATE_TIMEOUT_S
+    def _finish(self, validation: Validation) -> None:
         # The verdict is what the validation wrote, not its exit status: gunicorn's loop reaps
-        # every child it sees end (os.waitpid(-1)), and a reaped status reads as 0.
-        if process.poll() is None and not timed_out:
-            return
+        # every child it sees end (os.waitpid(-1)), and a reaped status is lost.
         self._validation = None
+        self._took_s = validation.seconds()
         candidate = self.directory / "candidate.pt"
         try:
-            if timed_out:
-                process.kill()
+            if not validation.ended():
+                validation.kill()
                 raise CheckpointError(f"validation took over {VALIDATE_TIMEOUT_S} s")
             lines = (self.directory / "verdict.txt").read_text(errors="replace").strip().splitlines()
             if lines[-1:] != [VALID]:
@@ -150,7 +147,9 @@ class CheckpointSource:
 
     def _record(self, result: str, reason: str | None = None) -> None:
         self.counts[result] += 1
-        self.last = {"result": result, "finished_at": time.time(), "reason": reason}
+        took = self._took_s
+        self.last = {"result": result, "finished_at": time.time(), "validation_s": took, "reason": reason}
+        self._took_s = None
         self._write_counts()
 
     def _write_counts(self) -> None:
@@ -163,3 +162,57 @@ class CheckpointSource:
 
     def remove(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class Validation:
+    """A validating process forked from the supervisor: `app.reload.validate` on a candidate."""
+
+    def __init__(self, pid: int, verdict: Path) -> None:
+        self.pid = pid
+        self.verdict = verdict
+        self.started = time.monotonic()
+        self._ended = False
+
+    @classmethod
+    def fork(cls, candidate: Path, verdict: Path, device: str) -> Validation:
+        verdict.unlink(missing_ok=True)
+        pid = os.fork()
+        if pid == 0:  # the child: never returns
+            _validate_and_exit(candidate, verdict, device)
+        return cls(pid, verdict)
+
+    def ended(self) -> bool:
+        if not self._ended:
+            try:
+                self._ended = os.waitpid(self.pid, os.WNOHANG)[0] == self.pid
+            except ChildProcessError:  # gunicorn's loop reaped it first
+                self._ended = True
+        return self._ended
+
+    def seconds(self) -> float:
+        return time.monotonic() - self.started
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+
+
+def _validate_and_exit(candidate: Path, verdict: Path, device: str) -> None:
+    """In the forked child: default signal handling (not gunicorn's), the verdict to a file, exit."""
+    code = 1
+    try:
+        for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD):
+            signal.signal(signum, signal.SIG_DFL)
+        out = os.open(verdict, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.dup2(out, 1)
+        os.dup2(out, 2)
+        sys.stdout = sys.stderr = open(out, "w", buffering=1, closefd=False)  # noqa: SIM115 (exits below)
+        os.environ["FASHION_SERVE_DEVICE"] = device
+        from app.reload.validate import main
+
+        code = main([str(candidate)])
+        sys.stdout.flush()
+    except BaseException as exc:
+        os.write(2, f"validation failed: {exc!r}\n".encode())
+    finally:
+        os._exit(code)
