@@ -2,8 +2,9 @@
 run a warm-up forward pass. If it serves, print `valid` and exit 0; else print the reason on
 one line and exit 1.
 
-The supervisor runs this in a fresh process before a reload, so that nothing it does (CUDA,
-torch's thread pools) happens in the process that forks the workers.
+The supervisor runs `main` in a child it forks before a reload (`supervisor.Validation`), so that
+nothing it does (CUDA, torch's thread pools) happens in the process that forks the workers;
+`python -m app.reload.validate` runs the same check by hand.
 """
 
 from __future__ import annotations
