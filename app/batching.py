@@ -18,7 +18,9 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
+
+from app import tracing
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +42,8 @@ class _Job(Generic[Item, Result]):
     future: asyncio.Future[Result]
     loop: asyncio.AbstractEventLoop
     deadline: float | None  # time.monotonic() past which nobody wants the result
+    trace: Any = None  # the request's trace context (app.tracing), None when untraced
+    submitted_ns: int = 0  # time.time_ns() at submit, where traced: the start of its `queue` span
 
 
 def _resolve(future: asyncio.Future[Result], outcome: Result | BaseException) -> None:
@@ -90,15 +94,16 @@ class MicroBatcher(Generic[Item, Result]):
         self._closed = True
         self._queue.put(None)
 
-    async def submit(self, item: Item, deadline: float | None = None) -> Result:
+    async def submit(self, item: Item, deadline: float | None = None, trace: Any = None) -> Result:
         """Queue one item and wait for its result (or its exception); BatcherClosed once closed.
         Past `deadline` (a `time.monotonic()` value) an item still waiting is dropped with
-        DeadlineExpired; one whose caller was cancelled is dropped too."""
+        DeadlineExpired; one whose caller was cancelled is dropped too. `trace`: the request's
+        trace context (`app.tracing.current()`), for its `queue` span and its batch's links."""
         if self._closed or not self._thread.is_alive():
             raise BatcherClosed("the inference thread is not running")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Result] = loop.create_future()
-        self._queue.put(_Job(item, future, loop, deadline))
+        self._queue.put(_Job(item, future, loop, deadline, trace, time.time_ns() if trace is not None else 0))
         return await future
 
     def _drop_abandoned(self, jobs: list[_Job[Item, Result]]) -> list[_Job[Item, Result]]:
@@ -164,8 +169,10 @@ class MicroBatcher(Generic[Item, Result]):
             if not jobs:
                 continue
             began = time.perf_counter()
+            tracing.queued([(job.trace, job.submitted_ns) for job in jobs])
             try:
-                outcomes = self._run_batch([job.item for job in jobs])
+                with tracing.batch([job.trace for job in jobs]):
+                    outcomes = self._run_batch([job.item for job in jobs])
                 if len(outcomes) != len(jobs):
                     raise RuntimeError(f"run_batch returned {len(outcomes)} results for {len(jobs)} items")
             except BaseException as exc:  # handed to every waiting request, never lost

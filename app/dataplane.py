@@ -16,13 +16,16 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import torch
 from starlette.concurrency import run_in_threadpool
 
+from app import tracing
 from app.batching import BatcherClosed, DeadlineExpired
 from app.errors import ServeError, unavailable
 from app.observability import Metrics
 from app.served_model import Pending, Scored, ServedModel
 from app.settings import Settings
+from models.trust import out_of_distribution
 
 # Requests whose encoded images are up to this size are decoded on the inference thread,
 # batched with the forward pass (one thread hand-off per request); larger ones (photos) are
@@ -172,16 +175,36 @@ class DataPlane:
         batcher = model.batcher
         if batcher is None:
             raise unavailable(self.health.reason)
+        trace = tracing.current()
+        if callable(request):
+            request = tracing.in_context(request, trace)
         if callable(request) and encoded_bytes > INLINE_DECODE_BYTES:
             request = await run_in_threadpool(request)
         try:
             if deadline is not None and time.monotonic() >= deadline:
                 self.metrics.dropped.labels("deadline").inc()
                 raise DeadlineExpired("the request's deadline passed before it reached the model")
-            scored = await batcher.submit(request, deadline)
+            scored = await batcher.submit(request, deadline, trace)
         except BatcherClosed:  # its model was replaced long ago (a reload), or the service is stopping
             raise unavailable("the model was replaced while this request waited; retry") from None
         except DeadlineExpired as exc:
             raise ServeError(504, f"deadline exceeded: {exc}; not computed") from None
         self.metrics.images_per_request.observe(len(scored.input.names))
+        if trace is not None:
+            tracing.describe(_span_attributes(model, scored))
         return scored
+
+
+def _span_attributes(model: ServedModel, scored: Scored) -> dict[str, object]:
+    """What a request's server span says of its model and answer."""
+    flagged = 0
+    if scored.ood_scores is not None and model.ood_threshold is not None:
+        flagged = int(out_of_distribution(torch.from_numpy(scored.ood_scores), model.ood_threshold).sum())
+    return {
+        "fashion_serve.model.name": model.name,
+        "fashion_serve.model.version": model.settings.model_version,
+        "fashion_serve.model.backend": model.forward.name,
+        "fashion_serve.model.precision": model.forward.precision,
+        "fashion_serve.images": len(scored.input.names),
+        "fashion_serve.ood.flagged": flagged,
+    }

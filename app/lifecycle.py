@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
+from app import tracing
 from app.dataplane import DataPlane, Health
 from app.decoding import ModelInput
 from app.observability import configure_logging
@@ -39,6 +40,7 @@ def lifespan(plane: DataPlane) -> Callable[[Any], contextlib.AbstractAsyncContex
     @asynccontextmanager
     async def run(_app: Any) -> AsyncIterator[None]:
         configure_logging(plane.settings.log_format, plane.settings.log_level)
+        tracing.start()  # after the fork: each worker has its own exporter thread
         await start(plane)
         drain_on_sigterm(plane.health)
         snapshot = snapshot_path()
@@ -50,6 +52,7 @@ def lifespan(plane: DataPlane) -> Callable[[Any], contextlib.AbstractAsyncContex
             if follower:
                 follower.cancel()
             await stop(plane)
+            tracing.stop()
 
     return run
 

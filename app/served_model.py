@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from app import tracing
 from app.batching import MicroBatcher
 from app.decoding import ModelInput
 from app.errors import ServeError, unavailable
@@ -192,7 +193,8 @@ class ServedModel:
         chunks = []
         for first in range(0, len(inputs), step):
             start = time.perf_counter()
-            chunks.append(self.score(inputs[first : first + step]))
+            with tracing.forward(min(step, len(inputs) - first)):
+                chunks.append(self.score(inputs[first : first + step]))
             if self.observe_batch:
                 self.observe_batch(len(chunks[-1][0]), time.perf_counter() - start)
         if len(chunks) == 1:

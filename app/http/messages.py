@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from starlette.types import Receive, Scope, Send
 
+from app import tracing
 from app.errors import ServeError
 
 Headers = list[tuple[bytes, bytes]]
@@ -34,6 +35,12 @@ def header(scope: Scope, name: bytes) -> bytes | None:
 
 
 async def receive_body(receive: Receive, content_length: bytes | None, max_bytes: int, timeout_s: float) -> bytes:
+    """`_receive_body`, as the request's `receive` span where the request is traced."""
+    with tracing.child("receive"):
+        return await _receive_body(receive, content_length, max_bytes, timeout_s)
+
+
+async def _receive_body(receive: Receive, content_length: bytes | None, max_bytes: int, timeout_s: float) -> bytes:
     """The whole body from ASGI `receive`, refused (413) as soon as it is known to exceed `max_bytes`.
 
     A declared Content-Length over the limit is refused before a byte is read; a body that

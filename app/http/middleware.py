@@ -7,10 +7,12 @@ import math
 import os
 import re
 import time
+from typing import Any
 
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app import tracing
 from app.observability import Metrics, request_id_var
 
 logger = logging.getLogger("app.access")
@@ -63,15 +65,23 @@ class RequestContextMiddleware:
                 MutableHeaders(scope=message).append("X-Request-ID", request_id)
             await send(message)
 
-        try:
-            await self.app(scope, receive, send_with_id)
-        finally:
-            elapsed = time.perf_counter() - start
-            # The matched route's template labels the metrics (`/v2/models/{model}/infer`); anything else is "other".
-            route = getattr(scope.get("route"), "path", "other")
-            self.metrics.count_request(route, scope["method"], status, elapsed)
-            if status == 503:
-                self.refusals.refused()
-            else:
-                logger.info("%s %s %d %.1fms", scope["method"], scope["path"], status, elapsed * 1000)
-            request_id_var.reset(token)
+        with tracing.server_span(scope) as span:
+            try:
+                await self.app(scope, receive, send_with_id)
+            finally:
+                self._finish(scope, status, time.perf_counter() - start, span)
+                request_id_var.reset(token)
+
+    def _finish(self, scope: Scope, status: int, elapsed: float, span: Any) -> None:
+        """Count the request, end its span, write its access line (or count it among the refusals)."""
+        # The matched route's template labels the metrics (`/v2/models/{model}/infer`); anything else is "other".
+        route = getattr(scope.get("route"), "path", "other")
+        self.metrics.count_request(route, scope["method"], status, elapsed)
+        trace = ""
+        if span is not None:
+            tracing.finish_server_span(span, scope["method"], route, status)
+            trace = f" trace={tracing.trace_id(span)}"
+        if status == 503:
+            self.refusals.refused()
+        else:
+            logger.info("%s %s %d %.1fms%s", scope["method"], scope["path"], status, elapsed * 1000, trace)

@@ -22,6 +22,7 @@ from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 from pydantic.json_schema import models_json_schema
 from starlette.types import Receive, Scope
 
+from app import tracing
 from app.dataplane import TIMEOUT_HEADER, DataPlane, parse_timeout_s
 from app.decoding import ALLOWED_CONTENT_TYPES, ModelInput, decode_images
 from app.errors import ServeError
@@ -189,7 +190,8 @@ async def predict(plane: DataPlane, scope: Scope, receive: Receive) -> Reply:
         scored = await plane.infer(model, decode, len(body), deadline)
     if scored.input.inputs is None:
         raise none_classified(scored.input)
-    predictions = encode(scored, k, model.class_names, model.ood_threshold)
+    with tracing.child("encode"):
+        predictions = encode(scored, k, model.class_names, model.ood_threshold)
     return Reply(200, dump_json({"model": model.name, "predictions": predictions}))
 
 

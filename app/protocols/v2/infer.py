@@ -8,6 +8,7 @@ from functools import partial
 from starlette.concurrency import run_in_threadpool
 from starlette.types import Receive, Scope
 
+from app import tracing
 from app.dataplane import INLINE_DECODE_BYTES, TIMEOUT_HEADER, DataPlane, parse_timeout_s
 from app.http.messages import Reply, header, receive_body
 from app.protocols.v2.request import (
@@ -56,4 +57,5 @@ async def infer(plane: DataPlane, scope: Scope, receive: Receive) -> Reply:
             request, pending = await run_in_threadpool(_parse, scope, body, model, settings)
         deadline = plane.deadline(started, header_timeout_s, request.timeout_s)
         scored = await plane.infer(model, pending, len(body), deadline)
-    return encode(request, scored, model)
+    with tracing.child("encode"):
+        return encode(request, scored, model)

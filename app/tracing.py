@@ -1,0 +1,219 @@
+"""OpenTelemetry traces, configured only by the standard `OTEL_*` variables, off unless asked for.
+
+`OTEL_TRACES_EXPORTER` (`otlp`, `console`, or both comma-separated; unset or `none`: off) turns
+tracing on in each worker after the fork (`start`). The SDK reads the rest itself:
+`OTEL_SERVICE_NAME` and `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_TRACES_SAMPLER[_ARG]`, `OTEL_BSP_*`,
+and the OTLP exporter's `OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT`, `_HEADERS`, `_TIMEOUT`, ...;
+`OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL` chooses `http/protobuf` (the default) or `grpc`. A
+configuration that cannot work logs one WARNING and the service serves untraced.
+
+What a traced inference request gives (probes, /metrics and static files are not traced): a
+server span, child of the caller's W3C `traceparent`; its children `receive` (the body), `queue`
+(submitted until its batch starts), `decode` (where the inference thread decodes it) and
+`encode`; and, in a trace of its own, the batch's `batch` span linked to every request it
+serves, with the `forward` passes under it. With tracing off, every hook is one `is None` test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from opentelemetry.context import Context
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.trace import Span, Tracer
+
+logger = logging.getLogger("app")
+T = TypeVar("T")
+
+_tracer: Tracer | None = None
+_provider: TracerProvider | None = None
+
+
+def tracer() -> Tracer | None:
+    """This process's tracer; None while tracing is off."""
+    return _tracer
+
+
+def start(environ: Mapping[str, str] = os.environ) -> Tracer | None:
+    """Set tracing up from the environment (in a worker, after the fork); None when it is off."""
+    names = [n.strip() for n in environ.get("OTEL_TRACES_EXPORTER", "none").split(",") if n.strip()]
+    if not names or names == ["none"]:
+        return None
+    try:
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+        exporters = [_exporter(name, environ) for name in names if name != "none"]
+        service = environ.get("OTEL_SERVICE_NAME", "fashion-serve")
+        resource = Resource.create({"service.name": service, "process.pid": os.getpid()})
+        provider = TracerProvider(resource=resource)  # the sampler comes from OTEL_TRACES_SAMPLER[_ARG]
+        for exporter in exporters:
+            provider.add_span_processor(BatchSpanProcessor(exporter))  # OTEL_BSP_* apply
+    except Exception as exc:  # any configuration error: serve untraced, say so once
+        logger.warning("tracing is off: the OTEL_* configuration cannot work: %s", exc)
+        return None
+    return install(provider)
+
+
+def install(provider: TracerProvider) -> Tracer:
+    """Trace with `provider` from now on (tests pass one with an in-memory exporter)."""
+    global _tracer, _provider
+    _provider, _tracer = provider, provider.get_tracer("fashion-serve")
+    return _tracer
+
+
+def stop() -> None:
+    """Export what is buffered and turn tracing off (a worker's shutdown)."""
+    global _tracer, _provider
+    if _provider is not None:
+        _provider.shutdown()
+    _tracer = _provider = None
+
+
+def _exporter(name: str, environ: Mapping[str, str]) -> Any:
+    if name == "console":
+        from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+        return ConsoleSpanExporter()
+    if name != "otlp":
+        raise ValueError(f"OTEL_TRACES_EXPORTER {name!r}: this service exports with otlp or console")
+    protocol = environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+    protocol = protocol or "http/protobuf"
+    if protocol == "http/protobuf":
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HTTPExporter
+
+        return HTTPExporter()
+    if protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GRPCExporter
+
+        return GRPCExporter()
+    raise ValueError(f"OTLP protocol {protocol!r}: use http/protobuf or grpc")
+
+
+def is_inference_path(path: str) -> bool:
+    """Whether a request path is one a server span is made for (never probes, /metrics, files)."""
+    return path in ("/predict", "/explain") or (path.startswith("/v2/models/") and path.endswith("/infer"))
+
+
+@contextlib.contextmanager
+def server_span(scope: Mapping[str, Any]) -> Iterator[Span | None]:
+    """The request's server span, child of its `traceparent`, current for the request; None when off."""
+    if _tracer is None or not is_inference_path(scope["path"]):
+        yield None
+        return
+    from opentelemetry.propagate import extract
+    from opentelemetry.trace import SpanKind
+
+    carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+    attributes = {"http.request.method": scope["method"], "url.path": scope["path"], "url.scheme": "http"}
+    with _tracer.start_as_current_span(
+        f"{scope['method']} {scope['path']}", context=extract(carrier), kind=SpanKind.SERVER, attributes=attributes
+    ) as span:
+        yield span
+
+
+def finish_server_span(span: Span, method: str, route: str, status: int) -> None:
+    """Name the server span by its route template and record the answer's status."""
+    span.update_name(f"{method} {route}")
+    span.set_attribute("http.route", route)
+    span.set_attribute("http.response.status_code", status)
+    if status >= 500:
+        from opentelemetry.trace import Status, StatusCode
+
+        span.set_attribute("error.type", str(status))
+        span.set_status(Status(StatusCode.ERROR))
+
+
+def trace_id(span: Span | None) -> str | None:
+    """The span's trace id as 32 hex digits (what the access log shows)."""
+    return None if span is None else f"{span.get_span_context().trace_id:032x}"
+
+
+@contextlib.contextmanager
+def child(name: str) -> Iterator[None]:
+    """A child span of the current one (`receive`, `encode`); nothing when off or untraced."""
+    if _tracer is None or not _recording():
+        yield
+        return
+    with _tracer.start_as_current_span(name):
+        yield
+
+
+def _recording() -> bool:
+    from opentelemetry.trace import get_current_span
+
+    return bool(get_current_span().is_recording())
+
+
+def current() -> Context | None:
+    """The current context, to carry across the thread hand-off; None when off or untraced."""
+    if _tracer is None or not _recording():
+        return None
+    from opentelemetry.context import get_current
+
+    return get_current()
+
+
+def in_context(work: Callable[[], T], context: Context | None, name: str = "decode") -> Callable[[], T]:
+    """`work` run as a span `name` under `context`, on whatever thread calls it."""
+    if context is None or _tracer is None:
+        return work
+    tracer_ = _tracer
+
+    def traced() -> T:
+        with tracer_.start_as_current_span(name, context=context):
+            return work()
+
+    return traced
+
+
+def queued(contexts: Sequence[tuple[Context | None, int]]) -> None:
+    """Each request's `queue` span: from when it was submitted (`time.time_ns()`) until now."""
+    if _tracer is None:
+        return
+    now = time.time_ns()
+    for context, submitted_ns in contexts:
+        if context is not None:
+            _tracer.start_span("queue", context=context, start_time=submitted_ns).end(end_time=now)
+
+
+@contextlib.contextmanager
+def batch(contexts: Sequence[Context | None]) -> Iterator[None]:
+    """The batch's span, linked to every traced request it serves; current for its forward passes."""
+    if _tracer is None or not any(c is not None for c in contexts):
+        yield
+        return
+    from opentelemetry.trace import Link, get_current_span
+
+    links = [Link(get_current_span(c).get_span_context()) for c in contexts if c is not None]
+    attributes = {"fashion_serve.batch.requests": len(contexts)}
+    with _tracer.start_as_current_span("batch", links=links, attributes=attributes):
+        yield
+
+
+@contextlib.contextmanager
+def forward(images: int) -> Iterator[None]:
+    """One forward pass, under its batch's span."""
+    if _tracer is None or not _recording():
+        yield
+        return
+    with _tracer.start_as_current_span("forward", attributes={"fashion_serve.batch.images": images}):
+        yield
+
+
+def describe(attributes: Mapping[str, Any]) -> None:
+    """Attributes for the current (server) span: model, version, backend, images, OOD flags."""
+    if _tracer is None:
+        return
+    from opentelemetry.trace import get_current_span
+
+    span = get_current_span()
+    if span.is_recording():
+        span.set_attributes(dict(attributes))

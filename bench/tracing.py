@@ -1,0 +1,66 @@
+"""Tracing's cost: /predict at c=32 with tracing off, then on (every request sampled, exported
+over OTLP/HTTP to a receiver in this process that reads and discards each export).
+
+    python -m bench.tracing [--seconds 8] [--rounds 2] [--checkpoint models/course_network.pt]
+
+Off and on alternate for `--rounds`, in one run; the ratios are what to read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.server
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+from bench.run import ROOT, drive, fashion_pngs, started, write_bodies
+
+
+class _Sink(http.server.BaseHTTPRequestHandler):
+    """Accepts OTLP/HTTP exports and drops them."""
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.tracing", description=__doc__)
+    parser.add_argument("--seconds", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--checkpoint", type=Path, default=ROOT / "models" / "course_network.pt")
+    args = parser.parse_args(argv)
+    sink = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Sink)
+    threading.Thread(target=sink.serve_forever, daemon=True).start()
+    traced = {
+        "OTEL_TRACES_EXPORTER": "otlp",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink.server_address[1]}",
+        "OTEL_TRACES_SAMPLER": "always_on",
+    }
+    rows: dict[str, list[float]] = {"off": [], "on": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        content_type = write_bodies(Path(tmp), fashion_pngs(256), 1)
+        for _ in range(args.rounds):
+            for mode, env in (("off", {}), ("on", traced)):
+                with started("service", args.checkpoint, args.workers, extra_env=env) as server:
+                    row = drive(server, Path(tmp), content_type, 32, args.seconds, 2)
+                rows[mode].append(row["rps"])
+                latency = f"p50 {row['p50']:6.2f} ms  p99 {row['p99']:6.2f} ms"
+                print(f"tracing {mode:<3} c=32 {row['rps']:8.0f} req/s  {latency}", flush=True)
+    sink.shutdown()
+    off, on = sum(rows["off"]) / len(rows["off"]), sum(rows["on"]) / len(rows["on"])
+    print(f"tracing on / off = {on / off:.3f}x req/s (mean of {args.rounds} rounds each)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""OpenTelemetry tracing: the spans of a traced request, nothing when off, and the real OTLP export."""
+
+from __future__ import annotations
+
+import http.server
+import logging
+import threading
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+
+from app import tracing
+from app.main import create_app
+from app.settings import Settings
+from bench.server import free_port
+from tests.helpers import png
+
+TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
+PARENT_ID = "b7ad6b7169203331"
+TRACEPARENT = {"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"}
+V2_TENSOR = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 784], "data": [0.0] * 784}]}
+
+
+@pytest.fixture
+def traced(settings: Settings) -> Iterator[tuple[TestClient, InMemorySpanExporter]]:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    with TestClient(create_app(settings)) as client:
+        tracing.install(provider)
+        try:
+            yield client, exporter
+        finally:
+            tracing.stop()
+
+
+def _by_name(spans: tuple[ReadableSpan, ...]) -> dict[str, ReadableSpan]:
+    return {span.name: span for span in spans}
+
+
+def test_a_traced_request_has_its_stages_and_a_linked_batch(
+    traced: tuple[TestClient, InMemorySpanExporter], caplog: pytest.LogCaptureFixture
+) -> None:
+    client, exporter = traced
+    with caplog.at_level(logging.INFO, logger="app.access"):
+        assert client.post("/predict", files={"file": ("a.png", png())}, headers=TRACEPARENT).status_code == 200
+    spans = _by_name(exporter.get_finished_spans())
+    server = spans["POST /predict"]
+    context = server.get_span_context()
+    assert server.kind == SpanKind.SERVER and f"{context.trace_id:032x}" == TRACE_ID
+    assert server.parent is not None and f"{server.parent.span_id:016x}" == PARENT_ID
+    assert server.attributes is not None
+    assert server.attributes["http.route"] == "/predict" and server.attributes["http.response.status_code"] == 200
+    assert server.attributes["fashion_serve.model.backend"] == "torch-fp32"
+    assert server.attributes["fashion_serve.images"] == 1
+    for stage in ("receive", "queue", "decode", "encode"):
+        parent = spans[stage].parent
+        assert parent is not None and parent.span_id == context.span_id, stage
+    batch, forward = spans["batch"], spans["forward"]
+    assert [link.context.span_id for link in batch.links] == [context.span_id]
+    assert batch.get_span_context().trace_id != context.trace_id  # the batch is its own trace, linked
+    assert forward.parent is not None and forward.parent.span_id == batch.get_span_context().span_id
+    assert forward.attributes is not None and forward.attributes["fashion_serve.batch.images"] == 1
+    assert any(f"trace={TRACE_ID}" in r.getMessage() for r in caplog.records if r.name == "app.access")
+
+
+def test_v2_is_traced_and_probes_metrics_and_files_are_not(traced: tuple[TestClient, InMemorySpanExporter]) -> None:
+    client, exporter = traced
+    for path in ("/health/live", "/health/ready", "/metrics", "/", "/v2/health/ready"):
+        client.get(path)
+    assert exporter.get_finished_spans() == ()
+    assert client.post("/v2/models/tiny/infer", json=V2_TENSOR).status_code == 200
+    names = {span.name for span in exporter.get_finished_spans()}
+    assert {"POST /v2/models/{model}/infer", "receive", "queue", "batch", "forward", "encode"} <= names
+
+
+def test_off_unless_configured_and_a_bad_configuration_is_one_warning(
+    settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with TestClient(create_app(settings)) as client:  # the service's own log handler writes to stderr
+        assert tracing.tracer() is None
+        assert client.post("/predict", files={"file": ("a.png", png())}, headers=TRACEPARENT).status_code == 200
+        capsys.readouterr()
+        assert tracing.start({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "smoke-signals"}) is None
+        assert tracing.start({"OTEL_TRACES_EXPORTER": "zipkin-v0"}) is None
+        lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and all("WARNING app [-] tracing is off" in line for line in lines), lines
+    assert "smoke-signals" in lines[0] and "zipkin-v0" in lines[1]
+    assert tracing.tracer() is None
+
+
+class _Receiver(http.server.BaseHTTPRequestHandler):
+    """An OTLP/HTTP receiver: decodes each export as the collector would."""
+
+    received: list[trace_service_pb2.ExportTraceServiceRequest]
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        assert self.path == "/v1/traces" and self.headers["Content-Type"] == "application/x-protobuf"
+        self.received.append(trace_service_pb2.ExportTraceServiceRequest.FromString(body))
+        answer = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", str(len(answer)))
+        self.end_headers()
+        self.wfile.write(answer)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+class _GRPCReceiver(trace_service_pb2_grpc.TraceServiceServicer):
+    def __init__(self) -> None:
+        self.received: list[trace_service_pb2.ExportTraceServiceRequest] = []
+
+    def Export(self, request: Any, context: Any) -> Any:  # noqa: N802 (the generated name)
+        self.received.append(request)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+
+def _exported(received: list[trace_service_pb2.ExportTraceServiceRequest]) -> list[Any]:
+    return [span for r in received for resource in r.resource_spans for s in resource.scope_spans for span in s.spans]
+
+
+def _one_traced_request(settings: Settings) -> None:
+    with TestClient(create_app(settings)) as client:  # the lifespan sets tracing up, and flushes it at the end
+        assert tracing.tracer() is not None
+        assert client.post("/predict", files={"file": ("a.png", png())}, headers=TRACEPARENT).status_code == 200
+
+
+def test_otlp_http_export_reaches_a_receiver(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    received: list[trace_service_pb2.ExportTraceServiceRequest] = []
+    handler = type("Handler", (_Receiver,), {"received": received})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "otlp")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "fashion-test")
+    try:
+        _one_traced_request(settings)
+    finally:
+        server.shutdown()
+    spans = _exported(received)
+    names = {span.name for span in spans}
+    assert {"POST /predict", "receive", "queue", "decode", "batch", "forward", "encode"} <= names
+    server_span = next(span for span in spans if span.name == "POST /predict")
+    assert server_span.trace_id.hex() == TRACE_ID and server_span.parent_span_id.hex() == PARENT_ID
+    service = {a.value.string_value for r in received for res in r.resource_spans for a in res.resource.attributes}
+    assert "fashion-test" in service
+
+
+def test_otlp_grpc_export_reaches_a_receiver(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    import grpc
+
+    receiver = _GRPCReceiver()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, server)
+    port = free_port()
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "otlp")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_INSECURE", "true")
+    try:
+        _one_traced_request(settings)
+    finally:
+        server.stop(0)
+    names = {span.name for span in _exported(receiver.received)}
+    assert {"POST /predict", "queue", "batch", "forward"} <= names
+
+
+@pytest.mark.slow
+def test_every_worker_traces_after_the_fork(tiny_checkpoint: Path) -> None:
+    """`python -m app` with two workers: each sets tracing up after the fork and exports its spans."""
+    import http.client
+
+    from bench.server import serving
+
+    received: list[trace_service_pb2.ExportTraceServiceRequest] = []
+    handler = type("Handler", (_Receiver,), {"received": received})
+    receiver = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    env = {
+        "FASHION_SERVE_CHECKPOINT": str(tiny_checkpoint),
+        "OTEL_TRACES_EXPORTER": "otlp",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver.server_address[1]}",
+        "OTEL_BSP_SCHEDULE_DELAY": "200",
+    }
+    body = png()
+    try:
+        with serving(env, workers=2) as (_process, port):
+            for _ in range(40):  # new connections: the kernel spreads them over both workers' sockets
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+                connection.request("POST", "/predict", body, {"Content-Type": "image/png", **TRACEPARENT})
+                assert connection.getresponse().status == 200
+                connection.close()
+    finally:
+        receiver.shutdown()
+    pids = {
+        a.value.int_value
+        for r in received
+        for res in r.resource_spans
+        for a in res.resource.attributes
+        if a.key == "process.pid" and any(s.spans for s in res.scope_spans)
+    }
+    assert len(pids) == 2, pids
+    servers = [s for s in _exported(received) if s.name == "POST /predict"]
+    assert len(servers) == 40 and all(s.trace_id.hex() == TRACE_ID for s in servers)
