@@ -184,4 +184,5 @@ class DataPlane:
         except DeadlineExpired as exc:
             raise ServeError(504, f"deadline exceeded: {exc}; not computed") from None
         self.metrics.images_per_request.observe(len(scored.input.names))
+        self.metrics.count_answers(model.class_names, scored.probabilities, scored.ood_scores, model.ood_threshold)
         return scored
