@@ -16,7 +16,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-import torch
 from starlette.concurrency import run_in_threadpool
 
 from app import tracing
@@ -190,6 +189,7 @@ class DataPlane:
         except DeadlineExpired as exc:
             raise ServeError(504, f"deadline exceeded: {exc}; not computed") from None
         self.metrics.images_per_request.observe(len(scored.input.names))
+        self.metrics.count_answers(model.class_names, scored.probabilities, scored.ood_scores, model.ood_threshold)
         if trace is not None:
             tracing.describe(_span_attributes(model, scored))
         return scored
@@ -199,7 +199,7 @@ def _span_attributes(model: ServedModel, scored: Scored) -> dict[str, object]:
     """What a request's server span says of its model and answer."""
     flagged = 0
     if scored.ood_scores is not None and model.ood_threshold is not None:
-        flagged = int(out_of_distribution(torch.from_numpy(scored.ood_scores), model.ood_threshold).sum())
+        flagged = int(out_of_distribution(scored.ood_scores, model.ood_threshold).sum())
     return {
         "fashion_serve.model.name": model.name,
         "fashion_serve.model.version": model.settings.model_version,

@@ -37,6 +37,13 @@ def _served(plane: DataPlane) -> tuple[str, ...] | None:
     return served.name, served.loaded.arch, served.checkpoint.sha256, str(served.device)
 
 
+def _ood_baseline(plane: DataPlane) -> tuple[float, float | None] | None:
+    served = plane.model
+    if served is None or served.ood_threshold is None:
+        return None
+    return served.ood_threshold, served.ood_expected_flagged_ratio
+
+
 async def _render_detail(request: Request, exc: Exception) -> Response:
     """ServeError from a FastAPI route outside v2: the service's own `{"detail": ...}` shape."""
     assert isinstance(exc, ServeError)
@@ -49,7 +56,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     plane = DataPlane(settings, api_key_digests=load_api_keys(settings))
     collector = ModelCollector(
-        partial(_served, plane), lambda: reload_counts(snapshot_path()), lambda: last_reload(snapshot_path())
+        partial(_served, plane),
+        lambda: reload_counts(snapshot_path()),
+        lambda: last_reload(snapshot_path()),
+        partial(_ood_baseline, plane),
     )
     plane.metrics.add_live(collector)
 

@@ -8,13 +8,16 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
+
+from models.trust import out_of_distribution
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
@@ -72,6 +75,24 @@ def configure_logging(log_format: str, level: str) -> None:
 
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+# The OOD score (a squared Mahalanobis distance, models/trust.py): finer where the bundled
+# checkpoints' thresholds lie (`ServedModel.ood_threshold`), coarser far below (garments) and far
+# above (non-garments).
+OOD_SCORE_BUCKETS = (25, 50, 75, 100, 150, 200, 225, 250, 275, 300, 325, 350, 375, 400, 450, 500, 600, 800, 1000, 2500)
+
+
+def observe_many(histogram: Histogram, values: np.ndarray) -> None:
+    """`histogram.observe(v)` for every value, with one increment per bucket hit rather than per
+    value. It writes prometheus_client's per-bucket counts (`_buckets`, not cumulative) and `_sum`
+    directly: `tests/app/test_metrics.py` checks it against `observe` for each library update."""
+    values = values[~np.isnan(values)]  # `observe` would put a NaN in no bucket and spoil the sum
+    if not len(values):
+        return
+    bounds = np.asarray(histogram._upper_bounds)
+    hits = np.bincount(np.searchsorted(bounds, values, side="left"), minlength=len(bounds))
+    histogram._sum.inc(float(values.sum(dtype=np.float64)))
+    for index in np.flatnonzero(hits):
+        histogram._buckets[index].inc(int(hits[index]))
 
 
 class Metrics:
@@ -84,6 +105,7 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        self._predicted_children: dict[str, Any] = {}
         self.requests = Counter(
             "fashion_serve_requests",
             "HTTP requests by route, method and status",
@@ -127,6 +149,23 @@ class Metrics:
             ("reason",),
             registry=self.registry,
         )
+        self.predictions = Counter(
+            "fashion_serve_predictions",
+            "Images answered, by top-1 class (a drift signal: compare the mix over time)",
+            ("class",),
+            registry=self.registry,
+        )
+        self.ood_score = Histogram(
+            "fashion_serve_ood_score",
+            "OOD score of each image answered (checkpoints with OOD statistics only)",
+            buckets=OOD_SCORE_BUCKETS,
+            registry=self.registry,
+        )
+        self.ood_flagged = Counter(
+            "fashion_serve_ood_flagged",
+            "Images answered whose OOD score is past the checkpoint's threshold",
+            registry=self.registry,
+        )
         self._live: list[Collector] = []
 
     def add_live(self, collector: Collector) -> None:
@@ -147,6 +186,42 @@ class Metrics:
         children[0].inc()
         children[1].observe(seconds)
 
+    def count_answers(
+        self,
+        class_names: Sequence[str],
+        probabilities: np.ndarray,
+        ood_scores: np.ndarray | None,
+        threshold: float | None,
+    ) -> None:
+        """The drift signals of one request's answered images: each one's top-1 class, its OOD
+        score and whether it was flagged. One increment per class and bucket hit, not per image;
+        a single image (the common request) takes the plain calls, cheaper than numpy's."""
+        if len(probabilities) == 1:
+            self._predicted(class_names[int(probabilities[0].argmax())]).inc()
+            if ood_scores is not None and threshold is not None:
+                score = float(ood_scores[0])
+                self.ood_score.observe(score)
+                if out_of_distribution(score, threshold):
+                    self.ood_flagged.inc()
+            return
+        if not len(probabilities):
+            return
+        counts = np.bincount(probabilities.argmax(axis=1), minlength=len(class_names))
+        for index in np.flatnonzero(counts):
+            self._predicted(class_names[int(index)]).inc(int(counts[index]))
+        if ood_scores is None or threshold is None:
+            return
+        observe_many(self.ood_score, ood_scores)
+        flagged = int(np.count_nonzero(out_of_distribution(ood_scores, threshold)))
+        if flagged:
+            self.ood_flagged.inc(flagged)
+
+    def _predicted(self, class_name: str) -> Any:
+        child = self._predicted_children.get(class_name)
+        if child is None:
+            child = self._predicted_children[class_name] = self.predictions.labels(class_name)
+        return child
+
     def render(self) -> bytes:
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             registry = CollectorRegistry()
@@ -158,7 +233,9 @@ class Metrics:
 
 
 class ModelCollector(Collector):
-    """`fashion_serve_model_info` (the model this worker serves now: one series, value 1) and
+    """`fashion_serve_model_info` (the model this worker serves now: one series, value 1), its OOD
+    baseline (`fashion_serve_ood_threshold`, `fashion_serve_ood_expected_flagged_ratio`: the share
+    of validation garments the checkpoint's threshold flags) when it has one,
     `fashion_serve_model_reloads_total{result}` (the supervisor's counts) and the last reload's
     outcome (`fashion_serve_model_last_reload_success`, `..._timestamp_seconds`), read at each scrape."""
 
@@ -167,10 +244,12 @@ class ModelCollector(Collector):
         served: Callable[[], tuple[str, ...] | None],
         reloads: Callable[[], dict[str, int]],
         last_reload: Callable[[], dict[str, Any] | None],
+        ood_baseline: Callable[[], tuple[float, float | None] | None] = lambda: None,
     ) -> None:
         self.served = served  # (name, arch, sha256, device) of the model now served, or None
         self.reloads = reloads
         self.last_reload = last_reload
+        self.ood_baseline = ood_baseline  # (threshold, expected flagged ratio or None), or None
 
     def collect(self) -> Iterator[Metric]:
         info = GaugeMetricFamily(
@@ -180,6 +259,7 @@ class ModelCollector(Collector):
         if served is not None:
             info.add_metric(list(served), 1)
         yield info
+        yield from self._ood_baseline()
         reloads = CounterMetricFamily(
             "fashion_serve_model_reloads", "Model reloads asked for with SIGHUP, by result", labels=("result",)
         )
@@ -204,3 +284,16 @@ class ModelCollector(Collector):
                     "How long the last SIGHUP reload's validation took",
                     value=float(last["validation_s"]),
                 )
+
+    def _ood_baseline(self) -> Iterator[Metric]:
+        baseline = self.ood_baseline()
+        if baseline is None:
+            return
+        threshold, expected = baseline
+        yield GaugeMetricFamily("fashion_serve_ood_threshold", "The served checkpoint's OOD threshold", value=threshold)
+        if expected is not None:
+            yield GaugeMetricFamily(
+                "fashion_serve_ood_expected_flagged_ratio",
+                "Share of validation garments the checkpoint's OOD threshold flags (the drift baseline)",
+                value=expected,
+            )

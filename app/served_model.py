@@ -136,6 +136,14 @@ class ServedModel:
     def ood_threshold(self) -> float | None:
         return self.trust.threshold
 
+    @property
+    def ood_expected_flagged_ratio(self) -> float | None:
+        """The share of validation garments the OOD threshold flags, as the checkpoint records it
+        (training.fit_trust: `val_flag_rate`, else the `flag_rate` aimed at); None if unrecorded."""
+        info = self.loaded.ood.info if self.loaded.ood is not None else None
+        value = (info or {}).get("val_flag_rate", (info or {}).get("flag_rate"))
+        return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
     @torch.inference_mode()
     def score(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """(N, 1, S, S) float32 inputs -> class probabilities (N, classes) and OOD scores (N,) or None.

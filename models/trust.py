@@ -30,6 +30,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, overload
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -142,8 +143,12 @@ def ood_scores(features: torch.Tensor, stats: OODStats) -> torch.Tensor:
 def out_of_distribution(scores: float, threshold: float) -> bool: ...
 @overload
 def out_of_distribution(scores: torch.Tensor, threshold: float) -> torch.Tensor: ...
-def out_of_distribution(scores: float | torch.Tensor, threshold: float) -> bool | torch.Tensor:
-    """The OOD verdict, for one score or a tensor of them: past the threshold is out of distribution."""
+@overload
+def out_of_distribution(scores: np.ndarray, threshold: float) -> np.ndarray: ...
+def out_of_distribution(
+    scores: float | torch.Tensor | np.ndarray, threshold: float
+) -> bool | torch.Tensor | np.ndarray:
+    """The OOD verdict, for one score or an array of them: past the threshold is out of distribution."""
     return scores > threshold
 
 

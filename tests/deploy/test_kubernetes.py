@@ -291,6 +291,25 @@ def test_the_grace_period_covers_the_pause_and_the_drain(
         assert pod["terminationGracePeriodSeconds"] > pause + grace + 1, overlay
 
 
+def test_pods_carry_prometheus_scrape_annotations_for_the_serving_port(
+    rendered: dict[str, list[dict[str, Any]]], tiny_checkpoint: Path
+) -> None:
+    for overlay in ("cpu", "gpu"):
+        template = one(rendered[overlay], "Deployment")["spec"]["template"]
+        annotations = template["metadata"]["annotations"]
+        assert annotations["prometheus.io/scrape"] == "true", overlay
+        container = serving_container(template["spec"])
+        assert (
+            int(annotations["prometheus.io/port"])
+            == port_number(container, "http")
+            == int(env_of(container)["FASHION_SERVE_PORT"])
+        )
+        path = annotations["prometheus.io/path"]
+    with TestClient(create_app(Settings(checkpoint=tiny_checkpoint, device="cpu"))) as client:
+        response = client.get(path)
+        assert response.status_code == 200 and "fashion_serve_model_info" in response.text
+
+
 def test_pods_run_locked_down_as_the_images_user(rendered: dict[str, list[dict[str, Any]]]) -> None:
     user = re.search(r"^USER (\d+):(\d+)$", (ROOT / "Dockerfile").read_text(), re.MULTILINE)
     assert user, "the Dockerfile's runtime stage sets a numeric USER"
