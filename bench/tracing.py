@@ -1,5 +1,5 @@
-"""Tracing's cost: /predict at c=32 with tracing off, then on (every request sampled, exported
-over OTLP/HTTP to a receiver in this process that reads and discards each export).
+"""Tracing's cost: /predict at c=32 with tracing off, then on (every request sampled, or `--ratio`
+of them, exported over OTLP/HTTP to a receiver in this process that reads and discards each export).
 
     python -m bench.tracing [--seconds 8] [--rounds 2] [--checkpoint models/course_network.pt]
 
@@ -38,13 +38,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--checkpoint", type=Path, default=ROOT / "models" / "course_network.pt")
+    parser.add_argument("--ratio", type=float, default=1.0, help="share of requests sampled (1: every request)")
     args = parser.parse_args(argv)
     sink = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Sink)
     threading.Thread(target=sink.serve_forever, daemon=True).start()
     traced = {
         "OTEL_TRACES_EXPORTER": "otlp",
         "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink.server_address[1]}",
-        "OTEL_TRACES_SAMPLER": "always_on",
+        "OTEL_TRACES_SAMPLER": "always_on" if args.ratio >= 1 else "parentbased_traceidratio",
+        "OTEL_TRACES_SAMPLER_ARG": str(args.ratio),
     }
     rows: dict[str, list[float]] = {"off": [], "on": []}
     with tempfile.TemporaryDirectory() as tmp:
