@@ -11,7 +11,7 @@ from app.main import create_app
 from app.settings import Settings
 from tests.helpers import write_tiny_checkpoint
 
-# gRPC off in every app and server the tests start (its default port, 8081, would be shared by
+# gRPC off in every app and server the tests start (its fixed default port would be shared by
 # all of them and by other runs on the machine); the gRPC tests name a free port.
 os.environ["FASHION_SERVE_GRPC_PORT"] = "0"
 
