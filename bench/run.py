@@ -363,7 +363,8 @@ def _run_case(
                 probe = LivenessProbe(server.port)
                 probe.start()
             if case.api == "grpc-fp32":
-                row = rows[c] = drive_grpc(server, bodies, checkpoint.stem, case.per_request, c, args.seconds, args.warmup)
+                model, per = checkpoint.stem, case.per_request
+                row = rows[c] = drive_grpc(server, bodies, model, per, c, args.seconds, args.warmup)
             else:
                 row = rows[c] = drive(server, bodies, content_type, c, args.seconds, args.warmup, path)
             if probe:
