@@ -85,10 +85,12 @@ CMD ["train", "--arch", "cnn", "--epochs", "15", "--augment", "flip", "--seed", 
 FROM base AS runtime
 COPY --from=build /opt/venv /opt/venv
 ENV FASHION_SERVE_HOST=0.0.0.0 \
-    FASHION_SERVE_PORT=8000
+    FASHION_SERVE_PORT=8000 \
+    FASHION_SERVE_GRPC_PORT=8081
 WORKDIR /home/app
 USER 10001:10001
-EXPOSE 8000
+# HTTP (REST, v2 REST) and gRPC (v2 over gRPC, grpc.health.v1).
+EXPOSE 8000 8081
 # Ready means the model is loaded and warmed up. Python, not curl (slim images have none); no proxy for localhost.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request as u; u.build_opener(u.ProxyHandler({})).open('http://127.0.0.1:%s/health/ready' % os.environ.get('FASHION_SERVE_PORT', '8000'), timeout=4)"]

@@ -12,3 +12,5 @@ The map, from the core outwards:
   `reload/` (SIGHUP: supervisor and worker halves);
 - `main`: `create_app` composes all of it.
 """
+
+__version__ = "0.1.0"

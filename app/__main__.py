@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         # Each worker counts its own requests; this directory lets /metrics add them up. It must
         # be set before prometheus_client is imported (below), which reads it once.
         metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="fashion-serve-metrics-")
+    # The workers bind gRPC on the same host as HTTP; they read it from their Settings.
+    os.environ["FASHION_SERVE_HOST"] = args.host
     supervisor = os.getpid()
     try:
         return _serve(settings, args.host, args.port, args.workers)

@@ -1,5 +1,6 @@
-"""One worker's life, top to bottom: load and warm up the model, mark ready, follow reloads,
-drain on SIGTERM, stop the inference thread. `lifespan` is what the app factory hands FastAPI."""
+"""One worker's life, top to bottom: load and warm up the model, mark ready, serve gRPC beside
+HTTP, follow reloads, drain on SIGTERM, stop the inference thread. `lifespan` is what the app
+factory hands FastAPI."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from starlette.concurrency import run_in_threadpool
@@ -26,6 +27,9 @@ from app.reload.snapshot import snapshot_path
 from app.reload.worker import follow_snapshot
 from app.served_model import ServedModel
 from models import CheckpointError
+
+if TYPE_CHECKING:
+    from app.protocols.grpc.server import GrpcServer
 
 logger = logging.getLogger("app")
 # The inference thread runs at a lower CPU priority than the event loop: where the CPUs are
@@ -42,7 +46,8 @@ def lifespan(plane: DataPlane) -> Callable[[Any], contextlib.AbstractAsyncContex
         configure_logging(plane.settings.log_format, plane.settings.log_level)
         tracing.start()  # after the fork: each worker has its own exporter thread
         await start(plane)
-        drain_on_sigterm(plane.health)
+        grpc_server = await start_grpc(plane)
+        drain_on_sigterm(plane.health, grpc_server.drain if grpc_server else None)
         snapshot = snapshot_path()
         follower = asyncio.create_task(follow_snapshot(plane, snapshot, partial(load, plane))) if snapshot else None
         try:
@@ -51,6 +56,8 @@ def lifespan(plane: DataPlane) -> Callable[[Any], contextlib.AbstractAsyncContex
             plane.health.start_draining()
             if follower:
                 follower.cancel()
+            if grpc_server:
+                await grpc_server.stop()
             await stop(plane)
             tracing.stop()
 
@@ -81,6 +88,16 @@ async def start(plane: DataPlane) -> None:
     logger.info("ready: %s", plane.model.summary())
 
 
+async def start_grpc(plane: DataPlane) -> GrpcServer | None:
+    """This worker's gRPC server, unless FASHION_SERVE_GRPC_PORT is 0. grpc is imported here, in
+    the worker after the fork, never in the supervisor: grpc is not fork-safe."""
+    if not plane.settings.grpc_port:
+        return None
+    from app.protocols.grpc.server import GrpcServer
+
+    return await GrpcServer.start(plane)
+
+
 async def stop(plane: DataPlane) -> None:
     """End the inference thread; uvicorn has already drained the connections within the grace period."""
     model = plane.model
@@ -89,8 +106,9 @@ async def stop(plane: DataPlane) -> None:
         await run_in_threadpool(model.batcher.join, 1.0)
 
 
-def drain_on_sigterm(health: Health) -> None:
-    """Turn readiness off the moment SIGTERM arrives, then let the server's own handler run."""
+def drain_on_sigterm(health: Health, also: Callable[[], None] | None = None) -> None:
+    """Turn readiness off the moment SIGTERM arrives, call `also` (the gRPC server's drain), then
+    let the server's own handler run."""
     try:
         previous = signal.getsignal(signal.SIGTERM)
     except ValueError:
@@ -101,6 +119,8 @@ def drain_on_sigterm(health: Health) -> None:
     def handler(signum: int, frame: FrameType | None) -> None:
         health.start_draining("draining: SIGTERM received")
         logger.info("SIGTERM: readiness off, finishing requests in progress")
+        if also is not None:
+            also()
         previous(signum, frame)
 
     with contextlib.suppress(ValueError):  # not the main thread (e.g. under TestClient): no signals

@@ -14,7 +14,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.routing import Route
 
-from app import lifecycle
+from app import __version__, lifecycle
 from app.auth import load_api_keys
 from app.dataplane import DataPlane
 from app.errors import ServeError
@@ -75,7 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         openapi_extras=[predict.openapi, v2_openapi.openapi],
         title="fashion-serve",
         summary="Fashion-MNIST image classification over HTTP",
-        version="0.1.0",
+        version=__version__,
         lifespan=lifecycle.lifespan(plane),
         docs_url=None,
         redoc_url=None,

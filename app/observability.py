@@ -104,11 +104,12 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        self._children: dict[tuple[str, str, int | str], tuple[Any, Any]] = {}
         self._predicted_children: dict[str, Any] = {}
         self.requests = Counter(
             "fashion_serve_requests",
-            "HTTP requests by route, method and status",
+            "Requests by route (HTTP path template, or gRPC method), method (HTTP method, or GRPC) "
+            "and status (HTTP status, or gRPC status code)",
             ("route", "method", "status"),
             registry=self.registry,
         )
@@ -174,7 +175,7 @@ class Metrics:
         self.registry.register(collector)
         self._live.append(collector)
 
-    def count_request(self, route: str, method: str, status: int, seconds: float) -> None:
+    def count_request(self, route: str, method: str, status: int | str, seconds: float) -> None:
         """One finished request; the labelled children are looked up once per label set."""
         key = (route, method, status)
         children = self._children.get(key)

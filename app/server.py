@@ -7,6 +7,7 @@ is loaded by each worker's lifespan.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import resource
@@ -154,6 +155,14 @@ def serve(
     Raises AddressInUse before starting; gunicorn itself exits 3 if a worker cannot boot.
     """
     claim = claim_address(host, port)
+    # gRPC's port too: a plain socket, no grpc object (the workers create their gRPC servers).
+    grpc_claim: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
+    if settings.grpc_port:
+        try:
+            grpc_claim = claim_address(host, settings.grpc_port)
+        except AddressInUse:
+            claim.close()
+            raise
     _allow_descriptors(settings.max_connections * workers + 256)
     options: dict[str, Any] = {
         "bind": f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
@@ -177,7 +186,10 @@ def serve(
         "proc_name": "fashion-serve",
         "control_socket_disable": True,  # no runtime control socket in $HOME or $XDG_RUNTIME_DIR
     }
-    logging.getLogger("app").info("serving %s on http://%s with %d workers", application, options["bind"], workers)
-    with claim:
+    grpc_note = f", gRPC on port {settings.grpc_port}" if settings.grpc_port else ""
+    logging.getLogger("app").info(
+        "serving %s on http://%s%s with %d workers", application, options["bind"], grpc_note, workers
+    )
+    with claim, grpc_claim:
         _Supervisor(application, options, source).run()
     return 0

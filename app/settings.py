@@ -38,6 +38,7 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    grpc_port: int = Field(8081, ge=0, le=65535)  # the v2 protocol over gRPC, on `host`; 0: off
     workers: int | None = Field(None, ge=1, le=64)  # None: one per CPU this process may use
     keep_alive_s: int = Field(5, ge=1)
     max_header_bytes: int = Field(16 * 1024, ge=1024, le=1024 * 1024)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from bench.server import ROOT, serving
+from bench.server import ROOT, free_port, serving
 from models.served_form import TORCH_FP32
 
 # A benchmark case's identity: server, model, images per request, api, served form.
@@ -42,6 +42,7 @@ class Server:
     process: subprocess.Popen[str]
     port: int
     ready_s: float
+    grpc_port: int = 0  # the service's gRPC port (0: not served)
 
     def pids(self) -> list[int]:
         """The server process and its descendants (uvicorn's worker processes)."""
@@ -97,9 +98,11 @@ def started(
     # The references run on the service's own server stack (gunicorn + uvicorn workers,
     # uvloop + httptools, one listening socket per worker), so only the app differs.
     module, args = ("app", ()) if name == "service" else ("bench.references", (name,))
+    grpc_port = free_port() if name == "service" else 0
+    env["FASHION_SERVE_GRPC_PORT"] = str(grpc_port)
     began = time.perf_counter()
     with serving(env, *args, module=module, workers=workers, capture=False) as (process, port):
-        yield Server(name, process, port, time.perf_counter() - began)
+        yield Server(name, process, port, time.perf_counter() - began, grpc_port)
 
 
 def write_bodies(folder: Path, images: list[bytes], per_request: int) -> str:
@@ -242,6 +245,29 @@ def drive(
     }
 
 
+def drive_grpc(
+    server: Server, bodies: Path, model: str, per_request: int, connections: int, seconds: float, warmup: float
+) -> dict:
+    """`drive`'s row for ModelInfer over gRPC with the v2 bodies' raw FP32 tensors (bench.grpc_load);
+    the load generator's CPU goes in the `wrk cpu%` column."""
+    from bench import grpc_load
+
+    messages = grpc_load.requests_from_v2_bodies(bodies, model, per_request)
+    cpu_before = server.cpu_seconds()
+    result = grpc_load.load(server.grpc_port, messages, connections, seconds, warmup)
+    cpu = server.cpu_seconds() - cpu_before  # warm-up included: scaled to the measured share below
+    return {
+        "rps": result["requests"] / seconds,
+        "p50": result["p50"],
+        "p90": result["p90"],
+        "p99": result["p99"],
+        "errors": result["errors"],
+        "cpu_ms": 1000 * cpu * seconds / (seconds + warmup) / max(1, result["requests"]),
+        "wrk_cpu": 100 * result["client_cpu_s"] / (seconds + warmup),
+        "rss": server.rss_mb_per_worker(),
+    }
+
+
 @dataclass(frozen=True)
 class Case:
     server: str
@@ -249,7 +275,8 @@ class Case:
     workers: int
     per_request: int
     concurrency: tuple[int, ...]
-    api: str = "predict"  # predict, or v2 with binary FP32 or BYTES (encoded PNG) input: v2-fp32, v2-bytes
+    # predict; v2 with binary FP32 or BYTES (encoded PNG) input: v2-fp32, v2-bytes; grpc-fp32: v2 over gRPC, raw FP32
+    api: str = "predict"
     backend: str = "auto"  # the service's FASHION_SERVE_BACKEND: auto serves the checkpoint's fastest sound form
 
     @property
@@ -272,7 +299,9 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--mlp", type=Path, default=ROOT / "models" / "course_network.pt")
     parser.add_argument("--cnn", type=Path, default=ROOT / "models" / "fashion_cnn.pt")
     parser.add_argument("--quick", action="store_true", help="only the c=32 rows and the ratios")
-    parser.add_argument("--only", help="run just the rows of one server (naive, empty, service) or api (v2-fp32, ...)")
+    parser.add_argument(
+        "--only", help="run just the rows of servers (naive, empty, service) or apis (v2-fp32, grpc-fp32, ...), a,b"
+    )
     return parser.parse_args(argv)
 
 
@@ -292,8 +321,10 @@ def _cases(args: argparse.Namespace) -> list[Case]:
         Case("service", "mlp", w, 1, (32,), "v2-fp32"),
         Case("service", "mlp", w, 32, (32,), "v2-fp32"),
         Case("service", "mlp", w, 1, (32,), "v2-bytes"),
+        Case("service", "mlp", w, 1, (32,), "grpc-fp32"),
+        Case("service", "mlp", w, 32, (32,), "grpc-fp32"),
     ]
-    return [c for c in cases if args.only in (c.server, c.api)] if args.only else cases
+    return [c for c in cases if {c.server, c.api} & set(args.only.split(","))] if args.only else cases
 
 
 def _bodies(tmp: Path, case: Case, checkpoint: Path, pngs: list[bytes]) -> tuple[Path, str]:
@@ -304,7 +335,7 @@ def _bodies(tmp: Path, case: Case, checkpoint: Path, pngs: list[bytes]) -> tuple
         if case.api == "predict":
             content_type = write_bodies(bodies, pngs, case.per_request)
         else:
-            datatype = "FP32" if case.api == "v2-fp32" else "BYTES"
+            datatype = "BYTES" if case.api == "v2-bytes" else "FP32"
             write_v2_bodies(bodies, checkpoint, pngs, case.per_request, datatype)
             content_type = "application/octet-stream"
         (bodies / "type").write_text(content_type)
@@ -331,7 +362,11 @@ def _run_case(
             if case.api == "predict" and case.per_request == 1 and c == 32 and case.model == "mlp":
                 probe = LivenessProbe(server.port)
                 probe.start()
-            row = rows[c] = drive(server, bodies, content_type, c, args.seconds, args.warmup, path)
+            if case.api == "grpc-fp32":
+                model, per = checkpoint.stem, case.per_request
+                row = rows[c] = drive_grpc(server, bodies, model, per, c, args.seconds, args.warmup)
+            else:
+                row = rows[c] = drive(server, bodies, content_type, c, args.seconds, args.warmup, path)
             if probe:
                 probe.stopping.set()
                 probe.join()
@@ -364,12 +399,23 @@ def main(argv: list[str] | None = None) -> int:
             bodies, content_type = _bodies(Path(tmp), case, checkpoints[case.model], pngs)
             for c, row in _run_case(case, checkpoints[case.model], bodies, content_type, args, health).items():
                 results[(case.key, c)] = row
+    _print_grpc_ratios(results)
     if args.only:
         if health.p99_ms is not None:
             print(f"/health/live p99 while /predict runs at c=32: {health.p99_ms:.2f} ms, {health.failures} failed")
         return 0
     _print_ratios(results, health, args.quick)
     return 0
+
+
+def _print_grpc_ratios(results: dict[tuple[Key, int], dict]) -> None:
+    """gRPC against REST v2, the same raw FP32 tensors, where both rows ran."""
+    for per in (1, 32):
+        grpc_row = results.get((("service", "mlp", per, "grpc-fp32", "auto"), 32))
+        rest_row = results.get((("service", "mlp", per, "v2-fp32", "auto"), 32))
+        if grpc_row and rest_row:
+            ratio = grpc_row["rps"] / rest_row["rps"]
+            print(f"c=32, MLP, {per:>2} images: gRPC / REST v2 (binary FP32) images/s = {ratio:.2f}x  (target >= 0.9x)")
 
 
 def _form(case: Case) -> str:

@@ -17,6 +17,9 @@ from typing import TypedDict, Unpack
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
+# On the CPU, one worker, gRPC off (its fixed default port would collide between servers): `env`
+# names a port (free_port()) to serve gRPC.
+SERVER_DEFAULTS = {"FASHION_SERVE_DEVICE": "cpu", "FASHION_SERVE_WORKERS": "1", "FASHION_SERVE_GRPC_PORT": "0"}
 
 
 class ServerExited(RuntimeError):
@@ -49,7 +52,7 @@ def start_server(
 ) -> tuple[subprocess.Popen[str], int]:
     """Spawn `python -m <module> --host 127.0.0.1 --port <free> <args>` from `root`, with
     `--workers` when `workers` is given (else one worker, unless `env` sets FASHION_SERVE_WORKERS),
-    on the CPU unless `env` says otherwise; `env` adds to this process's environment. With
+    on the CPU and without gRPC unless `env` says otherwise; `env` adds to this process's environment. With
     `capture`, stdout and stderr share one pipe, read with communicate(): a long run that logs much
     should log at warning. Without, they go to this process's own."""
     port = free_port()
@@ -58,7 +61,7 @@ def start_server(
     process = subprocess.Popen(
         [*command, *args],
         cwd=root,
-        env={**os.environ, "FASHION_SERVE_DEVICE": "cpu", "FASHION_SERVE_WORKERS": "1", **(env or {})},
+        env={**os.environ, **SERVER_DEFAULTS, **(env or {})},
         stdout=subprocess.PIPE if capture else None,
         stderr=subprocess.STDOUT if capture else None,
         text=True,

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,6 +10,10 @@ from fastapi.testclient import TestClient
 from app.main import create_app
 from app.settings import Settings
 from tests.helpers import write_tiny_checkpoint
+
+# gRPC off in every app and server the tests start (its fixed default port would be shared by
+# all of them and by other runs on the machine); the gRPC tests name a free port.
+os.environ["FASHION_SERVE_GRPC_PORT"] = "0"
 
 
 @pytest.fixture(scope="session")

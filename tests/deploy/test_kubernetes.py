@@ -12,14 +12,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import kubernetes_validate
 import pytest
 import yaml
 from fastapi.testclient import TestClient
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from app.main import create_app
 from app.settings import Settings
-from bench.server import ROOT, serving
+from bench.server import ROOT, free_port, serving
 
 KUSTOMIZE_ROOT = ROOT / "deploy" / "kubernetes"
 OVERLAYS = ("cpu", "gpu", "kserve")
@@ -195,11 +197,14 @@ def test_selectors_match_their_own_pods_only(rendered: dict[str, list[dict[str, 
     assert not gpu_selector.items() <= pod_labels["cpu"].items()
 
 
-def test_the_service_targets_the_serving_port(rendered: dict[str, list[dict[str, Any]]]) -> None:
+def test_the_service_targets_the_serving_ports(rendered: dict[str, list[dict[str, Any]]]) -> None:
     for overlay in ("cpu", "gpu"):
         container = serving_container(one(rendered[overlay], "Deployment")["spec"]["template"]["spec"])
-        (port,) = one(rendered[overlay], "Service")["spec"]["ports"]
-        assert port_number(container, port["targetPort"]) == int(env_of(container)["FASHION_SERVE_PORT"])
+        http, grpc = one(rendered[overlay], "Service")["spec"]["ports"]
+        assert (http["name"], grpc["name"]) == ("http", "grpc"), overlay
+        assert port_number(container, http["targetPort"]) == int(env_of(container)["FASHION_SERVE_PORT"])
+        assert port_number(container, grpc["targetPort"]) == int(env_of(container)["FASHION_SERVE_GRPC_PORT"])
+        assert grpc["appProtocol"] == "kubernetes.io/h2c", overlay
 
 
 def test_the_gpu_overlay_asks_for_a_gpu(rendered: dict[str, list[dict[str, Any]]]) -> None:
@@ -222,10 +227,11 @@ def test_the_inference_service_is_a_v2_custom_predictor(rendered: dict[str, list
     assert predictor["scaleMetric"] == "cpu" and 0 < predictor["scaleTarget"] <= 100
     container = serving_container(predictor)
     assert container["name"] == "kserve-container"
-    assert [p["containerPort"] for p in container["ports"]] == [8080]
+    assert [p["containerPort"] for p in container["ports"]] == [8080, 8081]
+    assert container["ports"][1]["name"] == "h2c"  # KServe's name for the gRPC port
     env = env_of(container)
     assert env["PROTOCOL"] == "v2"
-    assert env["FASHION_SERVE_PORT"] == "8080"
+    assert env["FASHION_SERVE_PORT"] == "8080" and env["FASHION_SERVE_GRPC_PORT"] == "8081"
     name = env["FASHION_SERVE_MODEL_NAME"]
     assert container["readinessProbe"]["httpGet"] == {"path": f"/v2/models/{name}/ready", "port": 8080}
     assert container["startupProbe"]["httpGet"] == {"path": f"/v2/models/{name}/ready", "port": 8080}
@@ -259,8 +265,10 @@ def test_container_ports_are_the_ports_the_app_binds(
 ) -> None:
     for overlay, pod in pod_specs(rendered):
         container = serving_container(pod)
-        port = settings_of(container, monkeypatch).port
-        assert [p["containerPort"] for p in container["ports"]] == [port], overlay
+        settings = settings_of(container, monkeypatch)
+        port = settings.port
+        assert [p["containerPort"] for p in container["ports"]] == [port, settings.grpc_port], overlay
+        assert settings.grpc_port == Settings.model_fields["grpc_port"].default, overlay
         for kind, probe in probes(container).items():
             assert port_number(container, probe["httpGet"]["port"]) == port, (overlay, kind)
 
@@ -388,9 +396,14 @@ def test_a_server_started_with_the_manifests_environment_answers_its_probes(
     pod = next(p for o, p in pod_specs(rendered) if o == overlay)
     container = serving_container(pod)
     env = {k: v for k, v in env_of(container).items() if k.startswith(PREFIX)}
+    env["FASHION_SERVE_GRPC_PORT"] = str(free_port())  # as the HTTP port: a free one, not the manifest's
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     with serving(env) as (_, port):
         for probe in probes(container).values():
             path = probe["httpGet"]["path"]
             with opener.open(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
                 assert response.status == 200, path
+        # What a `grpc:` probe asks (grpc.health.v1), on the gRPC port.
+        with grpc.insecure_channel(f"127.0.0.1:{env['FASHION_SERVE_GRPC_PORT']}") as channel:
+            check = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert check.status == health_pb2.HealthCheckResponse.SERVING

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from functools import partial
 
 from starlette.concurrency import run_in_threadpool
 from starlette.types import Receive, Scope
@@ -11,15 +10,7 @@ from starlette.types import Receive, Scope
 from app import tracing
 from app.dataplane import INLINE_DECODE_BYTES, TIMEOUT_HEADER, DataPlane, parse_timeout_s
 from app.http.messages import Reply, header, receive_body
-from app.protocols.v2.request import (
-    HEADER_LENGTH,
-    InferRequest,
-    bytes_elements,
-    image_input,
-    output_names,
-    parse_infer_request,
-    tensor_input,
-)
+from app.protocols.v2.request import HEADER_LENGTH, InferRequest, model_input, output_names, parse_infer_request
 from app.protocols.v2.response import encode
 from app.served_model import Pending, ServedModel
 from app.settings import Settings
@@ -31,9 +22,7 @@ def _parse(scope: Scope, body: bytes, model: ServedModel, settings: Settings) ->
     request = parse_infer_request(
         body, header(scope, HEADER_LENGTH), outputs, model.num_classes, settings.v2_max_images
     )
-    if request.datatype != "BYTES":
-        return request, tensor_input(request, model)
-    return request, partial(image_input, bytes_elements(request), model, settings.max_image_pixels)
+    return request, model_input(request, model, settings.max_image_pixels)
 
 
 async def infer(plane: DataPlane, scope: Scope, receive: Receive) -> Reply:

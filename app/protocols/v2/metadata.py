@@ -1,5 +1,7 @@
 """The v2 routes that describe rather than infer: server metadata and health, and per model its
-metadata, readiness and Triton configuration, each served unversioned and versioned by one handler."""
+metadata, readiness and Triton configuration, each served unversioned and versioned by one handler.
+The handlers' bodies (`describe_server`, `model_metadata`, `model_ready`, `model_config`) are
+plain functions of the data plane, which the gRPC adapter answers with too."""
 
 # No `from __future__ import annotations`: `_pair` builds the route functions' signatures from objects.
 
@@ -17,6 +19,7 @@ from app.served_model import ServedModel
 from models.served_form import ONNX_INT8
 
 EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "health", "metadata"]
+SERVER_NAME = "fashion-serve"
 
 router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"], route_class=protocol_route(render_error))
 
@@ -24,7 +27,12 @@ router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"], route_cl
 @router.get("")
 async def server_metadata(request: Request) -> dict[str, Any]:
     """Server name, version and the protocol extensions it supports."""
-    return {"name": "fashion-serve", "version": request.app.version, "extensions": EXTENSIONS}
+    return describe_server(request.app.version)
+
+
+def describe_server(version: str) -> dict[str, Any]:
+    """The server metadata every transport answers with."""
+    return {"name": SERVER_NAME, "version": version, "extensions": EXTENSIONS}
 
 
 @router.get("/health/live")
@@ -69,7 +77,7 @@ def _platform(model: ServedModel) -> str:
     return "onnxruntime_onnx" if model.forward.name == ONNX_INT8 else "pytorch_libtorch"
 
 
-def _model_metadata(plane: DataPlane, name: str, version: str | None) -> dict[str, Any]:
+def model_metadata(plane: DataPlane, name: str, version: str | None) -> dict[str, Any]:
     model = plane.current_model(name, version)
     side = model.input_size
     return {
@@ -81,13 +89,13 @@ def _model_metadata(plane: DataPlane, name: str, version: str | None) -> dict[st
     }
 
 
-def _model_ready(plane: DataPlane, name: str, version: str | None) -> dict[str, Any]:
+def model_ready(plane: DataPlane, name: str, version: str | None) -> dict[str, Any]:
     plane.current_model(name, version)
     plane.check_ready()
     return {"name": name, "ready": True}
 
 
-def _model_config(plane: DataPlane, name: str, version: str | None) -> dict[str, Any]:
+def model_config(plane: DataPlane, name: str, version: str | None) -> dict[str, Any]:
     model = plane.current_model(name, version)
     side = model.input_size
     return {
@@ -102,12 +110,12 @@ def _model_config(plane: DataPlane, name: str, version: str | None) -> dict[str,
     }
 
 
-_pair("", _model_metadata, AuthorizedPlaneDep, "The model's name, versions, platform and its input and output tensors.")
+_pair("", model_metadata, AuthorizedPlaneDep, "The model's name, versions, platform and its input and output tensors.")
 _pair(
     "/ready",
-    _model_ready,
+    model_ready,
     PlaneDep,
     "200 when this model can infer now (the KServe readiness probe path).",
     responses={503: {"description": "not ready"}, 404: {"description": "unknown"}},
 )
-_pair("/config", _model_config, AuthorizedPlaneDep, "Triton's model configuration JSON (what get_model_config reads).")
+_pair("/config", model_config, AuthorizedPlaneDep, "Triton's model configuration JSON (what get_model_config reads).")

@@ -10,13 +10,14 @@ import math
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
 
 from app.decoding import ModelInput, image_to_input
 from app.errors import ServeError
-from app.served_model import ServedModel
+from app.served_model import Pending, ServedModel
 from models.preprocessing import normalize
 
 INPUT = "input"
@@ -103,18 +104,9 @@ def parse_infer_request(
     if not isinstance(inputs, list) or len(inputs) != 1:
         raise _bad(f"'inputs' must be a list of exactly one tensor, named {INPUT!r}")
     tensor = _object(inputs[0], "an input")
-    if tensor.get("name") != INPUT:
-        raise _bad(f"unknown input {tensor.get('name')!r}: the model's only input is {INPUT!r}")
-    datatype = tensor.get("datatype")
-    if datatype not in ("FP32", "UINT8", "BYTES"):
-        raise _bad(f"input datatype {datatype!r} is not accepted: send FP32, UINT8 or BYTES")
-    shape = tensor.get("shape")
-    if not isinstance(shape, list) or not shape or not all(type(d) is int and d >= 0 for d in shape):
-        raise _bad("'shape' must be a non-empty list of non-negative integers")
-    if shape[0] > max_images:
-        raise ServeError(413, f"{shape[0]} images in one request; the limit is {max_images}")
-    if shape[0] == 0:
-        raise _bad("a request needs at least one image")
+    datatype: Any = tensor.get("datatype")
+    shape: Any = tensor.get("shape")
+    check_input(tensor.get("name"), datatype, shape, max_images)
     size = _object(tensor.get("parameters"), "input 'parameters'").get("binary_data_size")
     if size is not None:
         if type(size) is not int or size != len(binary):
@@ -135,13 +127,26 @@ def parse_infer_request(
         data,
         size is not None,
         _parse_outputs(request.get("outputs"), binary_default, outputs, num_classes),
-        _timeout_s(parameters),
+        timeout_s(parameters.get("timeout")),
     )
 
 
-def _timeout_s(parameters: dict[str, Any]) -> float | None:
+def check_input(name: object, datatype: object, shape: object, max_images: int) -> None:
+    """The one input's name, datatype and shape, whatever the transport: 400 (413 past `max_images`)."""
+    if name != INPUT:
+        raise _bad(f"unknown input {name!r}: the model's only input is {INPUT!r}")
+    if datatype not in ("FP32", "UINT8", "BYTES"):
+        raise _bad(f"input datatype {datatype!r} is not accepted: send FP32, UINT8 or BYTES")
+    if not isinstance(shape, list) or not shape or not all(type(d) is int and d >= 0 for d in shape):
+        raise _bad("'shape' must be a non-empty list of non-negative integers")
+    if shape[0] > max_images:
+        raise ServeError(413, f"{shape[0]} images in one request; the limit is {max_images}")
+    if shape[0] == 0:
+        raise _bad("a request needs at least one image")
+
+
+def timeout_s(value: object) -> float | None:
     """The `timeout` parameter, microseconds as Triton has it, in seconds."""
-    value = parameters.get("timeout")
     if value is None:
         return None
     if type(value) is not int or value <= 0:
@@ -159,16 +164,20 @@ def _parse_outputs(
     parsed = []
     for output in outputs:
         output = _object(output, "an output")
-        name = output.get("name")
-        if not isinstance(name, str) or name not in names:
-            raise _bad(f"unknown output {name!r}: the model's outputs are {list(names)}")
         parameters = _object(output.get("parameters"), "output 'parameters'")
-        k = parameters.get("classification", 0)
-        if type(k) is not int or not 0 <= k <= num_classes or (k and name != PROBABILITIES):
-            raise _bad(f"'classification' must be an integer from 1 to {num_classes}, on {PROBABILITIES!r}")
         binary = _flag(parameters, "binary_data") if "binary_data" in parameters else binary_default
-        parsed.append(OutputRequest(name, k, binary))
+        k = parameters.get("classification", 0)
+        parsed.append(output_request(output.get("name"), k, binary, names, num_classes))
     return parsed
+
+
+def output_request(name: object, k: object, binary: bool, names: Sequence[str], num_classes: int) -> OutputRequest:
+    """A requested output, checked: one of `names`, and `classification` k only on the probabilities."""
+    if not isinstance(name, str) or name not in names:
+        raise _bad(f"unknown output {name!r}: the model's outputs are {list(names)}")
+    if type(k) is not int or not 0 <= k <= num_classes or (k and name != PROBABILITIES):
+        raise _bad(f"'classification' must be an integer from 1 to {num_classes}, on {PROBABILITIES!r}")
+    return OutputRequest(name, k, binary)
 
 
 def _array(request: InferRequest, dtype: type[np.generic]) -> np.ndarray:
@@ -191,7 +200,8 @@ def _array(request: InferRequest, dtype: type[np.generic]) -> np.ndarray:
 
 
 def bytes_elements(request: InferRequest) -> list[bytes]:
-    """BYTES elements: length-prefixed in binary, base64 strings in JSON."""
+    """BYTES elements: length-prefixed in binary, base64 strings in JSON, or already apart
+    (a list of bytes: gRPC's typed `bytes_contents`)."""
     if request.shape not in ([request.shape[0]], [request.shape[0], 1]):
         raise _bad(f"BYTES input must have shape [N] or [N, 1], not {request.shape}")
     count = request.shape[0]
@@ -210,6 +220,8 @@ def bytes_elements(request: InferRequest) -> list[bytes]:
                 raise _bad(f"more BYTES elements than shape {request.shape} holds")
             images.append(data[offset : offset + length])
             offset += length
+    elif isinstance(request.data, list) and all(isinstance(s, bytes) for s in request.data):
+        images = request.data
     else:
         if not isinstance(request.data, list) or not all(isinstance(s, str) for s in request.data):
             raise _bad("BYTES data in JSON must be a flat list of base64 strings (or use binary data)")
@@ -250,3 +262,10 @@ def image_input(images: Sequence[bytes], service: ServedModel, max_pixels: int) 
         except ServeError as exc:
             raise ServeError(exc.status, f"image {position}: {exc.message}") from None
     return ModelInput.of(np.stack(arrays))
+
+
+def model_input(request: InferRequest, service: ServedModel, max_pixels: int) -> Pending:
+    """The request's model input: tensors now; encoded images as a decoder the batcher runs."""
+    if request.datatype != "BYTES":
+        return tensor_input(request, service)
+    return partial(image_input, bytes_elements(request), service, max_pixels)

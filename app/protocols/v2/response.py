@@ -4,6 +4,7 @@ extension, and every refusal as `{"error": message}` (`render_error`, the protoc
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,18 +20,21 @@ def render_error(exc: ServeError) -> Reply:
     return Reply(exc.status, dump_json({"error": exc.message}), headers=exc.headers)
 
 
-def _tensor(
-    name: str, datatype: str, shape: list[int], values: Any, binary: bool, blobs: list[bytes]
-) -> dict[str, Any]:
-    """One output: its data inline in JSON, or appended to `blobs` (binary tensor data)."""
-    if not binary:
-        return {"name": name, "datatype": datatype, "shape": shape, "data": values}
-    if datatype == "BYTES":
-        blob = b"".join(BYTES_LENGTH.pack(len(v)) + v for v in (s.encode() for s in values))
-    else:
-        blob = np.ascontiguousarray(values, dtype="<f4").tobytes()
-    blobs.append(blob)
-    return {"name": name, "datatype": datatype, "shape": shape, "parameters": {"binary_data_size": len(blob)}}
+@dataclass
+class OutputTensor:
+    """One output, whatever the transport: FP32 values, or BYTES strings (classification)."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+    values: np.ndarray | list[str]
+
+    def raw(self) -> bytes:
+        """The tensor's bytes as v2 lays them out (binary tensor data, gRPC's raw contents): FP32
+        little-endian; BYTES elements each after its 4-byte little-endian length."""
+        if isinstance(self.values, list):
+            return b"".join(BYTES_LENGTH.pack(len(v)) + v for v in (s.encode() for s in self.values))
+        return np.ascontiguousarray(self.values, dtype="<f4").tobytes()
 
 
 def classification(probabilities: np.ndarray, k: int, class_names: Sequence[str]) -> list[str]:
@@ -39,25 +43,40 @@ def classification(probabilities: np.ndarray, k: int, class_names: Sequence[str]
     return [f"{row[i]:.6f}:{i}:{class_names[i]}" for row, top in zip(probabilities, order, strict=True) for i in top]
 
 
-def encode(request: InferRequest, scored: Scored, service: ServedModel) -> Reply:
-    """The answer: JSON, or with binary outputs the JSON header then the tensors' bytes."""
+def output_tensors(request: InferRequest, scored: Scored, service: ServedModel) -> list[OutputTensor]:
+    """The outputs the request asked for, in its order."""
     probabilities = scored.probabilities
     n, classes = probabilities.shape
-    blobs: list[bytes] = []
-    outputs = []
+    tensors = []
     for output in request.outputs:
         if output.name == OOD_SCORE:
             scores = scored.ood_scores
             assert scores is not None  # only offered when the checkpoint has the statistics
-            values = scores if output.binary else scores.tolist()
-            outputs.append(_tensor(output.name, "FP32", [n, 1], values, output.binary, blobs))
+            tensors.append(OutputTensor(output.name, "FP32", [n, 1], scores))
         elif output.classification:
             values = classification(probabilities, output.classification, service.class_names)
-            outputs.append(_tensor(output.name, "BYTES", [n, output.classification], values, output.binary, blobs))
-        elif output.binary:
-            outputs.append(_tensor(output.name, "FP32", [n, classes], probabilities, True, blobs))
+            tensors.append(OutputTensor(output.name, "BYTES", [n, output.classification], values))
         else:
-            outputs.append(_tensor(output.name, "FP32", [n, classes], probabilities.ravel().tolist(), False, blobs))
+            tensors.append(OutputTensor(output.name, "FP32", [n, classes], probabilities))
+    return tensors
+
+
+def _json_tensor(tensor: OutputTensor, binary: bool, blobs: list[bytes]) -> dict[str, Any]:
+    """One output: its data inline in JSON, or appended to `blobs` (binary tensor data)."""
+    head: dict[str, Any] = {"name": tensor.name, "datatype": tensor.datatype, "shape": tensor.shape}
+    if not binary:
+        values = tensor.values
+        return {**head, "data": values if isinstance(values, list) else values.ravel().tolist()}
+    blob = tensor.raw()
+    blobs.append(blob)
+    return {**head, "parameters": {"binary_data_size": len(blob)}}
+
+
+def encode(request: InferRequest, scored: Scored, service: ServedModel) -> Reply:
+    """The answer: JSON, or with binary outputs the JSON header then the tensors' bytes."""
+    blobs: list[bytes] = []
+    tensors = output_tensors(request, scored, service)
+    outputs = [_json_tensor(t, o.binary, blobs) for t, o in zip(tensors, request.outputs, strict=True)]
     response: dict[str, Any] = {"model_name": service.name, "model_version": service.settings.model_version}
     if request.id is not None:
         response["id"] = request.id

@@ -1,0 +1,96 @@
+"""ModelInfer: the message -> the v2 request and its model input, through the same checks and
+decoders as REST (`app.protocols.v2.request`); the scores -> raw output contents, the tensors
+REST encodes (`app.protocols.v2.response.output_tensors`)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+from google.protobuf.message import Message
+from starlette.concurrency import run_in_threadpool
+
+from app.dataplane import INLINE_DECODE_BYTES, DataPlane
+from app.errors import ServeError
+from app.protocols.grpc.proto import grpc_predict_v2_pb2 as pb
+from app.protocols.v2.request import (
+    INPUT,
+    InferRequest,
+    OutputRequest,
+    check_input,
+    model_input,
+    output_names,
+    output_request,
+    timeout_s,
+)
+from app.protocols.v2.response import output_tensors
+from app.served_model import Pending, Scored, ServedModel
+from app.settings import Settings
+
+
+def _parameter(parameters: Any, name: str, default: object = None) -> object:
+    """A parameter's value, whichever of InferParameter's kinds carries it."""
+    if name not in parameters:  # a lookup by [] would add the key
+        return default
+    parameter: Message = parameters[name]
+    kind = parameter.WhichOneof("parameter_choice")
+    return default if kind is None else getattr(parameter, kind)
+
+
+def _typed_contents(tensor: Any) -> Any:
+    """The input's typed contents, as the JSON path's `data` (numbers) or a list of BYTES elements."""
+    contents = tensor.contents
+    if tensor.datatype == "FP32":
+        return np.asarray(contents.fp32_contents, dtype=np.float32)
+    if tensor.datatype == "UINT8":
+        return np.asarray(contents.uint_contents, dtype=np.int64)
+    return list(contents.bytes_contents)
+
+
+def parse(message: Any, model: ServedModel, settings: Settings) -> tuple[InferRequest, Pending]:
+    """A ModelInferRequest -> the request and its model input; ServeError 400/413 if malformed."""
+    if len(message.inputs) != 1:
+        raise ServeError(400, f"'inputs' must be exactly one tensor, named {INPUT!r}")
+    tensor = message.inputs[0]
+    shape = list(tensor.shape)
+    check_input(tensor.name, tensor.datatype, shape, settings.v2_max_images)
+    raw = message.raw_input_contents
+    if raw and (len(raw) != 1 or tensor.HasField("contents")):
+        raise ServeError(400, "raw_input_contents must hold the one input, and the input no typed contents")
+    data = raw[0] if raw else _typed_contents(tensor)
+    names = output_names(model)
+    outputs = [
+        output_request(o.name, _parameter(o.parameters, "classification", 0), False, names, model.num_classes)
+        for o in message.outputs
+    ] or [OutputRequest(name) for name in names]
+    timeout = timeout_s(_parameter(message.parameters, "timeout"))
+    request = InferRequest(message.id or None, tensor.datatype, shape, data, bool(raw), outputs, timeout)
+    return request, model_input(request, model, settings.max_image_pixels)
+
+
+def encode(request: InferRequest, scored: Scored, model: ServedModel) -> Any:
+    """The response: every output's data in raw_output_contents (what tritonclient.grpc reads)."""
+    response = pb.ModelInferResponse(
+        model_name=model.name, model_version=model.settings.model_version, id=request.id or ""
+    )
+    for tensor in output_tensors(request, scored, model):
+        response.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
+        response.raw_output_contents.append(tensor.raw())
+    return response
+
+
+async def model_infer(plane: DataPlane, message: Any, time_remaining_s: float | None) -> Any:
+    """Admit, parse, infer, encode: REST's path (`app.protocols.v2.infer`), with the call's gRPC
+    deadline in place of X-Request-Timeout and the message in place of the body."""
+    started = time.monotonic()
+    known_deadline = plane.deadline(started, time_remaining_s)
+    with plane.admit(message.model_name, message.model_version or None, known_deadline) as model:
+        size = message.ByteSize()
+        if size <= INLINE_DECODE_BYTES:
+            request, pending = parse(message, model, plane.settings)
+        else:
+            request, pending = await run_in_threadpool(parse, message, model, plane.settings)
+        deadline = plane.deadline(started, time_remaining_s, request.timeout_s)
+        scored = await plane.infer(model, pending, size, deadline)
+    return encode(request, scored, model)

@@ -1,0 +1,177 @@
+"""The RPCs of `inference.GRPCInferenceService` over the data plane, and `grpc.health.v1.Health`
+following readiness. Each RPC runs through `_Call`: request id, API key, status code, metrics, log."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import json_format
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from app import __version__
+from app.dataplane import DataPlane, Health
+from app.errors import ServeError
+from app.http.middleware import VALID_REQUEST_ID, RefusalLog
+from app.http.routing import held
+from app.observability import request_id_var
+from app.protocols.grpc.infer import model_infer
+from app.protocols.grpc.proto import grpc_predict_v2_pb2 as pb
+from app.protocols.grpc.proto import grpc_predict_v2_pb2_grpc as pb_grpc
+from app.protocols.grpc.status import status_code
+from app.protocols.v2.metadata import describe_server, model_config, model_metadata, model_ready
+
+logger = logging.getLogger("app.access")
+SERVICE = "inference.GRPCInferenceService"
+METHOD = "GRPC"  # the `method` label of fashion_serve_requests_total for gRPC calls
+WATCH_POLL_S = 0.5  # how often Health.Watch looks at readiness
+
+Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]
+H = TypeVar("H", bound=Handler)
+
+
+def rpc(keyed: bool = True) -> Callable[[H], H]:
+    """An RPC handler run through `InferenceServicer.call`; `keyed`: it needs an API key when keys are set."""
+
+    def wrap(method: H) -> H:
+        @functools.wraps(method)
+        async def handle(self: InferenceServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
+            return await self.call(method.__name__, keyed, method, request, context)
+
+        return handle  # type: ignore[return-value]
+
+    return wrap
+
+
+def _metadata(context: grpc.aio.ServicerContext, key: str) -> str | None:
+    for item in context.invocation_metadata() or ():
+        if item[0] == key and isinstance(item[1], str):
+            return item[1]
+    return None
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """Every RPC asks the data plane: the current model each call, so reloads serve gRPC too."""
+
+    def __init__(self, plane: DataPlane) -> None:
+        self.plane = plane
+        self.refusals = RefusalLog()
+
+    async def call(
+        self, name: str, keyed: bool, method: Handler, request: Any, context: grpc.aio.ServicerContext
+    ) -> Any:
+        """One RPC: its request id (the x-request-id metadata if plain, else a new one, sent back in
+        the trailing metadata), the key check, ServeError -> status code, and the metrics and log line."""
+        started = time.perf_counter()
+        incoming = _metadata(context, "x-request-id") or ""
+        request_id = incoming if VALID_REQUEST_ID.fullmatch(incoming) else os.urandom(16).hex()
+        token = request_id_var.set(request_id)
+        trailing = (("x-request-id", request_id),)
+        code = grpc.StatusCode.OK
+        try:
+            if keyed:
+                authorization = _metadata(context, "authorization")
+                self.plane.authorize(authorization.encode("latin-1") if authorization is not None else None)
+            response = await method(self, request, context)
+            context.set_trailing_metadata(trailing)
+            return response
+        except ServeError as exc:
+            code = status_code(exc)
+            await held(exc)
+            await context.abort(code, exc.message, trailing)
+        except asyncio.CancelledError:  # the client went away, or the server is stopping
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception:
+            if context.code() is not None:  # already aborted
+                raise
+            code = grpc.StatusCode.INTERNAL
+            logger.exception("gRPC %s failed", name)
+            await context.abort(code, "internal error", trailing)
+        finally:
+            self._account(name, code, time.perf_counter() - started)
+            request_id_var.reset(token)
+
+    def _account(self, name: str, code: grpc.StatusCode, seconds: float) -> None:
+        self.plane.metrics.count_request(name, METHOD, code.name, seconds)
+        if code is grpc.StatusCode.UNAVAILABLE:
+            self.refusals.refused()
+        else:
+            logger.info("gRPC %s %s %.1fms", name, code.name, seconds * 1000)
+
+    @rpc(keyed=False)
+    async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return pb.ServerLiveResponse(live=True)
+
+    @rpc(keyed=False)
+    async def ServerReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return pb.ServerReadyResponse(ready=self.plane.health.is_ready)
+
+    @rpc(keyed=False)
+    async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        """ready: false while loading or draining; NOT_FOUND for a model or version not served."""
+        try:
+            model_ready(self.plane, request.name, request.version or None)
+        except ServeError as exc:
+            if exc.status != 503:
+                raise
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=True)
+
+    @rpc()
+    async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return json_format.ParseDict(describe_server(__version__), pb.ServerMetadataResponse())
+
+    @rpc()
+    async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        metadata = model_metadata(self.plane, request.name, request.version or None)
+        return json_format.ParseDict(metadata, pb.ModelMetadataResponse())
+
+    @rpc()
+    async def ModelConfig(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        """REST's configuration in Triton's ModelConfig message (the fields this server fills in)."""
+        config = model_config(self.plane, request.name, request.version or None)
+        versions = config["version_policy"]["specific"]["versions"]
+        if not all(v.isdigit() for v in versions):  # Triton's versions are integers
+            del config["version_policy"]
+        return pb.ModelConfigResponse(config=json_format.ParseDict(config, pb.ModelConfig()))
+
+    @rpc()
+    async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await model_infer(self.plane, request, context.time_remaining())
+
+
+class ReadinessHealth(health_pb2_grpc.HealthServicer):
+    """grpc.health.v1: SERVING while the worker is ready, NOT_SERVING while loading or draining,
+    for the server as a whole ("") and for the inference service by name. Needs no key."""
+
+    def __init__(self, health: Health) -> None:
+        self.health = health
+
+    def _status(self, service: str) -> int:
+        if service not in ("", SERVICE):
+            return health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+        if self.health.is_ready:
+            return health_pb2.HealthCheckResponse.SERVING
+        return health_pb2.HealthCheckResponse.NOT_SERVING
+
+    async def Check(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        status = self._status(request.service)
+        if status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
+        return health_pb2.HealthCheckResponse(status=status)
+
+    async def Watch(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        last = None
+        while True:
+            status = self._status(request.service)
+            if status != last:
+                yield health_pb2.HealthCheckResponse(status=status)
+                last = status
+            await asyncio.sleep(WATCH_POLL_S)
