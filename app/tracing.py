@@ -8,8 +8,8 @@ and the OTLP exporter's `OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT`, `_HEADERS`, `_TI
 configuration that cannot work logs one WARNING and the service serves untraced.
 
 What a traced inference request gives (probes, /metrics and static files are not traced): a
-server span, child of the caller's W3C `traceparent`; its children `receive` (the body), `queue`
-(submitted until its batch starts), `decode` (where the inference thread decodes it) and
+server span (HTTP, or gRPC's ModelInfer), child of the caller's W3C `traceparent`; its children
+`receive` (the body), `queue` (submitted until its batch starts), `decode` (where the inference thread decodes it) and
 `encode`; and, in a trace of its own, the batch's `batch` span linked to every request it
 serves, with the `forward` passes under it. With tracing off, every hook is one `is None` test.
 """
@@ -20,7 +20,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
@@ -115,6 +115,23 @@ def server_span(scope: Mapping[str, Any]) -> Iterator[Span | None]:
     attributes = {"http.request.method": scope["method"], "url.path": scope["path"], "url.scheme": "http"}
     with _tracer.start_as_current_span(
         f"{scope['method']} {scope['path']}", context=extract(carrier), kind=SpanKind.SERVER, attributes=attributes
+    ) as span:
+        yield span
+
+
+@contextlib.contextmanager
+def rpc_server_span(service: str, method: str, metadata: Iterable[tuple[str, Any]]) -> Iterator[Span | None]:
+    """A gRPC call's server span, child of the `traceparent` in its metadata; None when off."""
+    if _tracer is None:
+        yield None
+        return
+    from opentelemetry.propagate import extract
+    from opentelemetry.trace import SpanKind
+
+    carrier = {key: value for key, value in metadata if isinstance(value, str)}
+    attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
+    with _tracer.start_as_current_span(
+        f"{service}/{method}", context=extract(carrier), kind=SpanKind.SERVER, attributes=attributes
     ) as span:
         yield span
 

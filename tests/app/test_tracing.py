@@ -217,3 +217,31 @@ def test_every_worker_traces_after_the_fork(tiny_checkpoint: Path) -> None:
     assert len(pids) == 2, pids
     servers = [s for s in _exported(received) if s.name == "POST /predict"]
     assert len(servers) == 40 and all(s.trace_id.hex() == TRACE_ID for s in servers)
+
+
+def test_grpc_model_infer_is_traced_like_http(settings: Settings) -> None:
+    import grpc
+
+    from app.protocols.grpc.proto import grpc_predict_v2_pb2 as pb
+    from tests.app.test_grpc import _inputs, _request, _stub
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    with_grpc = settings.model_copy(update={"grpc_port": free_port()})
+    with TestClient(create_app(with_grpc)), grpc.insecure_channel(f"127.0.0.1:{with_grpc.grpc_port}") as channel:
+        tracing.install(provider)
+        try:
+            _stub(channel).ModelInfer(_request(_inputs(1), [1, 784]), metadata=tuple(TRACEPARENT.items()))
+            _stub(channel).ServerLive(pb.ServerLiveRequest())
+        finally:
+            tracing.stop()
+    spans = _by_name(exporter.get_finished_spans())
+    server = spans["inference.GRPCInferenceService/ModelInfer"]
+    assert server.kind == SpanKind.SERVER and f"{server.get_span_context().trace_id:032x}" == TRACE_ID
+    assert server.attributes is not None and server.attributes["rpc.system"] == "grpc"
+    for stage in ("queue", "encode"):
+        parent = spans[stage].parent
+        assert parent is not None and parent.span_id == server.get_span_context().span_id, stage
+    assert [link.context.span_id for link in spans["batch"].links] == [server.get_span_context().span_id]
+    assert not any("ServerLive" in name for name in spans)  # only inference is traced

@@ -11,6 +11,7 @@ import numpy as np
 from google.protobuf.message import Message
 from starlette.concurrency import run_in_threadpool
 
+from app import tracing
 from app.dataplane import INLINE_DECODE_BYTES, DataPlane
 from app.errors import ServeError
 from app.protocols.grpc.proto import grpc_predict_v2_pb2 as pb
@@ -93,4 +94,5 @@ async def model_infer(plane: DataPlane, message: Any, time_remaining_s: float | 
             request, pending = await run_in_threadpool(parse, message, model, plane.settings)
         deadline = plane.deadline(started, time_remaining_s, request.timeout_s)
         scored = await plane.infer(model, pending, size, deadline)
-    return encode(request, scored, model)
+    with tracing.child("encode"):
+        return encode(request, scored, model)

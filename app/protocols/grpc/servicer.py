@@ -15,7 +15,7 @@ import grpc
 from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from app import __version__
+from app import __version__, tracing
 from app.dataplane import DataPlane, Health
 from app.errors import ServeError
 from app.http.middleware import VALID_REQUEST_ID, RefusalLog
@@ -144,7 +144,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @rpc()
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        return await model_infer(self.plane, request, context.time_remaining())
+        with tracing.rpc_server_span(SERVICE, "ModelInfer", context.invocation_metadata() or ()):
+            return await model_infer(self.plane, request, context.time_remaining())
 
 
 class ReadinessHealth(health_pb2_grpc.HealthServicer):
