@@ -164,3 +164,41 @@ def test_keys_and_health_on_two_workers_sharing_the_port() -> None:
             health = health_pb2_grpc.HealthStub(channel)
             assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
         client.close()
+
+
+def test_grpc_follows_a_reload_and_a_replaced_worker(tmp_path: object) -> None:
+    """SIGHUP reloads serve gRPC too, and a worker that replaces a killed one serves gRPC again."""
+    import os
+    import signal
+    from pathlib import Path
+
+    from tests.helpers import wait_for, write_tiny_checkpoint
+
+    path = write_tiny_checkpoint(Path(str(tmp_path)) / "m.pt", seed=1)
+    grpc_port = free_port()
+    env = {"FASHION_SERVE_CHECKPOINT": str(path), "FASHION_SERVE_GRPC_PORT": str(grpc_port)}
+    x = np.zeros((1, 784), np.float32)
+
+    def probabilities() -> np.ndarray:
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")  # a new connection each time
+        try:
+            return np.asarray(client.infer("m", [_tensor(grpcclient, x, "FP32")]).as_numpy("probabilities"))
+        finally:
+            client.close()
+
+    def every_worker_answers(want: np.ndarray) -> bool:
+        try:
+            return all(np.allclose(probabilities(), want) for _ in range(8))
+        except InferenceServerException:  # a worker still starting
+            return False
+
+    with serving(env, workers=2) as (process, _port):
+        before = probabilities()
+        write_tiny_checkpoint(path, seed=2)
+        process.send_signal(signal.SIGHUP)
+        assert wait_for(lambda: all(not np.allclose(probabilities(), before) for _ in range(8))), "the new model"
+        after = probabilities()
+        children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+        os.kill(int(children[0]), signal.SIGKILL)
+        assert wait_for(lambda: len(Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()) == 2)
+        assert wait_for(lambda: every_worker_answers(after), timeout=60), "the replacement serves gRPC, new model"

@@ -137,19 +137,30 @@ def _one_traced_request(settings: Settings) -> None:
         assert client.post("/predict", files={"file": ("a.png", png())}, headers=TRACEPARENT).status_code == 200
 
 
-def test_otlp_http_export_reaches_a_receiver(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def otlp_http() -> Iterator[tuple[str, list[trace_service_pb2.ExportTraceServiceRequest]]]:
+    """An OTLP/HTTP receiver on a free port: its endpoint, and the exports it decoded."""
     received: list[trace_service_pb2.ExportTraceServiceRequest] = []
     handler = type("Handler", (_Receiver,), {"received": received})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "otlp")
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
-    monkeypatch.setenv("OTEL_SERVICE_NAME", "fashion-test")
     try:
-        _one_traced_request(settings)
+        yield f"http://127.0.0.1:{server.server_address[1]}", received
     finally:
         server.shutdown()
+
+
+def test_otlp_http_export_reaches_a_receiver(
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    otlp_http: tuple[str, list[trace_service_pb2.ExportTraceServiceRequest]],
+) -> None:
+    endpoint, received = otlp_http
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "otlp")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "fashion-test")
+    _one_traced_request(settings)
     spans = _exported(received)
     names = {span.name for span in spans}
     assert {"POST /predict", "receive", "queue", "decode", "batch", "forward", "encode"} <= names
@@ -181,32 +192,28 @@ def test_otlp_grpc_export_reaches_a_receiver(settings: Settings, monkeypatch: py
 
 
 @pytest.mark.slow
-def test_every_worker_traces_after_the_fork(tiny_checkpoint: Path) -> None:
+def test_every_worker_traces_after_the_fork(
+    tiny_checkpoint: Path, otlp_http: tuple[str, list[trace_service_pb2.ExportTraceServiceRequest]]
+) -> None:
     """`python -m app` with two workers: each sets tracing up after the fork and exports its spans."""
     import http.client
 
     from bench.server import serving
 
-    received: list[trace_service_pb2.ExportTraceServiceRequest] = []
-    handler = type("Handler", (_Receiver,), {"received": received})
-    receiver = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    endpoint, received = otlp_http
     env = {
         "FASHION_SERVE_CHECKPOINT": str(tiny_checkpoint),
         "OTEL_TRACES_EXPORTER": "otlp",
-        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver.server_address[1]}",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
         "OTEL_BSP_SCHEDULE_DELAY": "200",
     }
     body = png()
-    try:
-        with serving(env, workers=2) as (_process, port):
-            for _ in range(40):  # new connections: the kernel spreads them over both workers' sockets
-                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-                connection.request("POST", "/predict", body, {"Content-Type": "image/png", **TRACEPARENT})
-                assert connection.getresponse().status == 200
-                connection.close()
-    finally:
-        receiver.shutdown()
+    with serving(env, workers=2) as (_process, port):
+        for _ in range(40):  # new connections: the kernel spreads them over both workers' sockets
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            connection.request("POST", "/predict", body, {"Content-Type": "image/png", **TRACEPARENT})
+            assert connection.getresponse().status == 200
+            connection.close()
     pids = {
         a.value.int_value
         for r in received
