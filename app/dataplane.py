@@ -34,6 +34,7 @@ UNAUTHORIZED = "missing or invalid API key: send Authorization: Bearer <key>"
 # Admission refusals are answered late (`ServeError.hold_s`): a deadline refusal just before the
 # deadline, a busy one once the excess work ahead would have drained (at most MAX_HOLD_S).
 HOLD_MARGIN_S = 0.1
+SOCKET_HOLD_SHARE = 0.5
 MAX_HOLD_S = 1.0
 TIMEOUT_HEADER = b"x-request-timeout"  # seconds, fractions allowed: the client's deadline over HTTP
 
@@ -115,6 +116,16 @@ class DataPlane:
             matched |= hmac.compare_digest(given, digest)
         if not (scheme.lower() == b"bearer" and matched):
             raise ServeError(401, UNAUTHORIZED, {"WWW-Authenticate": 'Bearer realm="fashion-serve"'})
+
+    def backlogged(self) -> bool:
+        """Whether the work admitted would take over half of what a request may wait (the queue
+        delay, or the server's deadline): then connections are held back at the socket."""
+        batcher = self.model.batcher if self.model is not None else None
+        if batcher is None:
+            return False
+        settings = self.settings
+        limit = min(settings.max_queue_delay_s, settings.request_timeout_s or settings.max_queue_delay_s)
+        return self.in_flight * batcher.seconds_per_item > limit * SOCKET_HOLD_SHARE
 
     # --- the inference path ----------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from starlette.concurrency import run_in_threadpool
 from app import tracing
 from app.dataplane import DataPlane, Health
 from app.decoding import ModelInput
+from app.http.backpressure import BACKPRESSURE
 from app.observability import configure_logging
 from app.reload.snapshot import snapshot_path
 from app.reload.worker import follow_snapshot
@@ -84,6 +85,7 @@ async def start(plane: DataPlane) -> None:
     # of the collector's scans removes the long gen-2 pauses that showed as p99 spikes.
     gc.collect()
     gc.freeze()
+    BACKPRESSURE.busy = plane.backlogged
     plane.health.mark_ready()
     logger.info("ready: %s", plane.model.summary())
 

@@ -23,6 +23,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from app.http.paths import is_inference_path
+
 if TYPE_CHECKING:
     from opentelemetry.context import Context
     from opentelemetry.sdk.trace import TracerProvider
@@ -95,11 +97,6 @@ def _exporter(name: str, environ: Mapping[str, str]) -> Any:
 
         return GRPCExporter()
     raise ValueError(f"OTLP protocol {protocol!r}: use http/protobuf or grpc")
-
-
-def is_inference_path(path: str) -> bool:
-    """Whether a request path is one a server span is made for (never probes, /metrics, files)."""
-    return path in ("/predict", "/explain") or (path.startswith("/v2/models/") and path.endswith("/infer"))
 
 
 @contextlib.contextmanager

@@ -18,6 +18,9 @@ import logging
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from app.http.backpressure import BACKPRESSURE
+from app.http.paths import is_inference_path
+
 logger = logging.getLogger("app")
 
 LINGER_S = 2.0  # after a refusal, how long the rest of the head is read and dropped
@@ -72,6 +75,18 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().on_response_complete()
         if self._pending_refusal is not None:  # a pipelined head overflowed while this answer was due
             self._refuse(*self._pending_refusal)
+        elif (
+            self.cycle is not None
+            and not self.pipeline
+            and not self.transport.is_closing()
+            and is_inference_path(self.cycle.scope["path"])
+            and BACKPRESSURE.hold(self.loop, self._resume)
+        ):
+            self.flow.pause_reading()  # the next request waits in the socket while the queue is long
+
+    def _resume(self) -> None:
+        if not self.transport.is_closing():
+            self.flow.resume_reading()
 
     def _start_head_timer(self) -> None:
         self._cancel_head_timer()

@@ -1,0 +1,53 @@
+"""Holding work back at the socket: while a worker's queue is long, a connection whose inference
+request was just answered is not read again until the queue has room, or for at most `max_hold_s`.
+
+A closed-loop client sends its next request as soon as it is answered; under a burst, reading
+and refusing that request costs the event loop almost what answering costs. Not reading it costs
+nothing: it waits in the kernel's socket buffer. The connections held are resumed in the order
+they were held, a few per tick, once the queue is short again (`busy` turns false), and each
+after `max_hold_s` at the latest, so that admission (`app.dataplane.DataPlane.admit`) still
+answers it in time. Probes and other routes are never held: only inference answers arm a hold.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+
+TICK_S = 0.005
+RESUME_PER_TICK = 16  # connections resumed per tick while the queue has room
+
+
+class Backpressure:
+    """One worker's held connections, and the rule that holds them (`busy`, set by the lifespan)."""
+
+    def __init__(self, max_hold_s: float = 0.25) -> None:
+        self.busy: Callable[[], bool] | None = None
+        self.max_hold_s = max_hold_s
+        self.held: deque[tuple[float, Callable[[], None]]] = deque()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def hold(self, loop: asyncio.AbstractEventLoop, resume: Callable[[], None]) -> bool:
+        """Whether to stop reading a connection now; if so, `resume` is called later, once."""
+        if self.busy is None or not self.busy():
+            return False
+        self.held.append((time.monotonic() + self.max_hold_s, resume))
+        if self._timer is None:
+            self._timer = loop.call_later(TICK_S, self._tick, loop)
+        return True
+
+    def _tick(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer = None
+        now = time.monotonic()
+        room = self.busy is None or not self.busy()
+        resumed = 0
+        while self.held and (self.held[0][0] <= now or (room and resumed < RESUME_PER_TICK)):
+            self.held.popleft()[1]()
+            resumed += 1
+        if self.held:
+            self._timer = loop.call_later(TICK_S, self._tick, loop)
+
+
+BACKPRESSURE = Backpressure()  # this process's; a worker's lifespan sets its `busy`
