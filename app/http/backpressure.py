@@ -1,5 +1,7 @@
 """Holding work back at the socket: while a worker's queue is long, a connection whose inference
-request was just answered is not read again until the queue has room, or for at most `max_hold_s`.
+request was just answered is not read again until the queue has room, or for at most `max_hold_s`
+(0.4 s: long enough to take a burst's excess off the event loop, short enough that a request held
+there is still answered within a second; docs/performance.md has the measurements).
 
 A closed-loop client sends its next request as soon as it is answered; under a burst, reading
 and refusing that request costs the event loop almost what answering costs. Not reading it costs
@@ -23,7 +25,7 @@ RESUME_PER_TICK = 16  # connections resumed per tick while the queue has room
 class Backpressure:
     """One worker's held connections, and the rule that holds them (`busy`, set by the lifespan)."""
 
-    def __init__(self, max_hold_s: float = 0.25) -> None:
+    def __init__(self, max_hold_s: float = 0.4) -> None:
         self.busy: Callable[[], bool] | None = None
         self.max_hold_s = max_hold_s
         self.held: deque[tuple[float, Callable[[], None]]] = deque()
