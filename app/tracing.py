@@ -21,7 +21,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from app.http.paths import is_inference_path
 
@@ -33,8 +33,24 @@ if TYPE_CHECKING:
 logger = logging.getLogger("app")
 T = TypeVar("T")
 
+class _API(NamedTuple):
+    """The OpenTelemetry calls the hooks make, looked up once when tracing starts (not per request)."""
+
+    get_current_span: Any
+    get_current: Any
+    attach: Any
+    detach: Any
+    set_span_in_context: Any
+    extract: Any
+    Link: Any
+    Status: Any
+    ERROR: Any
+    SERVER: Any
+
+
 _tracer: Tracer | None = None
 _provider: TracerProvider | None = None
+_api: _API
 
 
 def tracer() -> Tracer | None:
@@ -66,7 +82,14 @@ def start(environ: Mapping[str, str] = os.environ) -> Tracer | None:
 
 def install(provider: TracerProvider) -> Tracer:
     """Trace with `provider` from now on (tests pass one with an in-memory exporter)."""
-    global _tracer, _provider
+    global _tracer, _provider, _api
+    from opentelemetry import context, trace
+    from opentelemetry.propagate import extract
+
+    _api = _API(
+        trace.get_current_span, context.get_current, context.attach, context.detach, trace.set_span_in_context,
+        extract, trace.Link, trace.Status, trace.StatusCode.ERROR, trace.SpanKind.SERVER,
+    )  # fmt: skip
     _provider, _tracer = provider, provider.get_tracer("fashion-serve")
     return _tracer
 
@@ -99,38 +122,50 @@ def _exporter(name: str, environ: Mapping[str, str]) -> Any:
     raise ValueError(f"OTLP protocol {protocol!r}: use http/protobuf or grpc")
 
 
-@contextlib.contextmanager
-def server_span(scope: Mapping[str, Any]) -> Iterator[Span | None]:
-    """The request's server span, child of its `traceparent`, current for the request; None when off."""
+_OFF: contextlib.nullcontext[None] = contextlib.nullcontext()  # what every hook returns while untraced
+
+
+def server_span(scope: Mapping[str, Any]) -> contextlib.AbstractContextManager[Span | None]:
+    """The request's server span, child of its `traceparent`, current for the request; None when
+    off, for other routes, or when the sampler leaves the request out."""
     if _tracer is None or not is_inference_path(scope["path"]):
-        yield None
-        return
-    from opentelemetry.propagate import extract
-    from opentelemetry.trace import SpanKind
-
-    carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        return _OFF
+    carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"] if k in _PROPAGATED}
     attributes = {"http.request.method": scope["method"], "url.path": scope["path"], "url.scheme": "http"}
-    with _tracer.start_as_current_span(
-        f"{scope['method']} {scope['path']}", context=extract(carrier), kind=SpanKind.SERVER, attributes=attributes
-    ) as span:
-        yield span
+    return _server(_tracer, f"{scope['method']} {scope['path']}", carrier, attributes)
+
+
+def rpc_server_span(
+    service: str, method: str, metadata: Iterable[tuple[str, Any]]
+) -> contextlib.AbstractContextManager[Span | None]:
+    """A gRPC call's server span, child of the `traceparent` in its metadata; None as `server_span`."""
+    if _tracer is None:
+        return _OFF
+    carrier = {key: value for key, value in metadata if key in ("traceparent", "tracestate") and isinstance(value, str)}
+    attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
+    return _server(_tracer, f"{service}/{method}", carrier, attributes)
+
+
+_PROPAGATED = (b"traceparent", b"tracestate")
 
 
 @contextlib.contextmanager
-def rpc_server_span(service: str, method: str, metadata: Iterable[tuple[str, Any]]) -> Iterator[Span | None]:
-    """A gRPC call's server span, child of the `traceparent` in its metadata; None when off."""
-    if _tracer is None:
+def _server(tracer_: Tracer, name: str, carrier: dict[str, str], attributes: dict[str, Any]) -> Iterator[Span | None]:
+    parent = _api.extract(carrier) if carrier else None
+    span = tracer_.start_span(name, context=parent, kind=_api.SERVER, attributes=attributes)
+    if not span.is_recording():  # sampled out: nothing below needs to know of it
         yield None
         return
-    from opentelemetry.propagate import extract
-    from opentelemetry.trace import SpanKind
-
-    carrier = {key: value for key, value in metadata if isinstance(value, str)}
-    attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
-    with _tracer.start_as_current_span(
-        f"{service}/{method}", context=extract(carrier), kind=SpanKind.SERVER, attributes=attributes
-    ) as span:
+    token = _api.attach(_api.set_span_in_context(span))
+    try:
         yield span
+    except BaseException as exc:
+        span.record_exception(exc)
+        span.set_status(_api.Status(_api.ERROR, type(exc).__name__))
+        raise
+    finally:
+        _api.detach(token)
+        span.end()
 
 
 def finish_server_span(span: Span, method: str, route: str, status: int) -> None:
@@ -139,10 +174,8 @@ def finish_server_span(span: Span, method: str, route: str, status: int) -> None
     span.set_attribute("http.route", route)
     span.set_attribute("http.response.status_code", status)
     if status >= 500:
-        from opentelemetry.trace import Status, StatusCode
-
         span.set_attribute("error.type", str(status))
-        span.set_status(Status(StatusCode.ERROR))
+        span.set_status(_api.Status(_api.ERROR))
 
 
 def trace_id(span: Span | None) -> str | None:
@@ -150,29 +183,22 @@ def trace_id(span: Span | None) -> str | None:
     return None if span is None else f"{span.get_span_context().trace_id:032x}"
 
 
-@contextlib.contextmanager
-def child(name: str) -> Iterator[None]:
+def child(name: str) -> contextlib.AbstractContextManager[Any]:
     """A child span of the current one (`receive`, `encode`); nothing when off or untraced."""
     if _tracer is None or not _recording():
-        yield
-        return
-    with _tracer.start_as_current_span(name):
-        yield
+        return _OFF
+    return _tracer.start_span(name)  # a leaf: ended on exit, never made current
 
 
 def _recording() -> bool:
-    from opentelemetry.trace import get_current_span
-
-    return bool(get_current_span().is_recording())
+    return bool(_api.get_current_span().is_recording())
 
 
 def current() -> Context | None:
     """The current context, to carry across the thread hand-off; None when off or untraced."""
     if _tracer is None or not _recording():
         return None
-    from opentelemetry.context import get_current
-
-    return get_current()
+    return _api.get_current()
 
 
 def in_context(work: Callable[[], T], context: Context | None, name: str = "decode") -> Callable[[], T]:
@@ -182,7 +208,7 @@ def in_context(work: Callable[[], T], context: Context | None, name: str = "deco
     tracer_ = _tracer
 
     def traced() -> T:
-        with tracer_.start_as_current_span(name, context=context):
+        with tracer_.start_span(name, context=context):
             return work()
 
     return traced
@@ -198,36 +224,26 @@ def queued(contexts: Sequence[tuple[Context | None, int]]) -> None:
             _tracer.start_span("queue", context=context, start_time=submitted_ns).end(end_time=now)
 
 
-@contextlib.contextmanager
-def batch(contexts: Sequence[Context | None]) -> Iterator[None]:
+def batch(contexts: Sequence[Context | None]) -> contextlib.AbstractContextManager[Any]:
     """The batch's span, linked to every traced request it serves; current for its forward passes."""
-    if _tracer is None or not any(c is not None for c in contexts):
-        yield
-        return
-    from opentelemetry.trace import Link, get_current_span
-
-    links = [Link(get_current_span(c).get_span_context()) for c in contexts if c is not None]
+    if _tracer is None or all(c is None for c in contexts):
+        return _OFF
+    links = [_api.Link(_api.get_current_span(c).get_span_context()) for c in contexts if c is not None]
     attributes = {"fashion_serve.batch.requests": len(contexts)}
-    with _tracer.start_as_current_span("batch", links=links, attributes=attributes):
-        yield
+    return _tracer.start_as_current_span("batch", links=links, attributes=attributes)
 
 
-@contextlib.contextmanager
-def forward(images: int) -> Iterator[None]:
-    """One forward pass, under its batch's span."""
+def forward(images: int) -> contextlib.AbstractContextManager[Any]:
+    """One forward pass, under its batch's span (a leaf)."""
     if _tracer is None or not _recording():
-        yield
-        return
-    with _tracer.start_as_current_span("forward", attributes={"fashion_serve.batch.images": images}):
-        yield
+        return _OFF
+    return _tracer.start_span("forward", attributes={"fashion_serve.batch.images": images})
 
 
 def describe(attributes: Mapping[str, Any]) -> None:
     """Attributes for the current (server) span: model, version, backend, images, OOD flags."""
     if _tracer is None:
         return
-    from opentelemetry.trace import get_current_span
-
-    span = get_current_span()
+    span = _api.get_current_span()
     if span.is_recording():
         span.set_attributes(dict(attributes))
