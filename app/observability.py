@@ -115,7 +115,7 @@ class Metrics:
         )
         self.request_latency = Histogram(
             "fashion_serve_request_seconds",
-            "HTTP request latency",
+            "Request latency by route (HTTP path template, or gRPC method)",
             ("route",),
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
@@ -150,6 +150,11 @@ class Metrics:
             ("reason",),
             registry=self.registry,
         )
+        self._declare_drift()
+        self._live: list[Collector] = []
+
+    def _declare_drift(self) -> None:
+        """The drift signals: what the model answers, and how far from its training data."""
         self.predictions = Counter(
             "fashion_serve_predictions",
             "Images answered, by top-1 class (a drift signal: compare the mix over time)",
@@ -167,7 +172,6 @@ class Metrics:
             "Images answered whose OOD score is past the checkpoint's threshold",
             registry=self.registry,
         )
-        self._live: list[Collector] = []
 
     def add_live(self, collector: Collector) -> None:
         """A collector of this process's current state (the model it serves), asked at each
