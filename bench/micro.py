@@ -163,7 +163,7 @@ async def _event_loop_share(bodies: list[bytes], content_type: str) -> float:
     first = partial(decode_body, bodies[0], content_type, service.loaded.preprocess, service.settings)
     answer = service.run_batch([first])[0]
 
-    async def answered(item: object, deadline: float | None = None) -> object:
+    async def answered(item: object, deadline: float | None = None, trace: object = None) -> object:
         return answer
 
     service.batcher.submit = answered
