@@ -75,3 +75,45 @@ def load(port: int, messages: list[Any], connections: int, seconds: float, warmu
     """Run the load; requests, errors, p50/p90/p99 ms of the measured `seconds`, and the client's
     CPU seconds over warm-up and measurement."""
     return asyncio.run(_load(f"127.0.0.1:{port}", messages, connections, seconds, warmup))
+
+
+def load_h2(port: int, message: Any, connections: int, seconds: float, warmup: float) -> dict:
+    """The same closed loop driven by h2load (Debian's `nghttp2-client`, C, like wrk): one
+    ModelInfer message in gRPC's framing, `connections` connections with one call in flight each.
+    h2load reads neither gRPC trailers nor percentiles: an answer counts as served only if it
+    carried response data (a refused call is trailers-only), and the latency is its mean."""
+    import re
+    import struct
+    import subprocess
+    import tempfile
+
+    data = message.SerializeToString()
+    with tempfile.NamedTemporaryFile(suffix=".grpc") as body:
+        body.write(b"\0" + struct.pack(">I", len(data)) + data)
+        body.flush()
+        command = [
+            "h2load", "-c", str(connections), "-m", "1", "-d", body.name, "-H", "content-type: application/grpc",
+            "-H", "te: trailers", f"http://127.0.0.1:{port}/inference.GRPCInferenceService/ModelInfer",
+        ]  # fmt: skip
+        # A warm-up run of its own, as `drive` gives wrk: h2load's --warm-up-time left the first
+        # measured seconds of a new server at half its rate.
+        subprocess.run([*command, "-D", str(max(1, round(warmup)))], capture_output=True, check=True)
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        out = subprocess.run([*command, "-D", str(round(seconds))], capture_output=True, text=True, check=True).stdout
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    done = re.search(r"requests: (\d+) total, \d+ started, \d+ done, (\d+) succeeded", out)
+    traffic = re.search(r"traffic: .*\((\d+)\) data", out)
+    mean = re.search(r"time for request:\s+\S+\s+\S+\s+(\S+)", out)
+    if done is None or traffic is None or mean is None:
+        raise RuntimeError(f"h2load's output was not understood: {out[-400:]}")
+    requests, succeeded = int(done.group(1)), int(done.group(2))
+    answered = succeeded if int(traffic.group(1)) >= 64 * max(1, succeeded) else 0  # data in every answer
+    unit = {"us": 1e-3, "ms": 1.0, "s": 1e3}[re.sub(r"[\d.]", "", mean.group(1))]
+    return {
+        "requests": answered,
+        "errors": requests - answered,
+        "p50": float(re.sub(r"[a-z]", "", mean.group(1))) * unit,
+        "p90": float("nan"),
+        "p99": float("nan"),
+        "client_cpu_s": (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime),
+    }
