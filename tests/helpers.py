@@ -45,6 +45,11 @@ def png(size: tuple[int, int] = (28, 28), mode: str = "L", seed: int = 0) -> byt
     return encode(Image.fromarray(garment(size, seed)).convert(mode))
 
 
+def garment_pngs(count: int = 4) -> list[bytes]:
+    """Garment-like PNGs of different widths (28, 36, 44, ... by 28)."""
+    return [encode(Image.fromarray(garment((28 + 8 * seed, 28), seed=seed))) for seed in range(count)]
+
+
 def multipart(files: list[tuple[str, bytes]], boundary: str = "b", field: str = "file") -> tuple[bytes, str]:
     """A plain multipart/form-data body of (filename, data) parts named `field`, and its content type."""
     body = b"".join(

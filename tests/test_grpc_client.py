@@ -17,7 +17,7 @@ from PIL import Image
 from bench.server import free_port, serving
 from models import FASHION_MNIST_CLASSES, PreprocessConfig, preprocess_image
 from models.preprocessing import normalize
-from tests.helpers import garment, multipart
+from tests.helpers import garment, garment_pngs, multipart
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
 httpclient = pytest.importorskip("tritonclient.http")
@@ -38,15 +38,6 @@ def server() -> Iterator[tuple[object, object, int]]:
         yield client, rest, port
         client.close()
         rest.close()
-
-
-def _pngs() -> list[bytes]:
-    images = []
-    for seed in range(4):
-        buffer = io.BytesIO()
-        Image.fromarray(garment((28 + 8 * seed, 28), seed=seed)).save(buffer, "PNG")
-        images.append(buffer.getvalue())
-    return images
 
 
 def _tensor(module: object, x: np.ndarray, datatype: str, shape: list[int] | None = None) -> object:
@@ -71,7 +62,7 @@ def test_every_rpc_answers(server: tuple[object, object, int]) -> None:
 
 def test_every_input_form_agrees_with_rest_v2_and_predict(server: tuple[object, object, int]) -> None:
     client, rest, port = server
-    images = _pngs()
+    images = garment_pngs()
     config = PreprocessConfig(invert="auto")
     x = np.stack([preprocess_image(Image.open(io.BytesIO(b)), config) for b in images]).astype(np.float32)
 

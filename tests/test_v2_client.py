@@ -16,7 +16,7 @@ from PIL import Image
 from bench.server import serving
 from models import FASHION_MNIST_CLASSES, PreprocessConfig, preprocess_image
 from models.preprocessing import normalize
-from tests.helpers import garment, multipart
+from tests.helpers import garment, garment_pngs, multipart
 
 httpclient = pytest.importorskip("tritonclient.http")
 from tritonclient.utils import InferenceServerException  # noqa: E402
@@ -31,15 +31,6 @@ def server() -> Iterator[tuple[object, int]]:
         client = httpclient.InferenceServerClient(f"127.0.0.1:{port}")
         yield client, port
         client.close()
-
-
-def _pngs() -> list[bytes]:
-    images = []
-    for seed in range(4):
-        buffer = io.BytesIO()
-        Image.fromarray(garment((28 + 8 * seed, 28), seed=seed)).save(buffer, "PNG")
-        images.append(buffer.getvalue())
-    return images
 
 
 def _infer(client: object, inputs: list[object], outputs: list[object] | None = None, **kwargs: object) -> object:
@@ -61,7 +52,7 @@ def test_health_metadata_and_config(server: tuple[object, int]) -> None:
 @pytest.mark.parametrize("binary", [True, False])
 def test_every_input_form_agrees_with_predict(server: tuple[object, int], binary: bool) -> None:
     client, port = server
-    images = _pngs()
+    images = garment_pngs()
     config = PreprocessConfig(invert="auto")
     x = np.stack([preprocess_image(Image.open(io.BytesIO(b)), config) for b in images])
     pixels = np.stack([garment(seed=s) for s in range(4)])
