@@ -311,13 +311,25 @@ def test_the_supervisor_keeps_supervising_while_a_reload_is_validated(tmp_path: 
     """Found in review: the validation ran inside gunicorn's loop, so a worker that died meanwhile
     was replaced only once it ended (and SIGTERM waited for it too)."""
     path = write_tiny_checkpoint(tmp_path / "m.pt", seed=1)
-    with serving({"FASHION_SERVE_CHECKPOINT": str(path)}, workers=2) as (process, port):
+    # The validation takes well under a second now: slow it down (in this server only, through a
+    # sitecustomize the supervisor imports at start) so that the worker dies while it runs.
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(
+        "import time\nimport app.reload.validate as v\n_main = v.main\n"
+        "def main(argv):\n    time.sleep(3)\n    return _main(argv)\nv.main = main\n"
+    )
+    pythonpath = os.pathsep.join([str(hooks), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env = {"FASHION_SERVE_CHECKPOINT": str(path), "PYTHONPATH": pythonpath}
+    with serving(env, workers=2) as (process, port):
         write_tiny_checkpoint(path, seed=2)
         process.send_signal(signal.SIGHUP)
-        time.sleep(0.2)
+        time.sleep(0.5)
         victim = _workers(process.pid)[0]
         os.kill(victim, signal.SIGKILL)
         assert wait_for(lambda: _reloads(port).get("success") == 1.0, timeout=60)
+        took = re.search(r"last_reload_validation_seconds ([0-9.e+-]+)", _get(port, "/metrics")[1])
+        assert took is not None and float(took.group(1)) >= 3.0, "the slowed validation ran"
     lines = process.output.splitlines()  # type: ignore[attr-defined]
     booted = max(i for i, line in enumerate(lines) if "Booting worker" in line)
     validated = next(i for i, line in enumerate(lines) if "validated; the workers switch" in line)
