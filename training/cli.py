@@ -17,7 +17,7 @@ import torch
 from models import ARCHITECTURES
 from training.data import FashionMNIST
 from training.optimize import run_optimize
-from training.pipeline import AUGMENTATIONS, data_or_exit, device_or_exit, run_evaluate, run_train
+from training.pipeline import AUGMENTATIONS, PRESETS, data_or_exit, device_or_exit, run_evaluate, run_train
 from training.split import DEFAULT_SEED, DEFAULT_VAL_SIZE
 from training.trust_commands import run_calibrate, run_ood_report
 
@@ -35,17 +35,26 @@ def _with_device_and_data(
     return lambda args: command(args, device_or_exit(args.device), data_or_exit(args))
 
 
-def _add_train(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_train(commands: argparse._SubParsersAction[argparse.ArgumentParser], preset: str | None) -> None:
     train = commands.add_parser("train", help="train a model and write a checkpoint")
     train.add_argument("--arch", choices=sorted(ARCHITECTURES), default="cnn")
     train.add_argument("--hidden-layers", type=int, nargs="+", help="hidden sizes for --arch network")
+    train.add_argument("--channels", type=int, nargs=2, help="--arch cnn: channels of its two stages")
+    train.add_argument("--hidden", type=int, help="--arch cnn: width of its hidden layer")
     train.add_argument("--drop-p", type=float, help="dropout probability (default: the architecture's)")
     train.add_argument("--epochs", type=int, default=15)
     train.add_argument(
         "--batch-size", type=int, default=256, help="examples per step and process (under torchrun: N x this per step)"
     )
     train.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the one-cycle schedule")
+    train.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's decoupled weight decay (0: Adam)")
+    train.add_argument("--ema", type=float, help="validate and keep an exponential moving average of the weights")
+    train.add_argument("--erase", type=float, default=0.0, help="share of images with a random rectangle erased")
     train.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    train.add_argument(
+        "--preset", choices=sorted(PRESETS), help="the recipe of a bundled checkpoint (other options override it)"
+    )
+    train.add_argument("--resume", action="store_true", help="continue from OUT.progress, written after each epoch")
     train.add_argument(
         "--augment",
         choices=AUGMENTATIONS,
@@ -60,6 +69,8 @@ def _add_train(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     train.add_argument("--out", type=Path, default=Path("runs/model.pt"), help="checkpoint path")
     _add_data_options(train)
     train.set_defaults(run=run_train)
+    if preset:
+        train.set_defaults(**PRESETS[preset])
 
 
 def _add_evaluate(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -102,10 +113,11 @@ def _add_trust_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     optimize.set_defaults(run=lambda args: run_optimize(args, data_or_exit(args)))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with `preset`, that recipe's values are the defaults of `train`."""
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    _add_train(commands)
+    _add_train(commands, preset)
     _add_evaluate(commands)
     _add_trust_commands(commands)
     return parser
@@ -113,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "preset", None):  # parsed again, so an option on the command line still wins
+        args = build_parser(args.preset).parse_args(argv)
     return int(args.run(args))
 
 

@@ -201,4 +201,3 @@ def _print(figures: dict[str, dict[str, float]]) -> None:
     for key, name in names.items():
         if key in figures["fp32"]:
             print(f"  {name:<16} {figures['fp32'][key]:8.4f} {figures['int8'][key]:8.4f}")
-

@@ -8,7 +8,6 @@ import argparse
 import hashlib
 import json
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,9 +26,26 @@ from training.distributed import Distributed
 from training.fit_trust import fit_trust
 from training.report import artifact_paths, plot_confusion, plot_curves, write_json
 from training.split import SplitPlan
-from training.train import EpochResult, Evaluation, FitResult, evaluate, fit, reseed
+from training.train import EpochResult, Evaluation, FitResult, Recipe, evaluate, fit, reseed
 
 AUGMENTATIONS: dict[str, int | None] = {"none": None, "flip": 0, "shift": 2}  # -> max_shift
+
+# `train --preset NAME`: the recipe of a bundled checkpoint, so one command rebuilds it from its
+# seed (options given on the command line still win).
+PRESETS: dict[str, dict[str, Any]] = {
+    "fashion-cnn-v1": {"arch": "cnn", "epochs": 15, "augment": "flip", "seed": 0},
+    "fashion-cnn-v2": {
+        "arch": "cnn",
+        "epochs": 60,
+        "augment": "shift",
+        "erase": 0.5,
+        "weight_decay": 0.05,
+        "ema": 0.999,
+        "lr": 3e-3,
+        "batch_size": 256,
+        "seed": 0,
+    },
+}
 
 
 def _model_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -38,12 +54,22 @@ def _model_args(args: argparse.Namespace) -> dict[str, Any]:
         if args.arch != "network":
             raise SystemExit("--hidden-layers applies to --arch network only")
         overrides["hidden_layers"] = args.hidden_layers
+    for option in ("channels", "hidden"):
+        if getattr(args, option, None) is not None:
+            if args.arch != "cnn":
+                raise SystemExit(f"--{option} applies to --arch cnn only")
+            overrides[option] = getattr(args, option)
     if args.drop_p is not None:
         overrides["drop_p"] = args.drop_p
     try:
         return model_args_for(args.arch, overrides)
     except ValueError as exc:
         raise SystemExit(f"invalid model arguments: {exc}") from None
+
+
+def progress_path(out: Path) -> Path:
+    """Where `train` keeps the state after each epoch, for `--resume`."""
+    return out.with_name(out.name + ".progress")
 
 
 def device_or_exit(name: str) -> torch.device:
@@ -124,10 +150,15 @@ def _training_record(
         **split_plan(args).record(),
         "batch_size": args.batch_size,  # per process
         "world_size": world_size,
-        "optimizer": "Adam",
+        "optimizer": "AdamW" if args.weight_decay else "Adam",
         "lr": args.lr,
+        "weight_decay": args.weight_decay,
         "lr_schedule": "one-cycle",
         "augment": args.augment,
+        "erase_p": args.erase,
+        "ema_decay": args.ema,
+        "preset": args.preset,
+        "seed": args.seed,
         "train_examples": len(splits.train[1]),
         "val_examples": len(splits.val[1]),
         "duration_s": round(duration, 1),
@@ -175,22 +206,33 @@ def _train(args: argparse.Namespace, model_args: dict[str, Any], device: torch.d
             f"{len(splits.val[1])} validation / {len(splits.test[1])} test examples from {data.source}",
             flush=True,
         )
-    start = time.perf_counter()
+    recipe = Recipe(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        max_shift=AUGMENTATIONS[args.augment],
+        erase_p=args.erase,
+        fill=float(normalize(np.zeros(1), preprocess)[0]),
+        ema_decay=args.ema,
+    )
+    progress = progress_path(args.out)
+    if progress.exists() and not args.resume:
+        progress.unlink()
+    if args.resume and ctx.is_main:
+        print(f"resuming from {progress}" if progress.exists() else f"no {progress} yet: starting", flush=True)
     fit_result = fit(
         model,
         *splits.train,
         *splits.val,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
+        recipe=recipe,
         generator=generator,
-        max_shift=AUGMENTATIONS[args.augment],
-        fill=float(normalize(np.zeros(1), preprocess)[0]),
         on_epoch=_print_epoch if ctx.is_main else None,
         ctx=ctx,
         shuffle_seed=args.seed,
+        progress=progress,
     )
-    duration = time.perf_counter() - start
+    duration = sum(record.seconds for record in fit_result.history)  # across resumed runs
     assert fit_result.best_state is not None
     model.load_state_dict(fit_result.best_state)
     if ctx.enabled:
@@ -201,6 +243,7 @@ def _train(args: argparse.Namespace, model_args: dict[str, Any], device: torch.d
         return 0
     training = _training_record(args, splits, duration, device, data.source, ctx.world_size)
     out, paths, test = _evaluate_and_write(args, model, model_args, preprocess, splits, fit_result, training)
+    progress.unlink(missing_ok=True)
     print(
         f"best epoch {fit_result.best_epoch}: test accuracy {100 * test.accuracy:.2f}%, test loss {test.loss:.4f}; "
         f"trained in {duration:.0f} s; wrote {out}, {', '.join(str(p) for p in paths.values())}"

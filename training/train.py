@@ -1,13 +1,14 @@
-"""Training and evaluation loops: Adam, NLLLoss on log-probabilities, per-example averages."""
+"""Training and evaluation loops: Adam(W), NLLLoss on log-probabilities, per-example averages."""
 
 from __future__ import annotations
 
+import os
 import random
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from functools import partial
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from training.distributed import SINGLE, Distributed, all_sum, average_buffers, shard, shard_batches, steps_per_epoch
@@ -85,6 +87,27 @@ def augment(x: torch.Tensor, max_shift: int, fill: float, generator: torch.Gener
     return padded[torch.arange(n).view(n, 1, 1), 0, rows[:, :, None], cols[:, None, :]].unsqueeze(1)
 
 
+def erase(x: torch.Tensor, p: float, fill: float, generator: torch.Generator) -> torch.Tensor:
+    """Random erasing (Zhong et al., 2017): in a share `p` of the images, one rectangle covering 2 to
+    40 % of the image, with aspect ratio 0.3 to 3.3, becomes `fill` (the background value)."""
+    n, size = x.shape[0], x.shape[-1]
+    area = size * size * (0.02 + 0.38 * torch.rand(n, generator=generator))
+    log_ratio = (torch.rand(n, generator=generator) * 2 - 1) * float(np.log(1 / 0.3))
+    h = (area * log_ratio.exp()).sqrt().round().clamp(1, size).long()
+    w = (area / log_ratio.exp()).sqrt().round().clamp(1, size).long()
+    top = (torch.rand(n, generator=generator) * (size - h + 1)).long()
+    left = (torch.rand(n, generator=generator) * (size - w + 1)).long()
+    rows, cols = torch.arange(size).view(1, size, 1), torch.arange(size).view(1, 1, size)
+    box = (
+        (rows >= top.view(n, 1, 1))
+        & (rows < (top + h).view(n, 1, 1))
+        & (cols >= left.view(n, 1, 1))
+        & (cols < (left + w).view(n, 1, 1))
+    )
+    chosen = (torch.rand(n, generator=generator) < p).view(n, 1, 1)
+    return x.masked_fill((box & chosen).unsqueeze(1).to(x.device), fill)
+
+
 def evaluate_across(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, ctx: Distributed) -> Evaluation:
     """`evaluate` with the examples shared out among the processes and the sums reduced: every
     process gets the figures of the whole set."""
@@ -128,24 +151,45 @@ def _rank(record: EpochResult) -> tuple[float, float]:
 
 @dataclass
 class _Optimization:
-    """The network as trained (wrapped in DistributedDataParallel under torchrun), Adam and its
-    one-cycle learning rate."""
+    """The network as trained (wrapped in DistributedDataParallel under torchrun), AdamW and its
+    one-cycle learning rate, and the exponential moving average of the weights when asked for."""
 
     net: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     device: torch.device
     ctx: Distributed
+    ema: AveragedModel | None = None
 
     @classmethod
-    def create(cls, model: nn.Module, lr: float, epochs: int, steps: int, ctx: Distributed) -> _Optimization:
+    def create(cls, model: nn.Module, recipe: Recipe, steps: int, ctx: Distributed) -> _Optimization:
         device = next(model.parameters()).device
         net: nn.Module = model
         if ctx.enabled:
             net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, epochs=epochs, steps_per_epoch=steps)
-        return cls(net, optimizer, scheduler, device, ctx)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=recipe.lr, epochs=recipe.epochs, steps_per_epoch=steps
+        )
+        ema = None
+        if recipe.ema_decay is not None:
+            ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(recipe.ema_decay), use_buffers=True)
+        return cls(net, optimizer, scheduler, device, ctx, ema)
+
+    @property
+    def evaluated(self) -> nn.Module:
+        """The weights validation scores and the checkpoint keeps: the average when there is one."""
+        return self.net if self.ema is None else self.ema.module
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        return state if self.ema is None else {**state, "ema": self.ema.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
 
     def train_epoch(
         self,
@@ -165,10 +209,71 @@ class _Optimization:
             (loss / len(y)).backward()
             self.optimizer.step()
             self.scheduler.step()
+            if self.ema is not None:
+                self.ema.update_parameters(_unwrapped(self.net))
             total_loss += loss.item()
             seen += len(y)
         loss_sum, examples = all_sum(torch.tensor([total_loss, seen], dtype=torch.float64), self.ctx).tolist()
         return float(loss_sum / examples)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How to train: the schedule, the regularization and the augmentation."""
+
+    epochs: int
+    batch_size: int
+    lr: float  # the one-cycle schedule's peak
+    weight_decay: float = 0.0  # AdamW's decoupled decay (0: plain Adam)
+    max_shift: int | None = None  # None: no augmentation; 0: mirror only; N: also shift up to N pixels
+    erase_p: float = 0.0  # share of training images with one random rectangle erased
+    fill: float = 0.0  # the background value, for shifted-in and erased pixels
+    ema_decay: float | None = None  # keep and evaluate an exponential moving average of the weights
+
+    def augmentation(self, generator: torch.Generator) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        if self.max_shift is None and self.erase_p == 0:
+            return None
+
+        def apply(x: torch.Tensor) -> torch.Tensor:
+            if self.max_shift is not None:
+                x = augment(x, self.max_shift, self.fill, generator)
+            return erase(x, self.erase_p, self.fill, generator) if self.erase_p else x
+
+        return apply
+
+
+def _save_progress(
+    path: Path, epoch: int, model: nn.Module, optimization: _Optimization, result: FitResult, generator: torch.Generator
+) -> None:
+    """Everything `fit` needs to continue after `epoch`, written atomically."""
+    state = {
+        "epoch": epoch,
+        "model": model.state_dict(),
+        "optimization": optimization.state_dict(),
+        "history": [vars(r) for r in result.history],
+        "best_epoch": result.best_epoch,
+        "best_state": result.best_state,
+        "generator": generator.get_state(),
+        "torch_rng": torch.get_rng_state(),  # dropout's draws
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _load_progress(
+    path: Path, model: nn.Module, optimization: _Optimization, result: FitResult, generator: torch.Generator
+) -> int:
+    """Restore what `_save_progress` wrote; the last finished epoch."""
+    state = torch.load(path, map_location=optimization.device, weights_only=True)
+    model.load_state_dict(state["model"])
+    optimization.load_state_dict(state["optimization"])
+    result.history = [EpochResult(**r) for r in state["history"]]
+    result.best_epoch, result.best_state = state["best_epoch"], state["best_state"]
+    generator.set_state(state["generator"].cpu())
+    torch.set_rng_state(state["torch_rng"].cpu())
+    return int(state["epoch"])
 
 
 def fit(
@@ -178,49 +283,59 @@ def fit(
     val_x: torch.Tensor,
     val_y: torch.Tensor,
     *,
-    epochs: int,
-    batch_size: int,
-    lr: float,
+    recipe: Recipe,
     generator: torch.Generator,
-    max_shift: int | None = None,
-    fill: float = 0.0,
     on_epoch: Callable[[EpochResult], Any] | None = None,
     ctx: Distributed = SINGLE,
     shuffle_seed: int = 0,
+    progress: Path | None = None,
 ) -> FitResult:
-    """Train with Adam and a one-cycle learning rate; keep the weights of the best validation epoch.
+    """Train with AdamW and a one-cycle learning rate; keep the weights of the best validation epoch.
 
-    Best means highest validation accuracy, then lowest validation loss. `max_shift` turns on
-    augmentation (see `augment`), with `fill` as the background value of shifted-in pixels.
-    One process draws the data order from `generator`. Under torchrun (`ctx`), the model is
-    wrapped in DistributedDataParallel, each process trains on its share of an order drawn
-    from `shuffle_seed` and the epoch (`batch_size` per process), BatchNorm statistics are
-    averaged after each epoch, and losses and accuracies are summed over all processes, so every
-    process holds the same weights and records the same history and best epoch.
+    Best means highest validation accuracy, then lowest validation loss; with `recipe.ema_decay`
+    the averaged weights are the ones validated and kept. One process draws the data order and
+    the augmentation from `generator`. Under torchrun (`ctx`), the model is wrapped in
+    DistributedDataParallel, each process trains on its share of an order drawn from
+    `shuffle_seed` and the epoch (`batch_size` per process), BatchNorm statistics are averaged
+    after each epoch, and losses and accuracies are summed over all processes, so every process
+    holds the same weights and records the same history and best epoch.
+
+    With `progress`, the state after each epoch is written there (by the main process) and, when
+    the file exists at the start, training continues after its last epoch: a run stopped at any
+    point resumes and, in one process, ends with the weights an uninterrupted run would have.
     """
-    steps = steps_per_epoch(len(train_y), batch_size, ctx)
-    optimization = _Optimization.create(model, lr, epochs, steps, ctx)
-    augmentation = None if max_shift is None else partial(augment, max_shift=max_shift, fill=fill, generator=generator)
+    steps = steps_per_epoch(len(train_y), recipe.batch_size, ctx)
+    optimization = _Optimization.create(model, recipe, steps, ctx)
+    augmentation = recipe.augmentation(generator)
     result = FitResult()
-    for epoch in range(1, epochs + 1):
+    done = 0
+    if progress is not None and progress.exists():
+        done = _load_progress(progress, model, optimization, result, generator)
+    for epoch in range(done + 1, recipe.epochs + 1):
         start = time.perf_counter()
         order = (
-            shard_batches(len(train_y), batch_size, ctx, shuffle_seed, epoch)
+            shard_batches(len(train_y), recipe.batch_size, ctx, shuffle_seed, epoch)
             if ctx.enabled
-            else batches(len(train_y), batch_size, generator)
+            else batches(len(train_y), recipe.batch_size, generator)
         )
         bar = tqdm(
             order,
             total=steps,
-            desc=f"epoch {epoch}/{epochs}",
+            desc=f"epoch {epoch}/{recipe.epochs}",
             leave=False,
             disable=not (ctx.is_main and sys.stderr.isatty()),
         )
         train_loss = optimization.train_epoch(bar, train_x, train_y, augmentation)
         average_buffers(model, ctx)
-        val = evaluate_across(model, val_x, val_y, ctx)
+        val = evaluate_across(optimization.evaluated, val_x, val_y, ctx)
         record = EpochResult(epoch, train_loss, val.loss, val.accuracy, time.perf_counter() - start)
-        result.add(record, model)
+        result.add(record, _unwrapped(optimization.evaluated))
+        if progress is not None and ctx.is_main:
+            _save_progress(progress, epoch, model, optimization, result, generator)
         if on_epoch:
             on_epoch(record)
     return result
+
+
+def _unwrapped(net: nn.Module) -> nn.Module:
+    return net.module if isinstance(net, DistributedDataParallel) else net

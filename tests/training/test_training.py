@@ -18,7 +18,7 @@ from tests.helpers import garment
 from training.cli import main
 from training.data import DataNotFoundError, load_fashion_mnist, read_idx
 from training.fit_trust import fit_trust
-from training.train import augment, batches, evaluate, fit, reseed
+from training.train import Recipe, augment, batches, erase, evaluate, fit, reseed
 
 
 def idx_bytes(array: np.ndarray) -> bytes:
@@ -70,7 +70,7 @@ def test_training_loss_is_averaged_per_example() -> None:
     x, y = torch.randn(10, 1, 28, 28), torch.randint(0, 10, (10,))
     with torch.no_grad():
         expected = F.nll_loss(model(x), y).item()
-    result = fit(model, x, y, x, y, epochs=1, batch_size=4, lr=1e-12, generator=reseed(0))
+    result = fit(model, x, y, x, y, recipe=Recipe(epochs=1, batch_size=4, lr=1e-12), generator=reseed(0))
     assert result.history[0].train_loss == pytest.approx(expected, rel=1e-4)
 
 
@@ -79,7 +79,13 @@ def _train_once(seed: int) -> tuple[list[float], torch.Tensor]:
     model = build_model("classifier", {})
     x, y = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
     result = fit(
-        model, x, y, x[:16], y[:16], epochs=2, batch_size=16, lr=1e-3, generator=generator, max_shift=2, fill=-1.0
+        model,
+        x,
+        y,
+        x[:16],
+        y[:16],
+        recipe=Recipe(epochs=2, batch_size=16, lr=1e-3, max_shift=2, fill=-1.0),
+        generator=generator,
     )
     return [r.train_loss for r in result.history], model.fc1.weight.detach().clone()
 
@@ -111,6 +117,68 @@ def test_shift_moves_content_and_keeps_the_fill() -> None:
     assert set(shifted.unique().tolist()) == {-1.0, 1.0}
     assert (shifted == 1.0).sum(dim=(1, 2, 3)).eq(64).all(), "the 8x8 square is moved whole, never cut"
     assert not torch.equal(shifted, x)
+
+
+def test_erase_blanks_one_rectangle_in_the_chosen_share() -> None:
+    x = torch.ones(400, 1, 28, 28)
+    out = erase(x, 0.5, -1.0, torch.Generator().manual_seed(0))
+    erased = (out == -1.0).flatten(1)
+    touched = erased.any(dim=1)
+    assert 150 < touched.sum() < 250, "about half the images"
+    assert torch.equal(out[~touched], x[~touched])
+    areas = erased[touched].sum(dim=1).float() / (28 * 28)
+    assert areas.min() >= 0.005 and areas.max() <= 0.6
+    for image in out[touched][:20, 0] == -1.0:  # each erased region is one filled rectangle
+        rows, cols = image.any(dim=1).nonzero(), image.any(dim=0).nonzero()
+        box = image[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+        assert box.all()
+
+
+def test_ema_keeps_the_averaged_weights() -> None:
+    torch.manual_seed(0)
+    model = build_model("classifier", {})
+    x, y = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
+    result = fit(model, x, y, x, y, recipe=Recipe(epochs=2, batch_size=16, lr=1e-2, ema_decay=0.9), generator=reseed(0))
+    assert result.best_state is not None
+    kept = result.best_state["fc1.weight"]
+    assert not torch.equal(kept, model.fc1.weight), "the kept weights are the average, not the last step's"
+
+
+def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path: Path) -> None:
+    x, y = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
+    recipe = Recipe(epochs=3, batch_size=16, lr=1e-3, max_shift=2, erase_p=0.5, weight_decay=0.05, ema_decay=0.9)
+
+    def run(epochs: int, progress: Path | None) -> tuple[torch.nn.Module, list[float]]:
+        reseed(1)
+        model = build_model("cnn", {"channels": [4, 8], "hidden": 8})
+        generator = reseed(3)
+        result = fit(model, x, y, x[:16], y[:16], recipe=recipe, generator=generator, progress=progress)
+        return model, [r.train_loss for r in result.history][:epochs]
+
+    whole, losses = run(3, None)
+    progress = tmp_path / "m.pt.progress"
+    stopped = Recipe(**{**vars(recipe), "epochs": 3})
+    # Stop after two epochs: run a fit that raises once the second epoch's progress is written.
+    reseed(1)
+    model = build_model("cnn", {"channels": [4, 8], "hidden": 8})
+    generator = reseed(3)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_two(record: object) -> None:
+        if getattr(record, "epoch") == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        fit(
+            model, x, y, x[:16], y[:16], recipe=stopped, generator=generator, progress=progress, on_epoch=stop_after_two
+        )
+    assert progress.exists()
+    resumed, resumed_losses = run(3, progress)
+    assert resumed_losses == losses, "the history carries over and the last epoch matches"
+    for a, b in zip(whole.state_dict().values(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
 
 
 def test_short_training_run_lowers_the_loss_and_writes_a_loadable_checkpoint(
