@@ -18,7 +18,7 @@ from tests.helpers import garment
 from training.cli import main
 from training.data import DataNotFoundError, load_fashion_mnist, read_idx
 from training.fit_trust import fit_trust
-from training.train import Recipe, augment, batches, erase, evaluate, fit, reseed
+from training.train import EpochResult, Recipe, augment, batches, erase, evaluate, fit, reseed
 
 
 def idx_bytes(array: np.ndarray) -> bytes:
@@ -157,7 +157,6 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path: Path) -> N
 
     whole, losses = run(3, None)
     progress = tmp_path / "m.pt.progress"
-    stopped = Recipe(**{**vars(recipe), "epochs": 3})
     # Stop after two epochs: run a fit that raises once the second epoch's progress is written.
     reseed(1)
     model = build_model("cnn", {"channels": [4, 8], "hidden": 8})
@@ -166,14 +165,12 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path: Path) -> N
     class Stop(Exception):
         pass
 
-    def stop_after_two(record: object) -> None:
-        if getattr(record, "epoch") == 2:
+    def stop_after_two(record: EpochResult) -> None:
+        if record.epoch == 2:
             raise Stop
 
     with pytest.raises(Stop):
-        fit(
-            model, x, y, x[:16], y[:16], recipe=stopped, generator=generator, progress=progress, on_epoch=stop_after_two
-        )
+        fit(model, x, y, x[:16], y[:16], recipe=recipe, generator=generator, progress=progress, on_epoch=stop_after_two)
     assert progress.exists()
     resumed, resumed_losses = run(3, progress)
     assert resumed_losses == losses, "the history carries over and the last epoch matches"
