@@ -1,55 +1,83 @@
-"""The transport-neutral core every protocol calls: which model serves, whether it can, who may
-ask, admission, and `infer` into the one micro-batcher. It knows no wire format.
+"""The transport-neutral core every protocol calls: which model and version serves, whether it
+can, who may ask, admission, and inference in that version's micro-batcher. It knows no wire
+format, no header and no web framework.
 
-The shape of KServe's and MLServer's `DataPlane`: an adapter (HTTP today) parses its request,
-asks `admit` for the model, hands `infer` the decoded input and encodes what comes back; every
+The shape of MLServer's `DataPlane.infer(payload, name, version)`: an adapter turns its wire
+request into one `Call` (the caller's key, its timeout, the model and version it names) and a
+parser, makes one `DataPlane.run`, and encodes the `Answer`. Everything between, in this order,
+is here: authorize, resolve the version, parse (before any queue), deadline, admit, infer,
+count, describe the trace, and hold a refusal (`ServeError.hold_s`) before it leaves. Every
 refusal is a `ServeError` that the adapter renders in its own shape, in one place.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import hmac
-import math
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-
-from starlette.concurrency import run_in_threadpool
+from typing import Generic, TypeVar
 
 from app import tracing
 from app.batching import BatcherClosed, DeadlineExpired
 from app.errors import ServeError, unavailable
 from app.observability import Metrics
+from app.repository.registry import READY, Registry, Version
 from app.served_model import Pending, Scored, ServedModel
 from app.settings import Settings
 from models.trust import out_of_distribution
+
+T = TypeVar("T")
 
 # Requests whose encoded images are up to this size are decoded on the inference thread,
 # batched with the forward pass (one thread hand-off per request); larger ones (photos) are
 # decoded in the threadpool first, so a big image never holds up the small ones behind it.
 INLINE_DECODE_BYTES = 64 * 1024
 UNAUTHORIZED = "missing or invalid API key: send Authorization: Bearer <key>"
+ADMIN_ONLY = "this needs an admin key (FASHION_SERVE_ADMIN_KEYS): send Authorization: Bearer <admin key>"
+NO_ADMIN_KEYS = "the repository API is off: no admin keys are configured (FASHION_SERVE_ADMIN_KEYS)"
 # Admission refusals are answered late (`ServeError.hold_s`): a deadline refusal just before the
 # deadline, a busy one once the excess work ahead would have drained (at most MAX_HOLD_S).
 HOLD_MARGIN_S = 0.1
 SOCKET_HOLD_SHARE = 0.5
 MAX_HOLD_S = 1.0
-TIMEOUT_HEADER = b"x-request-timeout"  # seconds, fractions allowed: the client's deadline over HTTP
 
 
-def parse_timeout_s(value: bytes | str | None) -> float | None:
-    """A client's timeout in seconds (the X-Request-Timeout header): a positive finite number, else 400."""
-    if value is None:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = math.nan
-    if not (math.isfinite(seconds) and seconds > 0):
-        raise ServeError(400, "X-Request-Timeout must be a positive number of seconds")
-    return seconds
+@dataclass(frozen=True)
+class Call:
+    """One inference request as every protocol hands it to the core."""
+
+    key: bytes | None = None  # the caller's API key, as sent (None: none sent)
+    timeout_s: float | None = None  # the client's timeout known before its body
+    model: str | None = None  # None: the default model
+    version: str | None = None  # None: the model's default version
+
+
+@dataclass
+class Parsed(Generic[T]):
+    """What an adapter's parser makes of a request for one model: its model input (decoded, or a
+    decoder the inference thread runs), the protocol's own request (for encoding), the encoded
+    size (large ones decode in a thread), and a timeout the body itself carries."""
+
+    input: Pending
+    request: T
+    encoded_bytes: int = 0
+    timeout_s: float | None = None
+
+
+@dataclass
+class Answer(Generic[T]):
+    """The version that answered, its scores, and the adapter's parsed request."""
+
+    model: ServedModel
+    scored: Scored
+    request: T
+
+
+Parser = Callable[[ServedModel], Awaitable[Parsed[T]]]
 
 
 @dataclass
@@ -77,9 +105,10 @@ class DataPlane:
 
     settings: Settings
     api_key_digests: list[bytes] = field(default_factory=list)  # empty: no keys needed
+    admin_key_digests: list[bytes] = field(default_factory=list)  # empty: the repository API is off
     metrics: Metrics = field(default_factory=Metrics)
     health: Health = field(default_factory=Health)
-    model: ServedModel | None = None  # the current model; a reload replaces it whole
+    registry: Registry = field(default_factory=Registry)
     in_flight: int = 0
 
     # --- questions every protocol asks ---------------------------------------------------------
@@ -89,33 +118,44 @@ class DataPlane:
         if not self.health.is_ready:
             raise unavailable(self.health.reason)
 
+    @property
+    def model(self) -> ServedModel | None:
+        """The default model's default version, if one is ready."""
+        try:
+            return self.registry.resolve(None, None).served
+        except ServeError:
+            return None
+
+    def serve(self, model: ServedModel) -> ServedModel | None:
+        """Serve `model` as its name and version, ready; the model it replaces, if any."""
+        previous = self.registry.put(Version(model.name, model.version, model, READY))
+        return previous.served if previous is not None else None
+
     def current_model(self, name: str | None = None, version: str | None = None) -> ServedModel:
-        """The served model, if `name` (and `version`) name it: 404 if not; 503 while none is loaded.
+        """The version `name` and `version` ask for (None: the defaults): 404 naming what exists
+        if unknown; 503 while none is loaded or it cannot answer now.
 
         A draining worker still answers with its model: the request reached it before the
         balancer heard of the drain, and answering is better than failing it.
         """
-        settings = self.settings
-        if name is not None and name != settings.served_name:
-            raise ServeError(404, f"unknown model {name!r}: this server serves {settings.served_name!r}")
-        if version is not None and version != settings.model_version:
-            raise ServeError(404, f"unknown version {version!r} of model {name!r}: it has {settings.model_version!r}")
-        if self.model is None or self.model.batcher is None:
+        if not self.registry.models:
             raise unavailable(self.health.reason)
-        return self.model
+        served = self.registry.resolve(name, version).served
+        if served is None or served.batcher is None:
+            raise unavailable(self.health.reason)
+        return served
 
-    def authorize(self, authorization: bytes | None) -> None:
-        """401 unless keys are off or `authorization` is `Bearer <a configured key>`. Keys are
-        compared as SHA-256 digests, against every configured key, so the time says nothing."""
-        if not self.api_key_digests:
-            return
-        scheme, _, key = (authorization or b"").partition(b" ")
-        given = hashlib.sha256(key.strip()).digest()
-        matched = False
-        for digest in self.api_key_digests:  # no early exit
-            matched |= hmac.compare_digest(given, digest)
-        if not (scheme.lower() == b"bearer" and matched):
+    def authorize(self, key: bytes | None) -> None:
+        """401 unless keys are off or `key` is a configured key."""
+        if self.api_key_digests and not _matches(key, self.api_key_digests + self.admin_key_digests):
             raise ServeError(401, UNAUTHORIZED, {"WWW-Authenticate": 'Bearer realm="fashion-serve"'})
+
+    def authorize_admin(self, key: bytes | None) -> None:
+        """The repository API's rule: 403 while no admin key is configured; 401 unless `key` is one."""
+        if not self.admin_key_digests:
+            raise ServeError(403, NO_ADMIN_KEYS)
+        if not _matches(key, self.admin_key_digests):
+            raise ServeError(401, ADMIN_ONLY, {"WWW-Authenticate": 'Bearer realm="fashion-serve"'})
 
     def backlogged(self) -> bool:
         """Whether the work admitted would take over half of what a request may wait (the queue
@@ -129,6 +169,35 @@ class DataPlane:
 
     # --- the inference path ----------------------------------------------------------------------
 
+    async def run(self, call: Call, parse: Parser[T]) -> Answer[T]:
+        """The one way an inference request goes through the core, for every protocol: authorize,
+        resolve the version, parse (before any queue: a malformed request never waits), deadline,
+        admit, infer, count. A refusal is held as its `hold_s` says, then raised to be rendered."""
+        started = time.monotonic()
+        try:
+            self.authorize(call.key)
+            entry = self._resolve(call.model, call.version)
+            model = entry.served
+            assert model is not None
+            parsed = await parse(model)
+            deadline = self.deadline(started, call.timeout_s, parsed.timeout_s)
+            with self.admit(entry, deadline):
+                scored = await self._infer(model, parsed.input, parsed.encoded_bytes, deadline)
+        except ServeError as exc:
+            if exc.hold_s > 0:
+                hold, exc.hold_s = exc.hold_s, 0.0  # held once, here, whoever renders it
+                await asyncio.sleep(hold)
+            raise
+        return Answer(model, scored, parsed.request)
+
+    def _resolve(self, name: str | None, version: str | None) -> Version:
+        if not self.registry.models:
+            raise unavailable(self.health.reason)
+        entry = self.registry.resolve(name, version)
+        if entry.served is None or entry.served.batcher is None:
+            raise unavailable(self.health.reason)
+        return entry
+
     def deadline(self, started: float, *client_timeouts_s: float | None) -> float | None:
         """The request's deadline (a `time.monotonic()` value): the earliest of the server's
         default (`request_timeout_s`) and the client's timeouts, counted from `started`."""
@@ -136,24 +205,25 @@ class DataPlane:
         return started + min(timeouts) if timeouts else None
 
     @contextlib.contextmanager
-    def admit(
-        self, name: str | None = None, version: str | None = None, deadline: float | None = None
-    ) -> Iterator[ServedModel]:
-        """The one admission step: the model asked for, and a place in its queue if the work
-        already admitted would be done within `max_queue_delay_s` (else 503 at once, which costs
-        far less than an answer) and before the request's `deadline` (else 504, never computed).
-        Both refusals are held before they are sent (`hold_s`), so that a client that sends again
-        at once cannot turn the service into a machine that mostly refuses. The wait is Little's
-        law: requests in progress times the inference thread's measured seconds per request.
+    def admit(self, entry: Version, deadline: float | None = None) -> Iterator[ServedModel]:
+        """The one admission step: a place in the version's queue if the work already admitted
+        would be done within `max_queue_delay_s` (else 503 at once, which costs far less than an
+        answer) and before the request's `deadline` (else 504, never computed). Both refusals
+        carry a hold (`hold_s`, waited out by `run`), so that a client that sends again at once
+        cannot turn the service into a machine that mostly refuses. The wait is Little's law:
+        requests in progress times the inference thread's measured seconds per request.
         `max_concurrency` caps the requests in progress whatever the estimate. Held until the
-        answer is computed: the model stays the one the request was admitted to, even across a reload."""
-        model = self.current_model(name, version)
-        self._check_room(model, deadline)
+        answer is computed: the version stays the one the request was admitted to, and an
+        unload waits for it (`Version.drained`)."""
+        assert entry.served is not None
+        self._check_room(entry.served, deadline)
         self.in_flight += 1
+        entry.enter()
         try:
-            yield model
+            yield entry.served
         finally:
             self.in_flight -= 1
+            entry.leave()
 
     def _check_room(self, model: ServedModel, deadline: float | None) -> None:
         settings = self.settings
@@ -172,16 +242,10 @@ class DataPlane:
             busy.hold_s = min(wait - most, MAX_HOLD_S)
             raise busy
 
-    async def infer(
-        self, model: ServedModel, request: Pending, encoded_bytes: int = 0, deadline: float | None = None
-    ) -> Scored:
+    async def _infer(self, model: ServedModel, request: Pending, encoded_bytes: int, deadline: float | None) -> Scored:
         """Score a request's model input in `model`'s shared batches. A decoder (encoded images)
-        runs on the inference thread with its batch when the images are small, else in the
-        threadpool. Work past its `deadline` is dropped before the forward pass (504).
-
-        Raises ServeError: the request refused as a whole, not ready, past its deadline, or out
-        of accelerator memory.
-        """
+        runs on the inference thread with its batch when the images are small, else in a
+        thread first. Work past its `deadline` is dropped before the forward pass (504)."""
         batcher = model.batcher
         if batcher is None:
             raise unavailable(self.health.reason)
@@ -189,7 +253,7 @@ class DataPlane:
         if callable(request):
             request = tracing.in_context(request, trace)
         if callable(request) and encoded_bytes > INLINE_DECODE_BYTES:
-            request = await run_in_threadpool(request)
+            request = await asyncio.to_thread(request)
         try:
             if deadline is not None and time.monotonic() >= deadline:
                 self.metrics.dropped.labels("deadline").inc()
@@ -206,6 +270,16 @@ class DataPlane:
         return scored
 
 
+def _matches(key: bytes | None, digests: list[bytes]) -> bool:
+    """Whether `key` is one of the keys, compared as SHA-256 digests against every one (no early
+    exit), so the time says nothing of which or how close."""
+    given = hashlib.sha256((key or b"").strip()).digest()
+    matched = False
+    for digest in digests:
+        matched |= hmac.compare_digest(given, digest)
+    return matched and key is not None
+
+
 def _span_attributes(model: ServedModel, scored: Scored) -> dict[str, object]:
     """What a request's server span says of its model and answer."""
     flagged = 0
@@ -213,7 +287,7 @@ def _span_attributes(model: ServedModel, scored: Scored) -> dict[str, object]:
         flagged = int(out_of_distribution(scored.ood_scores, model.ood_threshold).sum())
     return {
         "fashion_serve.model.name": model.name,
-        "fashion_serve.model.version": model.settings.model_version,
+        "fashion_serve.model.version": model.version,
         "fashion_serve.model.backend": model.forward.name,
         "fashion_serve.model.precision": model.forward.precision,
         "fashion_serve.images": len(scored.input.names),

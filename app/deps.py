@@ -4,6 +4,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from app.auth import bearer_key
 from app.dataplane import DataPlane
 
 
@@ -16,7 +17,7 @@ async def get_plane(request: Request) -> DataPlane:
 async def authorized_plane(request: Request) -> DataPlane:
     """The data plane, once the request's API key (if keys are configured) is accepted."""
     plane: DataPlane = request.app.state.plane
-    plane.authorize(request.headers.get("authorization", "").encode("latin-1"))
+    plane.authorize(bearer_key(request.headers.get("authorization", "").encode("latin-1")))
     return plane
 
 

@@ -16,9 +16,7 @@ class ServeError(Exception):
     `detail` is a message, or for 422 FastAPI's list of validation errors.
     """
 
-    def __init__(
-        self, status: int, detail: object, headers: dict[str, str] | None = None, hold_s: float = 0.0
-    ) -> None:
+    def __init__(self, status: int, detail: object, headers: dict[str, str] | None = None, hold_s: float = 0.0) -> None:
         super().__init__(detail)
         self.status = status
         self.detail = detail

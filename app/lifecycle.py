@@ -77,7 +77,7 @@ async def load(plane: DataPlane, source: Path | None) -> ServedModel:
 async def start(plane: DataPlane) -> None:
     """Load the model (the supervisor's validated snapshot, else the configured path), then ready."""
     try:
-        plane.model = await load(plane, snapshot_path())
+        plane.serve(await load(plane, snapshot_path()))
     except CheckpointError as exc:
         logger.critical("cannot start: checkpoint %s: %s", plane.settings.checkpoint, exc)
         raise
@@ -87,7 +87,7 @@ async def start(plane: DataPlane) -> None:
     gc.freeze()
     BACKPRESSURE.busy = plane.backlogged
     plane.health.mark_ready()
-    logger.info("ready: %s", plane.model.summary())
+    logger.info("ready: %s", ", ".join(v.served.summary() for v in plane.registry if v.served))
 
 
 async def start_grpc(plane: DataPlane) -> GrpcServer | None:
@@ -102,10 +102,11 @@ async def start_grpc(plane: DataPlane) -> GrpcServer | None:
 
 async def stop(plane: DataPlane) -> None:
     """End the inference thread; uvicorn has already drained the connections within the grace period."""
-    model = plane.model
-    if model is not None and model.batcher is not None:
-        model.batcher.close()
-        await run_in_threadpool(model.batcher.join, 1.0)
+    for version in list(plane.registry):
+        model = version.served
+        if model is not None and model.batcher is not None:
+            model.batcher.close()
+            await run_in_threadpool(model.batcher.join, 1.0)
 
 
 def drain_on_sigterm(health: Health, also: Callable[[], None] | None = None) -> None:

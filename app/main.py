@@ -15,7 +15,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.routing import Route
 
 from app import __version__, lifecycle
-from app.auth import load_api_keys
+from app.auth import load_admin_keys, load_api_keys
 from app.dataplane import DataPlane
 from app.errors import ServeError
 from app.http.routing import Endpoint, ServiceApp
@@ -54,7 +54,7 @@ async def _render_detail(request: Request, exc: Exception) -> Response:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the service; the model loads when the app starts (its lifespan), never at import."""
     settings = settings or Settings()
-    plane = DataPlane(settings, api_key_digests=load_api_keys(settings))
+    plane = DataPlane(settings, api_key_digests=load_api_keys(settings), admin_key_digests=load_admin_keys(settings))
     collector = ModelCollector(
         partial(_served, plane),
         lambda: reload_counts(snapshot_path()),
@@ -63,9 +63,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     plane.metrics.add_live(collector)
 
+    predict_endpoint = Endpoint("POST /predict", partial(predict.predict, plane), predict.render_error)
     v2_endpoint = Endpoint("v2 inference", partial(v2_infer.infer, plane), v2_render_error)
     fast_routes = [
-        Route("/predict", Endpoint("POST /predict", partial(predict.predict, plane), predict.render_error)),
+        Route("/predict", predict_endpoint),
+        Route("/models/{model}/predict", predict_endpoint),
+        Route("/models/{model}/versions/{version}/predict", predict_endpoint),
         Route("/v2/models/{model}/infer", v2_endpoint),
         Route("/v2/models/{model}/versions/{version}/infer", v2_endpoint),
     ]

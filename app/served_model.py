@@ -75,13 +75,16 @@ class ServedModel:
         checkpoint: CheckpointInfo,
         settings: Settings,
         observe_batch: Callable[[int, float], None] | None = None,
+        name: str | None = None,
+        version: str | None = None,
     ) -> None:
         self.loaded = loaded
         self.checkpoint = checkpoint
         self.settings = settings
         self.observe_batch = observe_batch  # told (images, seconds) of every forward pass
         self.loaded_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-        self.name = settings.served_name
+        self.name = name or settings.served_name
+        self.version = version or settings.model_version
         self.class_names = tuple(loaded.class_names)
         self.device = loaded.device  # asked once: it walks the model's parameters
         self.trust = loaded.trust()  # calibration and OOD statistics, when the checkpoint has them
@@ -110,9 +113,12 @@ class ServedModel:
         settings: Settings,
         source: Path | None = None,
         observe_batch: Callable[[int, float], None] | None = None,
+        name: str | None = None,
+        version: str | None = None,
+        origin: Path | None = None,
     ) -> ServedModel:
         """Load the checkpoint on the configured device (raises CheckpointError): from `source`,
-        the supervisor's validated copy, when given; /model reports the configured path."""
+        a validated copy, when given; /model reports `origin` (default: the configured path)."""
         torch.set_num_threads(settings.torch_threads)
         path = Path(source or settings.checkpoint)
         try:
@@ -121,8 +127,9 @@ class ServedModel:
             data = None  # load_checkpoint says what is wrong with the path, in its words
         loaded = load_checkpoint(path, device=settings.device, data=data)
         data = data if data is not None else path.read_bytes()
-        info = CheckpointInfo(str(settings.checkpoint), hashlib.sha256(data).hexdigest(), len(data), loaded.format)
-        return cls(loaded, info, settings, observe_batch)
+        shown = origin or settings.checkpoint
+        info = CheckpointInfo(str(shown), hashlib.sha256(data).hexdigest(), len(data), loaded.format)
+        return cls(loaded, info, settings, observe_batch, name, version)
 
     @property
     def num_classes(self) -> int:
@@ -226,6 +233,7 @@ class ServedModel:
         state_dict = model.state_dict()
         return {
             "name": self.name,
+            "version": self.version,
             "arch": self.loaded.arch,
             "model_args": self.loaded.model_args,
             "architecture": str(model),

@@ -45,6 +45,12 @@ class Settings(BaseSettings):
     header_timeout_s: float = Field(10.0, gt=0, le=300)
     api_keys: SecretStr = SecretStr("")  # comma-separated; with api_keys_file, none means no keys needed
     api_keys_file: Path | None = None  # one key per line (Docker and Kubernetes secrets)
+    admin_keys: SecretStr = SecretStr("")  # the repository API's keys; none: that API answers 403
+    admin_keys_file: Path | None = None
+    model_repository: Path | None = None  # DIR/<name>/<version>/<checkpoint>; None: serve `checkpoint` alone
+    load_models: str | None = None  # comma-separated: the models loaded at start (default: all)
+    default_model: str | None = None  # the model /predict and the page serve (default: the only one)
+    max_model_memory_mb: int | None = Field(None, ge=1)  # per worker: a load past it is refused
     model_name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # None: the checkpoint's stem
     model_version: str = Field("1", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     v2_max_images: int = Field(256, ge=1, le=4096)

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("app")
 T = TypeVar("T")
 
+
 class _API(NamedTuple):
     """The OpenTelemetry calls the hooks make, looked up once when tracing starts (not per request)."""
 

@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from starlette.types import Receive, Scope, Send
 
 from app import tracing
+from app.auth import bearer_key
+from app.dataplane import Call
 from app.errors import ServeError
 
 Headers = list[tuple[bytes, bytes]]
+TIMEOUT_HEADER = b"x-request-timeout"  # seconds, fractions allowed: the client's deadline over HTTP
 
 
 @dataclass
@@ -32,6 +36,33 @@ def header(scope: Scope, name: bytes) -> bytes | None:
         if key == name:
             return bytes(value)
     return None
+
+
+def call_of(scope: Scope) -> Call:
+    """The core's view of an HTTP inference request: its API key and the model and version its
+    path names (`/models/{model}[/versions/{version}]/...`, `/v2/models/...`)."""
+    params = scope.get("path_params") or {}
+    return Call(bearer_key(header(scope, b"authorization")), None, params.get("model"), params.get("version"))
+
+
+def timeout_header(scope: Scope) -> float | None:
+    """The client's timeout in seconds (X-Request-Timeout): a positive finite number, else 400."""
+    value = header(scope, TIMEOUT_HEADER)
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ServeError(400, "X-Request-Timeout must be a positive number of seconds")
+    return seconds
+
+
+def earliest(*timeouts_s: float | None) -> float | None:
+    """The shortest of the timeouts given, or None."""
+    given = [t for t in timeouts_s if t is not None]
+    return min(given) if given else None
 
 
 async def receive_body(receive: Receive, content_length: bytes | None, max_bytes: int, timeout_s: float) -> bytes:

@@ -7,7 +7,6 @@ A protocol supplies a `render_error(ServeError) -> Reply`; `Endpoint` (plain ASG
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
@@ -46,18 +45,11 @@ class Endpoint:
                 raise ServeError(405, "Method Not Allowed", {"Allow": "POST"})
             reply = await self.handle(scope, receive)
         except ServeError as exc:
-            await held(exc)
             reply = self.render_error(exc)
         except Exception:
             logger.exception("unhandled error in %s", self.name)
             reply = self.render_error(INTERNAL_ERROR)
         await send_reply(send, reply)
-
-
-async def held(error: ServeError) -> None:
-    """Wait out the error's `hold_s` (only admission refusals have one), holding the connection."""
-    if error.hold_s > 0:
-        await asyncio.sleep(error.hold_s)
 
 
 def protocol_route(render_error: ErrorRenderer) -> type[APIRoute]:
@@ -71,7 +63,6 @@ def protocol_route(render_error: ErrorRenderer) -> type[APIRoute]:
                 try:
                     return await handler(request)
                 except ServeError as exc:
-                    await held(exc)
                     reply = render_error(exc)
                     return Response(reply.body, reply.status, dict(reply.headers), reply.content_type.decode())
 

@@ -1,28 +1,29 @@
 """POST /explain: /predict's answer plus what the model saw and where it looked, per image.
 
-The same bodies, query and limits as /predict (its helpers parse them), the same forward pass
-for the classes (`DataPlane.infer`, the shared batcher), and then, in the threadpool, a gradient
-pass for the saliency maps: gradients cannot be taken in the batcher's inference-mode step.
+The same bodies, query and limits as /predict (its helpers parse them, before anything queues),
+the same one call into the core for the classes (`DataPlane.run`, the shared batcher), and then,
+in a thread, a gradient pass for the saliency maps: gradients cannot be taken in the batcher's
+inference-mode step. `/models/{model}[/versions/{version}]/explain` name a model and version.
 Nothing here runs unless /explain is asked, so /predict's path is untouched. Not a hot path,
 so an ordinary FastAPI route.
 """
 
 from __future__ import annotations
 
-import time
+import asyncio
 from typing import Any
 
 import numpy as np
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, Field
-from starlette.concurrency import run_in_threadpool
 
-from app.dataplane import parse_timeout_s
+from app.dataplane import Parsed
 from app.decoding import decode_images
-from app.deps import AuthorizedPlaneDep
-from app.http.messages import header, receive_body
+from app.deps import PlaneDep
+from app.http.messages import call_of, timeout_header
 from app.protocols import predict
-from app.protocols.predict import ImageFailure, TopK, none_classified, read_query, split_body
+from app.protocols.predict import ImageFailure, TopK, answered_by, none_classified, read_query, read_uploads
+from app.served_model import ServedModel
 from models.preprocessing import PreprocessConfig
 from models.saliency import SALIENCY_METHOD
 
@@ -48,6 +49,7 @@ class Explanation(BaseModel):
 
 class ExplainResponse(BaseModel):
     model: str
+    model_version: str
     saliency_method: str
     explanations: list[Explanation]
 
@@ -58,11 +60,10 @@ def to_pixels(inputs: np.ndarray, preprocess: PreprocessConfig) -> np.ndarray:
     return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
 
 
-@router.post(
-    "/explain",
-    response_model=ExplainResponse,
-    response_model_exclude_unset=True,
-    openapi_extra={
+_ROUTE: dict[str, Any] = {
+    "response_model": ExplainResponse,
+    "response_model_exclude_unset": True,
+    "openapi_extra": {
         "parameters": predict.OPERATION["parameters"],
         "requestBody": predict.OPERATION["requestBody"],
         "responses": {
@@ -71,36 +72,38 @@ def to_pixels(inputs: np.ndarray, preprocess: PreprocessConfig) -> np.ndarray:
             if status not in ("200", "405")
         },
     },
-)
-async def explain(request: Request, plane: AuthorizedPlaneDep) -> dict[str, Any]:
+}
+
+
+@router.post("/explain", **_ROUTE)
+@router.post("/models/{model}/explain", name="explain_model", **_ROUTE)
+@router.post("/models/{model}/versions/{version}/explain", name="explain_model_version", **_ROUTE)
+async def explain(request: Request, response: Response, plane: PlaneDep) -> dict[str, Any]:
     """/predict's answer per image, plus the 28x28 input the model saw, which way the invert
     rule went, and a saliency map for the top class.
 
     The same bodies, `k`, `invert` and limits as /predict; an image that cannot be used gets
     an `error` in its place while the others are answered.
     """
-    started = time.monotonic()
     settings = plane.settings
-    deadline = plane.deadline(started, parse_timeout_s(request.headers.get("x-request-timeout")))
-    k, invert = read_query(plane, request.scope["query_string"])
-    with plane.admit(deadline=deadline) as model:
-        preprocess = model.loaded.preprocess
-        body = await receive_body(
-            request.receive,
-            header(request.scope, b"content-length"),
-            settings.max_upload_bytes,
-            settings.body_timeout_s,
-        )
-        uploads = split_body(body, request.headers.get("content-type", ""), settings.max_files)
-        decoded, inverted = await run_in_threadpool(
-            decode_images, uploads, preprocess, settings.max_image_pixels, invert, True
+
+    async def parse(model: ServedModel) -> Parsed[tuple[int, list[bool | None]]]:
+        k, invert = read_query(settings, model, request.scope["query_string"])
+        timeout = timeout_header(request.scope)
+        body, uploads = await read_uploads(settings, request.scope, request.receive)
+        decoded, inverted = await asyncio.to_thread(
+            decode_images, uploads, model.loaded.preprocess, settings.max_image_pixels, invert, True
         )
         if decoded.inputs is None:
             raise none_classified(decoded)
-        scored = await plane.infer(model, decoded, deadline=deadline)
-        targets = scored.probabilities.argmax(axis=1)
-        maps = await run_in_threadpool(model.saliency, decoded.inputs, targets)
-    pixels = to_pixels(decoded.inputs, preprocess)
+        return Parsed(decoded, (k, inverted), len(body), timeout)
+
+    answer = await plane.run(call_of(request.scope), parse)
+    model, scored, (k, inverted) = answer.model, answer.scored, answer.request
+    inputs = scored.input.inputs
+    assert inputs is not None
+    maps = await asyncio.to_thread(model.saliency, inputs, scored.probabilities.argmax(axis=1))
+    pixels = to_pixels(inputs, model.loaded.preprocess)
     explanations = predict.encode(scored, k, model.class_names, model.ood_threshold)
     for position, row in enumerate(scored.per_image()):
         if isinstance(row, int):
@@ -109,4 +112,10 @@ async def explain(request: Request, plane: AuthorizedPlaneDep) -> dict[str, Any]
                 input=pixels[row].tolist(),
                 saliency=np.round(maps[row].astype(np.float64), 4).tolist(),  # float32 prints 17 digits
             )
-    return {"model": model.name, "saliency_method": SALIENCY_METHOD, "explanations": explanations}
+    response.headers.update(answered_by(model))
+    return {
+        "model": model.name,
+        "model_version": model.version,
+        "saliency_method": SALIENCY_METHOD,
+        "explanations": explanations,
+    }

@@ -1,7 +1,9 @@
 """The service's own protocol: POST /predict, top-k classes for one or more uploaded images.
 
-The adapter parses the query and the body (multipart or one raw image) under the limits,
-hands `DataPlane.infer` a decoder, and encodes the probabilities as ranked classes.
+The adapter parses the query and the body (multipart or one raw image) under the limits before
+anything is queued, hands `DataPlane.run` a decoder for the images (it runs with the batch), and
+encodes the probabilities as ranked classes. `/models/{model}[/versions/{version}]/predict`
+are the same endpoint for a model and version named in the path.
 The hot path, so it is a plain ASGI endpoint: no dependency injection, no response model,
 no per-request validation objects: FastAPI's route machinery cost as much as decoding and
 the forward pass together (docs/performance.md). The contract is the same as a FastAPI
@@ -12,7 +14,6 @@ and /docs show.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from functools import partial
 from typing import Annotated, Any
@@ -23,12 +24,12 @@ from pydantic.json_schema import models_json_schema
 from starlette.types import Receive, Scope
 
 from app import tracing
-from app.dataplane import TIMEOUT_HEADER, DataPlane, parse_timeout_s
+from app.dataplane import DataPlane, Parsed
 from app.decoding import ALLOWED_CONTENT_TYPES, ModelInput, decode_images
 from app.errors import ServeError
-from app.http.messages import Reply, dump_json, header, receive_body
+from app.http.messages import Reply, call_of, dump_json, header, receive_body, timeout_header
 from app.http.multipart import parse_multipart
-from app.served_model import Scored
+from app.served_model import Scored, ServedModel
 from app.settings import Settings
 from models.preprocessing import INVERT_CHOICES, Invert, PreprocessConfig
 from models.trust import out_of_distribution
@@ -58,6 +59,7 @@ class Prediction(BaseModel):
 
 class PredictResponse(BaseModel):
     model: str
+    model_version: str = Field(description="the version that answered (also the X-Model-Version header)")
     predictions: list[Prediction]
 
 
@@ -116,7 +118,8 @@ def split_body(body: bytes, content_type: str, max_files: int) -> list[tuple[str
 def decode_body(
     body: bytes, content_type: str, preprocess: PreprocessConfig, settings: Settings, invert: Invert | None = None
 ) -> ModelInput:
-    """A /predict body -> its images as model input (each image's failure kept apart)."""
+    """A /predict body -> its images as model input (each image's failure kept apart): what the
+    endpoint does in two steps, split before the queue and decoded with the batch (the benchmarks' one call)."""
     images = split_body(body, content_type, settings.max_files)
     return decode_images(images, preprocess, settings.max_image_pixels, invert)
 
@@ -167,32 +170,47 @@ def render_error(exc: ServeError) -> Reply:
     return Reply(exc.status, dump_json({"detail": exc.detail}), headers=exc.headers)
 
 
-def read_query(plane: DataPlane, query_string: bytes) -> tuple[int, Invert | None]:
-    """`k` and `invert` for /predict and /explain, bounded by the served model's classes."""
-    settings = plane.settings
-    classes = plane.model.num_classes if plane.model else settings.max_k
-    return parse_query(query_string, settings.default_k, min(settings.max_k, classes))
+def read_query(settings: Settings, model: ServedModel, query_string: bytes) -> tuple[int, Invert | None]:
+    """`k` and `invert` for /predict and /explain, bounded by the model's classes."""
+    return parse_query(query_string, settings.default_k, min(settings.max_k, model.num_classes))
+
+
+async def read_uploads(
+    settings: Settings, scope: Scope, receive: Receive
+) -> tuple[bytes, list[tuple[str | None, bytes, str | None]]]:
+    """The body and its images as (filename, bytes, declared type), checked against the content
+    type, the multipart structure and the part limits: a request refused here never queues."""
+    body = await receive_body(
+        receive, header(scope, b"content-length"), settings.max_upload_bytes, settings.body_timeout_s
+    )
+    content_type = (header(scope, b"content-type") or b"").decode("latin-1")
+    return body, split_body(body, content_type, settings.max_files)
+
+
+def answered_by(model: ServedModel) -> dict[str, str]:
+    """The header every answer of this protocol carries: which version produced it."""
+    return {"X-Model-Version": model.version}
 
 
 async def predict(plane: DataPlane, scope: Scope, receive: Receive) -> Reply:
     """POST /predict: classify images sent as multipart parts named `file`, or one image as the raw body."""
-    started = time.monotonic()
-    plane.authorize(header(scope, b"authorization"))
-    deadline = plane.deadline(started, parse_timeout_s(header(scope, TIMEOUT_HEADER)))
-    k, invert = read_query(plane, scope["query_string"])
     settings = plane.settings
-    content_type = (header(scope, b"content-type") or b"").decode("latin-1")
-    with plane.admit(deadline=deadline) as model:
-        body = await receive_body(
-            receive, header(scope, b"content-length"), settings.max_upload_bytes, settings.body_timeout_s
-        )
-        decode = partial(decode_body, body, content_type, model.loaded.preprocess, settings, invert)
-        scored = await plane.infer(model, decode, len(body), deadline)
+
+    async def parse(model: ServedModel) -> Parsed[int]:
+        k, invert = read_query(settings, model, scope["query_string"])
+        timeout = timeout_header(scope)
+        body, uploads = await read_uploads(settings, scope, receive)
+        decode = partial(decode_images, uploads, model.loaded.preprocess, settings.max_image_pixels, invert)
+        return Parsed(decode, k, len(body), timeout)
+
+    answer = await plane.run(call_of(scope), parse)
+    model, scored = answer.model, answer.scored
     if scored.input.inputs is None:
         raise none_classified(scored.input)
     with tracing.child("encode"):
-        predictions = encode(scored, k, model.class_names, model.ood_threshold)
-    return Reply(200, dump_json({"model": model.name, "predictions": predictions}))
+        predictions = encode(scored, answer.request, model.class_names, model.ood_threshold)
+    body = {"model": model.name, "model_version": model.version, "predictions": predictions}
+    return Reply(200, dump_json(body), headers=answered_by(model))
 
 
 def _responses(description: str) -> dict[str, Any]:
@@ -216,6 +234,16 @@ def openapi(schema: dict[str, Any]) -> dict[str, Any]:
         "required": ["detail"],
     }
     schema["paths"]["/predict"] = {"post": OPERATION}
+    for path in ("/models/{model}/predict", "/models/{model}/versions/{version}/predict"):
+        parameters = [
+            {"name": name, "in": "path", "required": True, "schema": {"type": "string", "title": name.title()}}
+            for name in ("model", "version")
+            if "{" + name + "}" in path
+        ]
+        operation_id = "predict_" + path.strip("/").replace("/", "_").replace("{", "").replace("}", "") + "_post"
+        schema["paths"][path] = {
+            "post": {**OPERATION, "operationId": operation_id, "parameters": parameters + OPERATION["parameters"]}
+        }
     return schema
 
 

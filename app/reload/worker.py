@@ -39,7 +39,7 @@ async def follow_snapshot(plane: DataPlane, snapshot: Path, load: Loader) -> Non
         except Exception as exc:  # validated by the supervisor, so unexpected: keep serving the old one
             logger.error("reload: the new model did not load in this worker, keeping the old one: %r", exc)
             continue
-        old, plane.model = plane.model, model
+        old = plane.serve(model)
         logger.info("reloaded: now serving %s", model.summary())
         if old is not None:
             retiring.add(asyncio.create_task(retire(old, plane.settings.body_timeout_s + 5)))

@@ -20,6 +20,7 @@ from app.decoding import image_to_input
 from app.errors import ServeError
 from app.http.messages import receive_body
 from app.protocols.predict import decode_body
+from app.repository.registry import READY, Version
 from app.served_model import Pending, Scored
 from app.settings import Settings
 from tests.helpers import multipart, png
@@ -143,39 +144,44 @@ def test_max_wait_lets_a_batch_fill_and_zero_never_waits() -> None:
 def _plane(seconds_per_request: float = 0.0, **settings: Any) -> DataPlane:
     """A data plane whose model's inference thread drains `seconds_per_request` per request."""
     plane = DataPlane(Settings(**settings))
-    plane.model = SimpleNamespace(batcher=SimpleNamespace(seconds_per_item=seconds_per_request))  # type: ignore[assignment]
+    stand_in = SimpleNamespace(batcher=SimpleNamespace(seconds_per_item=seconds_per_request))
+    plane.registry.put(Version("m", "1", stand_in, READY))  # type: ignore[arg-type]
     return plane
+
+
+def _only(plane: DataPlane) -> Version:
+    return next(iter(plane.registry))
 
 
 def test_concurrency_cap_answers_503_with_retry_after() -> None:
     runtime = _plane(max_concurrency=2)
-    with runtime.admit(), runtime.admit():
-        with pytest.raises(ServeError) as refused, runtime.admit():
+    with runtime.admit(_only(runtime)), runtime.admit(_only(runtime)):
+        with pytest.raises(ServeError) as refused, runtime.admit(_only(runtime)):
             pass
         assert refused.value.status == 503
         assert refused.value.headers == {"Retry-After": "1"}
     assert runtime.in_flight == 0
-    with runtime.admit():
+    with runtime.admit(_only(runtime)):
         assert runtime.in_flight == 1
 
 
 def test_admission_refuses_when_the_work_ahead_would_take_longer_than_the_queue_delay_or_the_deadline() -> None:
     plane = _plane(seconds_per_request=0.01, max_queue_delay_s=1.0)  # 100 requests drain in 1 s
     plane.in_flight = 99
-    with plane.admit():  # 0.99 s of work ahead: admitted
+    with plane.admit(_only(plane)):  # 0.99 s of work ahead: admitted
         assert plane.in_flight == 100
     plane.in_flight = 101
-    with pytest.raises(ServeError) as refused, plane.admit():  # 1.01 s ahead: refused, nothing held
+    with pytest.raises(ServeError) as refused, plane.admit(_only(plane)):  # 1.01 s ahead: refused, nothing held
         pass
     assert plane.in_flight == 101 and refused.value.status == 503
     assert "about 1.01 s of work ahead" in refused.value.detail and refused.value.headers == {"Retry-After": "1"}
     assert refused.value.hold_s == pytest.approx(0.01)  # answered once the excess would have drained
     plane.in_flight = 30  # 0.3 s ahead: within the queue delay, not within a deadline 0.2 s away
-    with pytest.raises(ServeError) as late, plane.admit(deadline=time.monotonic() + 0.2):
+    with pytest.raises(ServeError) as late, plane.admit(_only(plane), deadline=time.monotonic() + 0.2):
         pass
     assert late.value.status == 504 and "0.30 s of work ahead" in late.value.detail
     assert 0.05 < late.value.hold_s <= 0.1  # answered just before the deadline, not at once
-    with plane.admit(deadline=time.monotonic() + 0.5):
+    with plane.admit(_only(plane), deadline=time.monotonic() + 0.5):
         assert plane.in_flight == 31
     assert plane.metrics.refused.labels("queue_delay")._value.get() == 1
     assert plane.metrics.dropped.labels("deadline")._value.get() == 1

@@ -16,11 +16,13 @@ from fastapi.testclient import TestClient
 
 import app.reload.worker
 from app.batching import BatcherClosed, MicroBatcher
+from app.dataplane import Call, Parsed, Parser
 from app.decoding import ModelInput
 from app.errors import ServeError
 from app.main import create_app
 from app.reload.snapshot import SNAPSHOT_ENV, last_reload, reload_counts
 from app.reload.supervisor import CheckpointSource
+from app.served_model import ServedModel
 from app.settings import Settings
 from tests.helpers import png, wait_for, write_tiny_checkpoint
 
@@ -47,6 +49,13 @@ def test_a_new_snapshot_is_swapped_in_and_the_old_model_is_freed(
         assert metrics.count("fashion_serve_model_info{") == 1
 
 
+def _parsed(model_input: ModelInput) -> Parser[None]:
+    async def parse(model: ServedModel) -> Parsed[None]:
+        return Parsed(model_input, None)
+
+    return parse
+
+
 def test_a_closed_batcher_refuses_new_items_and_the_runtime_answers_503(client: TestClient) -> None:
     runtime = client.app.state.plane  # type: ignore[attr-defined]
     service = runtime.model
@@ -59,7 +68,7 @@ def test_a_closed_batcher_refuses_new_items_and_the_runtime_answers_503(client: 
     real, service.batcher = service.batcher, batcher
     try:
         with pytest.raises(ServeError) as refused:
-            asyncio.run(runtime.infer(service, ModelInput.of(np.zeros((1, 1, 28, 28), np.float32))))
+            asyncio.run(runtime.run(Call(), _parsed(ModelInput.of(np.zeros((1, 1, 28, 28), np.float32)))))
     finally:
         service.batcher = real
     assert refused.value.status == 503 and refused.value.headers == {"Retry-After": "1"}

@@ -4,15 +4,14 @@ REST encodes (`app.protocols.v2.response.output_tensors`)."""
 
 from __future__ import annotations
 
-import time
+import asyncio
 from typing import Any
 
 import numpy as np
 from google.protobuf.message import Message
-from starlette.concurrency import run_in_threadpool
 
 from app import tracing
-from app.dataplane import INLINE_DECODE_BYTES, DataPlane
+from app.dataplane import INLINE_DECODE_BYTES, Call, DataPlane, Parsed
 from app.errors import ServeError
 from app.protocols.grpc.proto import grpc_predict_v2_pb2 as pb
 from app.protocols.v2.request import (
@@ -72,27 +71,26 @@ def parse(message: Any, model: ServedModel, settings: Settings) -> tuple[InferRe
 
 def encode(request: InferRequest, scored: Scored, model: ServedModel) -> Any:
     """The response: every output's data in raw_output_contents (what tritonclient.grpc reads)."""
-    response = pb.ModelInferResponse(
-        model_name=model.name, model_version=model.settings.model_version, id=request.id or ""
-    )
+    response = pb.ModelInferResponse(model_name=model.name, model_version=model.version, id=request.id or "")
     for tensor in output_tensors(request, scored, model):
         response.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
         response.raw_output_contents.append(tensor.raw())
     return response
 
 
-async def model_infer(plane: DataPlane, message: Any, time_remaining_s: float | None) -> Any:
-    """Admit, parse, infer, encode: REST's path (`app.protocols.v2.infer`), with the call's gRPC
-    deadline in place of X-Request-Timeout and the message in place of the body."""
-    started = time.monotonic()
-    known_deadline = plane.deadline(started, time_remaining_s)
-    with plane.admit(message.model_name, message.model_version or None, known_deadline) as model:
+async def model_infer(plane: DataPlane, message: Any, key: bytes | None, time_remaining_s: float | None) -> Any:
+    """REST's path (`app.protocols.v2.infer`) with the call's gRPC deadline in place of
+    X-Request-Timeout and the message in place of the body: parse, one call into the core, encode."""
+
+    async def parse_message(model: ServedModel) -> Parsed[InferRequest]:
         size = message.ByteSize()
         if size <= INLINE_DECODE_BYTES:
             request, pending = parse(message, model, plane.settings)
         else:
-            request, pending = await run_in_threadpool(parse, message, model, plane.settings)
-        deadline = plane.deadline(started, time_remaining_s, request.timeout_s)
-        scored = await plane.infer(model, pending, size, deadline)
+            request, pending = await asyncio.to_thread(parse, message, model, plane.settings)
+        return Parsed(pending, request, size, request.timeout_s)
+
+    call = Call(key, time_remaining_s, message.model_name, message.model_version or None)
+    answer = await plane.run(call, parse_message)
     with tracing.child("encode"):
-        return encode(request, scored, model)
+        return encode(answer.request, answer.scored, answer.model)

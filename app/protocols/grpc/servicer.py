@@ -16,10 +16,10 @@ from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from app import __version__, tracing
+from app.auth import bearer_key
 from app.dataplane import DataPlane, Health
 from app.errors import ServeError
 from app.http.middleware import VALID_REQUEST_ID, RefusalLog
-from app.http.routing import held
 from app.observability import request_id_var
 from app.protocols.grpc.infer import model_infer
 from app.protocols.grpc.proto import grpc_predict_v2_pb2 as pb
@@ -49,6 +49,12 @@ def rpc(keyed: bool = True) -> Callable[[H], H]:
     return wrap
 
 
+def _key(context: grpc.aio.ServicerContext) -> bytes | None:
+    """The API key of the call's `authorization: Bearer <key>` metadata."""
+    authorization = _metadata(context, "authorization")
+    return bearer_key(authorization.encode("latin-1") if authorization is not None else None)
+
+
 def _metadata(context: grpc.aio.ServicerContext, key: str) -> str | None:
     for item in context.invocation_metadata() or ():
         if item[0] == key and isinstance(item[1], str):
@@ -76,14 +82,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         code = grpc.StatusCode.OK
         try:
             if keyed:
-                authorization = _metadata(context, "authorization")
-                self.plane.authorize(authorization.encode("latin-1") if authorization is not None else None)
+                self.plane.authorize(_key(context))
             response = await method(self, request, context)
             context.set_trailing_metadata(trailing)
             return response
         except ServeError as exc:
             code = status_code(exc)
-            await held(exc)
             await context.abort(code, exc.message, trailing)
         except asyncio.CancelledError:  # the client went away, or the server is stopping
             code = grpc.StatusCode.CANCELLED
@@ -142,10 +146,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             del config["version_policy"]
         return pb.ModelConfigResponse(config=json_format.ParseDict(config, pb.ModelConfig()))
 
-    @rpc()
+    @rpc(keyed=False)  # the data plane checks its key, as for every protocol's inference
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         with tracing.rpc_server_span(SERVICE, "ModelInfer", context.invocation_metadata() or ()):
-            return await model_infer(self.plane, request, context.time_remaining())
+            return await model_infer(self.plane, request, _key(context), context.time_remaining())
 
 
 class ReadinessHealth(health_pb2_grpc.HealthServicer):

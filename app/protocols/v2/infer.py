@@ -1,15 +1,15 @@
-"""POST /v2/models/{model}[/versions/{version}]/infer: parse, admit, infer, encode."""
+"""POST /v2/models/{model}[/versions/{version}]/infer: parse (before any queue), one call into the
+core, encode."""
 
 from __future__ import annotations
 
-import time
+import asyncio
 
-from starlette.concurrency import run_in_threadpool
 from starlette.types import Receive, Scope
 
 from app import tracing
-from app.dataplane import INLINE_DECODE_BYTES, TIMEOUT_HEADER, DataPlane, parse_timeout_s
-from app.http.messages import Reply, header, receive_body
+from app.dataplane import INLINE_DECODE_BYTES, DataPlane, Parsed
+from app.http.messages import Reply, call_of, earliest, header, receive_body, timeout_header
 from app.protocols.v2.request import HEADER_LENGTH, InferRequest, model_input, output_names, parse_infer_request
 from app.protocols.v2.response import encode
 from app.served_model import Pending, ServedModel
@@ -26,25 +26,21 @@ def _parse(scope: Scope, body: bytes, model: ServedModel, settings: Settings) ->
 
 
 async def infer(plane: DataPlane, scope: Scope, receive: Receive) -> Reply:
-    started = time.monotonic()
-    plane.authorize(header(scope, b"authorization"))
-    header_timeout_s = parse_timeout_s(header(scope, TIMEOUT_HEADER))
     settings = plane.settings
-    params = scope.get("path_params", {})
-    # The deadline known before the body (server default, header) decides admission; the
-    # body's `timeout` parameter, once parsed, can only make it earlier.
-    known_deadline = plane.deadline(started, header_timeout_s)
-    with plane.admit(params.get("model", ""), params.get("version"), known_deadline) as model:
+
+    async def parse(model: ServedModel) -> Parsed[InferRequest]:
+        header_timeout_s = timeout_header(scope)
         body = await receive_body(
             receive, header(scope, b"content-length"), settings.max_upload_bytes, settings.body_timeout_s
         )
         # Parsing a large body (JSON numbers, many BYTES elements) takes the event loop for
-        # too long: like decoding, it moves to the threadpool.
+        # too long: like decoding, it moves to a thread.
         if len(body) <= INLINE_DECODE_BYTES:
             request, pending = _parse(scope, body, model, settings)
         else:
-            request, pending = await run_in_threadpool(_parse, scope, body, model, settings)
-        deadline = plane.deadline(started, header_timeout_s, request.timeout_s)
-        scored = await plane.infer(model, pending, len(body), deadline)
+            request, pending = await asyncio.to_thread(_parse, scope, body, model, settings)
+        return Parsed(pending, request, len(body), earliest(header_timeout_s, request.timeout_s))
+
+    answer = await plane.run(call_of(scope), parse)
     with tracing.child("encode"):
-        return encode(request, scored, model)
+        return encode(answer.request, answer.scored, answer.model)

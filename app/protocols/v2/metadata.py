@@ -15,6 +15,7 @@ from app.deps import AuthorizedPlaneDep, PlaneDep
 from app.http.routing import protocol_route
 from app.protocols.v2.request import INPUT, OOD_SCORE, PROBABILITIES
 from app.protocols.v2.response import render_error
+from app.repository.registry import READY
 from app.served_model import ServedModel
 from models.served_form import ONNX_INT8
 
@@ -77,12 +78,17 @@ def _platform(model: ServedModel) -> str:
     return "onnxruntime_onnx" if model.forward.name == ONNX_INT8 else "pytorch_libtorch"
 
 
+def _versions(plane: DataPlane, model: ServedModel) -> list[str]:
+    """The model's ready versions, lowest first."""
+    return [v.version for v in plane.registry if v.model == model.name and v.state == READY]
+
+
 def model_metadata(plane: DataPlane, name: str, version: str | None) -> dict[str, Any]:
     model = plane.current_model(name, version)
     side = model.input_size
     return {
         "name": model.name,
-        "versions": [model.settings.model_version],
+        "versions": _versions(plane, model),
         "platform": _platform(model),
         "inputs": [{"name": INPUT, "datatype": "FP32", "shape": [-1, 1, side, side]}],
         "outputs": [{"name": n, "datatype": "FP32", "shape": [-1, width]} for n, width in _outputs(model)],
@@ -106,7 +112,9 @@ def model_config(plane: DataPlane, name: str, version: str | None) -> dict[str, 
         "max_batch_size": model.settings.v2_max_images,
         "input": [{"name": INPUT, "data_type": "TYPE_FP32", "format": "FORMAT_NCHW", "dims": [1, side, side]}],
         "output": [{"name": n, "data_type": "TYPE_FP32", "dims": [width]} for n, width in _outputs(model)],
-        "version_policy": {"specific": {"versions": [model.settings.model_version]}},
+        "version_policy": {
+            "specific": {"versions": [v.version for v in plane.registry.models.get(model.name, {}).values()]}
+        },
     }
 
 

@@ -77,7 +77,7 @@ def encode(request: InferRequest, scored: Scored, service: ServedModel) -> Reply
     blobs: list[bytes] = []
     tensors = output_tensors(request, scored, service)
     outputs = [_json_tensor(t, o.binary, blobs) for t, o in zip(tensors, request.outputs, strict=True)]
-    response: dict[str, Any] = {"model_name": service.name, "model_version": service.settings.model_version}
+    response: dict[str, Any] = {"model_name": service.name, "model_version": service.version}
     if request.id is not None:
         response["id"] = request.id
     response["outputs"] = outputs

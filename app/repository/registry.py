@@ -1,0 +1,129 @@
+"""The models and versions one worker serves: each version's served model, state and requests in
+progress. No I/O: `app.repository.control` changes it, the data plane reads it per request."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from app.errors import ServeError, unavailable
+from app.served_model import ServedModel
+
+READY, LOADING, UNLOADING, UNAVAILABLE = "READY", "LOADING", "UNLOADING", "UNAVAILABLE"
+
+
+def version_order(version: str) -> tuple[int, int, str]:
+    """Versions in numeric order where they are numbers (Triton's are), else by name after them."""
+    return (0, int(version), "") if version.isdigit() else (1, 0, version)
+
+
+@dataclass(eq=False)
+class Version:
+    """One version of one model in this worker."""
+
+    model: str
+    version: str
+    served: ServedModel | None = None
+    state: str = LOADING
+    reason: str = ""
+    memory_bytes: int = 0  # resident bytes its load added to this worker
+    in_flight: int = 0  # requests admitted to it and not yet answered
+    _idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def enter(self) -> None:
+        self.in_flight += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
+
+    async def drained(self) -> None:
+        """Return once no admitted request is left on this version."""
+        if self.in_flight:
+            await self._idle.wait()
+
+    def row(self) -> dict[str, object]:
+        """Its line in the repository index (Triton's fields, plus memory)."""
+        return {
+            "name": self.model,
+            "version": self.version,
+            "state": self.state,
+            "reason": self.reason,
+            "memory_bytes": self.memory_bytes,
+        }
+
+
+class Registry:
+    """Name -> version -> `Version`, which version of a model answers when none is named, and
+    which model answers when none is named."""
+
+    def __init__(self, default_model: str | None = None) -> None:
+        self.models: dict[str, dict[str, Version]] = {}
+        self.default_versions: dict[str, str] = {}  # configured; else the highest ready
+        self.default_model = default_model  # configured; else the only model
+        self.generation = 0  # the shared state this worker serves (app.repository.shared)
+
+    def put(self, entry: Version) -> Version | None:
+        """Add or replace a version; the one it replaced, if any."""
+        versions = self.models.setdefault(entry.model, {})
+        previous = versions.get(entry.version)
+        versions[entry.version] = entry
+        return previous
+
+    def remove(self, entry: Version) -> None:
+        versions = self.models.get(entry.model, {})
+        if versions.get(entry.version) is entry:
+            del versions[entry.version]
+        if not versions:
+            self.models.pop(entry.model, None)
+
+    def get(self, name: str, version: str) -> Version | None:
+        return self.models.get(name, {}).get(version)
+
+    def __iter__(self) -> Iterator[Version]:
+        for name in sorted(self.models):
+            yield from sorted(self.models[name].values(), key=lambda v: version_order(v.version))
+
+    def default_name(self) -> str:
+        """The model a request that names none is for; 404 when that cannot be told."""
+        if self.default_model is not None:
+            return self.default_model
+        if len(self.models) == 1:
+            return next(iter(self.models))
+        raise ServeError(404, f"name a model: this server serves {self._names()} (no FASHION_SERVE_DEFAULT_MODEL)")
+
+    def default_version(self, name: str) -> Version | None:
+        """The version that answers for `name` when none is named: the configured one while it
+        is ready, else the highest ready version."""
+        versions = self.models.get(name, {})
+        configured = versions.get(self.default_versions.get(name, ""))
+        if configured is not None and configured.state == READY:
+            return configured
+        ready = [v for v in versions.values() if v.state == READY]
+        return max(ready, key=lambda v: version_order(v.version)) if ready else None
+
+    def resolve(self, name: str | None, version: str | None) -> Version:
+        """The version a request is for: 404 naming what exists when the model or version is not
+        known; 503 when it is known but cannot answer now (loading, unloading, failed)."""
+        name = name or self.default_name()
+        versions = self.models.get(name)
+        if versions is None:
+            raise ServeError(404, f"unknown model {name!r}: this server serves {self._names()}")
+        if version is None:
+            entry = self.default_version(name)
+            if entry is None:
+                raise unavailable(f"model {name!r} has no version ready")
+            return entry
+        found = versions.get(version)
+        if found is None:
+            have = ", ".join(sorted(versions, key=version_order)) or "none"
+            raise ServeError(404, f"unknown version {version!r} of model {name!r}: it has {have}")
+        if found.state != READY:
+            raise unavailable(f"version {version} of model {name!r} is {found.state}: {found.reason or 'not ready'}")
+        return found
+
+    def _names(self) -> str:
+        return ", ".join(repr(n) for n in sorted(self.models)) or "no models"
