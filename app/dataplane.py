@@ -28,7 +28,6 @@ from app.observability import Metrics
 from app.repository.registry import READY, Registry, Version
 from app.served_model import Pending, Scored, ServedModel
 from app.settings import Settings
-from models.trust import out_of_distribution
 
 T = TypeVar("T")
 
@@ -263,10 +262,20 @@ class DataPlane:
             raise unavailable("the model was replaced while this request waited; retry") from None
         except DeadlineExpired as exc:
             raise ServeError(504, f"deadline exceeded: {exc}; not computed") from None
+        if trace is not None:  # what the request's server span says of its model and answer
+            flagged = 0 if scored.flagged is None else int(scored.flagged.sum())
+            tracing.describe(
+                {
+                    "fashion_serve.model.name": model.name,
+                    "fashion_serve.model.version": model.version,
+                    "fashion_serve.model.backend": model.forward.name,
+                    "fashion_serve.model.precision": model.forward.precision,
+                    "fashion_serve.images": len(scored.input.names),
+                    "fashion_serve.ood.flagged": flagged,
+                }
+            )
         self.metrics.images_per_request.observe(len(scored.input.names))
-        self.metrics.count_answers(model.class_names, scored.probabilities, scored.ood_scores, model.ood_threshold)
-        if trace is not None:
-            tracing.describe(_span_attributes(model, scored))
+        self.metrics.count_answers(model.class_names, scored.probabilities, scored.ood_scores, scored.flagged)
         return scored
 
 
@@ -278,18 +287,3 @@ def _matches(key: bytes | None, digests: list[bytes]) -> bool:
     for digest in digests:
         matched |= hmac.compare_digest(given, digest)
     return matched and key is not None
-
-
-def _span_attributes(model: ServedModel, scored: Scored) -> dict[str, object]:
-    """What a request's server span says of its model and answer."""
-    flagged = 0
-    if scored.ood_scores is not None and model.ood_threshold is not None:
-        flagged = int(out_of_distribution(scored.ood_scores, model.ood_threshold).sum())
-    return {
-        "fashion_serve.model.name": model.name,
-        "fashion_serve.model.version": model.version,
-        "fashion_serve.model.backend": model.forward.name,
-        "fashion_serve.model.precision": model.forward.precision,
-        "fashion_serve.images": len(scored.input.names),
-        "fashion_serve.ood.flagged": flagged,
-    }

@@ -17,8 +17,6 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
-from models.trust import out_of_distribution
-
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
 
@@ -196,17 +194,16 @@ class Metrics:
         class_names: Sequence[str],
         probabilities: np.ndarray,
         ood_scores: np.ndarray | None,
-        threshold: float | None,
+        flagged: np.ndarray | None,
     ) -> None:
         """The drift signals of one request's answered images: each one's top-1 class, its OOD
         score and whether it was flagged. One increment per class and bucket hit, not per image;
         a single image (the common request) takes the plain calls, cheaper than numpy's."""
         if len(probabilities) == 1:
             self._predicted(class_names[int(probabilities[0].argmax())]).inc()
-            if ood_scores is not None and threshold is not None:
-                score = float(ood_scores[0])
-                self.ood_score.observe(score)
-                if out_of_distribution(score, threshold):
+            if ood_scores is not None and flagged is not None:
+                self.ood_score.observe(float(ood_scores[0]))
+                if flagged[0]:
                     self.ood_flagged.inc()
             return
         if not len(probabilities):
@@ -214,12 +211,12 @@ class Metrics:
         counts = np.bincount(probabilities.argmax(axis=1), minlength=len(class_names))
         for index in np.flatnonzero(counts):
             self._predicted(class_names[int(index)]).inc(int(counts[index]))
-        if ood_scores is None or threshold is None:
+        if ood_scores is None or flagged is None:
             return
         observe_many(self.ood_score, ood_scores)
-        flagged = int(np.count_nonzero(out_of_distribution(ood_scores, threshold)))
-        if flagged:
-            self.ood_flagged.inc(flagged)
+        count = int(np.count_nonzero(flagged))
+        if count:
+            self.ood_flagged.inc(count)
 
     def _predicted(self, class_name: str) -> Any:
         child = self._predicted_children.get(class_name)

@@ -24,6 +24,7 @@ from app.settings import Settings
 from models import CheckpointError, LoadedModel, load_checkpoint
 from models.saliency import saliency_maps
 from models.served_form import FormError
+from models.trust import out_of_distribution
 
 # What the batcher takes: a decoded request, or a decoder to run on the inference thread
 # (cheap decodes ride along with the forward pass: one thread hand-off per request).
@@ -56,6 +57,7 @@ class Scored:
     input: ModelInput
     probabilities: np.ndarray  # (valid images, classes) float32, calibrated when the checkpoint says how
     ood_scores: np.ndarray | None = None  # (valid images,) float32; None without the checkpoint's statistics
+    flagged: np.ndarray | None = None  # (valid images,) bool: the OOD verdict; None without a threshold
 
     def per_image(self) -> list[int | ServeError]:
         """In request order: each image's row in `probabilities`, or the error that refused it."""
@@ -198,9 +200,15 @@ class ServedModel:
                 answers.append(d)
                 continue
             part = slice(offset, offset + (0 if d.inputs is None else len(d.inputs)))
-            answers.append(Scored(d, rows[part], None if scores is None else scores[part]))
+            part_scores = None if scores is None else scores[part]
+            answers.append(Scored(d, rows[part], part_scores, self._flagged(part_scores)))
             offset = part.stop
         return answers
+
+    def _flagged(self, scores: np.ndarray | None) -> np.ndarray | None:
+        """The OOD verdict per image (`models.trust`, the one place it is made), once per request."""
+        threshold = self.ood_threshold
+        return None if scores is None or threshold is None else out_of_distribution(scores, threshold)
 
     def _forward(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Forward passes of at most `max_batch_size` images over `inputs`, joined."""

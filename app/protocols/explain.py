@@ -20,9 +20,10 @@ from pydantic import BaseModel, Field
 from app.dataplane import Parsed
 from app.decoding import decode_images
 from app.deps import PlaneDep
-from app.http.messages import call_of, timeout_header
+from app.http.messages import call_of, header, receive_body, timeout_header
 from app.protocols import predict
-from app.protocols.predict import ImageFailure, TopK, answered_by, none_classified, read_query, read_uploads
+from app.protocols.predict import ImageFailure, TopK, answered_by, none_classified, read_query
+from app.protocols.uploads import split_body
 from app.served_model import ServedModel
 from models.preprocessing import PreprocessConfig
 from models.saliency import SALIENCY_METHOD
@@ -90,7 +91,9 @@ async def explain(request: Request, response: Response, plane: PlaneDep) -> dict
     async def parse(model: ServedModel) -> Parsed[tuple[int, list[bool | None]]]:
         k, invert = read_query(settings, model, request.scope["query_string"])
         timeout = timeout_header(request.scope)
-        body, uploads = await read_uploads(settings, request.scope, request.receive)
+        length = header(request.scope, b"content-length")
+        body = await receive_body(request.receive, length, settings.max_upload_bytes, settings.body_timeout_s)
+        uploads = split_body(body, request.headers.get("content-type", ""), settings.max_files)
         decoded, inverted = await asyncio.to_thread(
             decode_images, uploads, model.loaded.preprocess, settings.max_image_pixels, invert, True
         )
@@ -104,7 +107,7 @@ async def explain(request: Request, response: Response, plane: PlaneDep) -> dict
     assert inputs is not None
     maps = await asyncio.to_thread(model.saliency, inputs, scored.probabilities.argmax(axis=1))
     pixels = to_pixels(inputs, model.loaded.preprocess)
-    explanations = predict.encode(scored, k, model.class_names, model.ood_threshold)
+    explanations = predict.encode(scored, k, model.class_names)
     for position, row in enumerate(scored.per_image()):
         if isinstance(row, int):
             explanations[position].update(

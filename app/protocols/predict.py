@@ -25,17 +25,13 @@ from starlette.types import Receive, Scope
 
 from app import tracing
 from app.dataplane import DataPlane, Parsed
-from app.decoding import ALLOWED_CONTENT_TYPES, ModelInput, decode_images
+from app.decoding import ModelInput, decode_images
 from app.errors import ServeError
 from app.http.messages import Reply, call_of, dump_json, header, receive_body, timeout_header
-from app.http.multipart import parse_multipart
+from app.protocols.uploads import FIELD, IMAGE_TYPES, split_body
 from app.served_model import Scored, ServedModel
 from app.settings import Settings
 from models.preprocessing import INVERT_CHOICES, Invert, PreprocessConfig
-from models.trust import out_of_distribution
-
-FIELD = "file"  # the multipart part name that carries images
-IMAGE_TYPES = sorted(t for t in ALLOWED_CONTENT_TYPES if t.startswith("image/"))
 
 
 class TopK(BaseModel):
@@ -96,25 +92,6 @@ def parse_query(query_string: bytes, default_k: int, limit: int) -> tuple[int, I
     return (min(default_k, limit) if k is None else k), parsed.get("invert")
 
 
-def split_body(body: bytes, content_type: str, max_files: int) -> list[tuple[str | None, bytes, str | None]]:
-    """A /predict body -> its images as (filename, bytes, declared type); ServeError for a body we refuse."""
-    media_type = content_type.split(";", 1)[0].strip().lower()
-    if media_type == "multipart/form-data":
-        parts = parse_multipart(body, content_type, FIELD, max_files)
-        if not parts:
-            raise missing_file()
-        return [(p.filename, bytes(p.data), p.content_type) for p in parts]
-    if media_type.startswith("image/"):
-        return [(None, body, media_type)]
-    if not media_type and not body:
-        raise missing_file()
-    raise ServeError(
-        415,
-        f"unsupported content type {media_type or '(none)'!r}: send multipart/form-data "
-        f"with '{FIELD}' parts, or one image as the body with an image/* content type",
-    )
-
-
 def decode_body(
     body: bytes, content_type: str, preprocess: PreprocessConfig, settings: Settings, invert: Invert | None = None
 ) -> ModelInput:
@@ -133,27 +110,24 @@ def none_classified(model_input: ModelInput) -> ServeError:
     return ServeError(first.status, f"none of the {count} images could be classified; first: {first.message}")
 
 
-def missing_file() -> ServeError:
-    return ServeError(422, f"no '{FIELD}' part: send images as multipart/form-data parts named '{FIELD}'")
-
-
 def top_k(probabilities: list[float], k: int, class_names: Sequence[str]) -> list[dict[str, Any]]:
     """One row of probabilities -> the k most likely classes, most likely first (ties: lower index)."""
     order = sorted(range(len(probabilities)), key=probabilities.__getitem__, reverse=True)[:k]
     return [{"label": class_names[i], "index": i, "probability": round(probabilities[i], 6)} for i in order]
 
 
-def encode(scored: Scored, k: int, class_names: Sequence[str], threshold: float | None) -> list[dict[str, Any]]:
+def encode(scored: Scored, k: int, class_names: Sequence[str]) -> list[dict[str, Any]]:
     """Per image, in request order: its top-k and OOD verdict, or the error that kept it from being classified."""
     rows = scored.probabilities.tolist()
     scores = None if scored.ood_scores is None else scored.ood_scores.tolist()
+    verdicts = None if scored.flagged is None else scored.flagged.tolist()
     results: list[dict[str, Any]] = []
     for name, outcome in zip(scored.input.names, scored.per_image(), strict=True):
         if isinstance(outcome, ServeError):
             results.append({"filename": name, "error": {"status": outcome.status, "message": outcome.message}})
             continue
         score = None if scores is None else scores[outcome]
-        flagged = None if score is None or threshold is None else out_of_distribution(score, threshold)
+        flagged = None if verdicts is None else verdicts[outcome]
         results.append(
             {
                 "filename": name,
@@ -175,18 +149,6 @@ def read_query(settings: Settings, model: ServedModel, query_string: bytes) -> t
     return parse_query(query_string, settings.default_k, min(settings.max_k, model.num_classes))
 
 
-async def read_uploads(
-    settings: Settings, scope: Scope, receive: Receive
-) -> tuple[bytes, list[tuple[str | None, bytes, str | None]]]:
-    """The body and its images as (filename, bytes, declared type), checked against the content
-    type, the multipart structure and the part limits: a request refused here never queues."""
-    body = await receive_body(
-        receive, header(scope, b"content-length"), settings.max_upload_bytes, settings.body_timeout_s
-    )
-    content_type = (header(scope, b"content-type") or b"").decode("latin-1")
-    return body, split_body(body, content_type, settings.max_files)
-
-
 def answered_by(model: ServedModel) -> dict[str, str]:
     """The header every answer of this protocol carries: which version produced it."""
     return {"X-Model-Version": model.version}
@@ -199,7 +161,9 @@ async def predict(plane: DataPlane, scope: Scope, receive: Receive) -> Reply:
     async def parse(model: ServedModel) -> Parsed[int]:
         k, invert = read_query(settings, model, scope["query_string"])
         timeout = timeout_header(scope)
-        body, uploads = await read_uploads(settings, scope, receive)
+        length, content_type = header(scope, b"content-length"), header(scope, b"content-type")
+        body = await receive_body(receive, length, settings.max_upload_bytes, settings.body_timeout_s)
+        uploads = split_body(body, (content_type or b"").decode("latin-1"), settings.max_files)
         decode = partial(decode_images, uploads, model.loaded.preprocess, settings.max_image_pixels, invert)
         return Parsed(decode, k, len(body), timeout)
 
@@ -208,7 +172,7 @@ async def predict(plane: DataPlane, scope: Scope, receive: Receive) -> Reply:
     if scored.input.inputs is None:
         raise none_classified(scored.input)
     with tracing.child("encode"):
-        predictions = encode(scored, answer.request, model.class_names, model.ood_threshold)
+        predictions = encode(scored, answer.request, model.class_names)
     body = {"model": model.name, "model_version": model.version, "predictions": predictions}
     return Reply(200, dump_json(body), headers=answered_by(model))
 
