@@ -8,7 +8,9 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import signal
+import tempfile
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
@@ -26,6 +28,8 @@ from app.http.backpressure import BACKPRESSURE
 from app.observability import configure_logging
 from app.reload.snapshot import snapshot_path
 from app.reload.worker import follow_snapshot
+from app.repository.control import Repository
+from app.repository.shared import STATE_DIR_ENV, SharedState
 from app.served_model import ServedModel
 from models import CheckpointError
 
@@ -43,14 +47,21 @@ def lifespan(plane: DataPlane) -> Callable[[Any], contextlib.AbstractAsyncContex
     """The worker's lifespan: ready once the model is warm; on the way out, drained and stopped."""
 
     @asynccontextmanager
-    async def run(_app: Any) -> AsyncIterator[None]:
+    async def run(app: Any) -> AsyncIterator[None]:
         configure_logging(plane.settings.log_format, plane.settings.log_level)
         tracing.start()  # after the fork: each worker has its own exporter thread
-        await start(plane)
+        repository = open_repository(plane)
+        app.state.repository = repository
+        follower: asyncio.Task[None] | None = None
+        if repository is not None:
+            await start_repository(plane, repository)
+            follower = asyncio.create_task(repository.follow())
+        else:
+            await start(plane)
+            snapshot = snapshot_path()
+            follower = asyncio.create_task(follow_snapshot(plane, snapshot, partial(load, plane))) if snapshot else None
         grpc_server = await start_grpc(plane)
         drain_on_sigterm(plane.health, grpc_server.drain if grpc_server else None)
-        snapshot = snapshot_path()
-        follower = asyncio.create_task(follow_snapshot(plane, snapshot, partial(load, plane))) if snapshot else None
         try:
             yield
         finally:
@@ -60,14 +71,48 @@ def lifespan(plane: DataPlane) -> Callable[[Any], contextlib.AbstractAsyncContex
             if grpc_server:
                 await grpc_server.stop()
             await stop(plane)
+            if repository is not None:
+                repository.shared.unregister(os.getpid())
             tracing.stop()
 
     return run
 
 
-async def load(plane: DataPlane, source: Path | None) -> ServedModel:
+def open_repository(plane: DataPlane) -> Repository | None:
+    """This worker's side of the model repository, when FASHION_SERVE_MODEL_REPOSITORY is set: in
+    the directory the supervisor shares with its workers, or a private one in a lone process."""
+    root = plane.settings.model_repository
+    if root is None:
+        return None
+    shared_dir = os.environ.get(STATE_DIR_ENV) or tempfile.mkdtemp(prefix="fashion-serve-repository-")
+    return Repository(plane, root, SharedState(Path(shared_dir)), partial(load, plane))
+
+
+async def start_repository(plane: DataPlane, repository: Repository) -> None:
+    """Serve the repository's shared state (or make the first one), then ready."""
+    if not plane.settings.model_repository or not plane.settings.model_repository.is_dir():
+        raise CheckpointError(f"FASHION_SERVE_MODEL_REPOSITORY {plane.settings.model_repository} is not a directory")
+    plane.registry.default_model = plane.settings.default_model
+    await repository.start()
+    gc.collect()
+    gc.freeze()
+    BACKPRESSURE.busy = plane.backlogged
+    plane.health.mark_ready()
+    served = [f"{v.model}/{v.version}" for v in plane.registry]
+    logger.info("ready: serving %s from %s", ", ".join(served) or "no models", plane.settings.model_repository)
+
+
+async def load(
+    plane: DataPlane,
+    source: Path | None,
+    name: str | None = None,
+    version: str | None = None,
+    origin: Path | None = None,
+) -> ServedModel:
     """A model loaded, its inference thread started, warmed up through the real path."""
-    model = await run_in_threadpool(ServedModel.load, plane.settings, source, _observe(plane))
+    model = await run_in_threadpool(
+        partial(ServedModel.load, plane.settings, source, _observe(plane), name=name, version=version, origin=origin)
+    )
     batcher = model.start(nice=INFERENCE_NICE, on_drop=_count_drops(plane))
     side = model.input_size
     await batcher.submit(ModelInput.of(np.zeros((1, 1, side, side), np.float32)))

@@ -24,6 +24,7 @@ from app.protocols import explain, predict
 from app.protocols.v2 import infer as v2_infer
 from app.protocols.v2 import metadata as v2_metadata
 from app.protocols.v2 import openapi as v2_openapi
+from app.protocols.v2 import repository as v2_repository
 from app.protocols.v2.response import render_error as v2_render_error
 from app.reload.snapshot import last_reload, reload_counts, snapshot_path
 from app.routes import docs, health, metrics, model, page
@@ -84,10 +85,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
     )
     app.state.plane = plane
+    app.state.repository = None  # the lifespan opens it when FASHION_SERVE_MODEL_REPOSITORY is set
     app.add_exception_handler(ServeError, _render_detail)
     for router in (model.router, health.router, metrics.router, docs.router, explain.router, page.router):
         app.include_router(router)
     app.include_router(v2_metadata.router)
+    app.include_router(v2_repository.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
 

@@ -12,6 +12,13 @@ router = APIRouter(tags=["model"])
 
 @router.get("/model")
 def describe_model(plane: AuthorizedPlaneDep) -> dict[str, Any]:
-    """Architecture, state_dict keys and shapes, classes, preprocessing, metrics and checkpoint facts,
-    and the last SIGHUP reload's outcome (null before any, or without the supervisor)."""
-    return {**plane.current_model().describe(), "last_reload": last_reload(snapshot_path())}
+    """The default model's default version (architecture, state_dict keys and shapes, classes,
+    preprocessing, metrics and checkpoint facts), every model version served (`served`, with its
+    state and resident memory), the repository's `generation`, and the last SIGHUP reload's
+    outcome (null before any, or without the supervisor)."""
+    return {
+        **plane.current_model().describe(),
+        "generation": plane.registry.generation,
+        "served": [version.row() for version in plane.registry],
+        "last_reload": last_reload(snapshot_path()),
+    }

@@ -19,7 +19,7 @@ from app.repository.registry import READY
 from app.served_model import ServedModel
 from models.served_form import ONNX_INT8
 
-EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "health", "metadata"]
+EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "model_repository", "health", "metadata"]
 SERVER_NAME = "fashion-serve"
 
 router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"], route_class=protocol_route(render_error))

@@ -1,0 +1,116 @@
+"""The v2 model repository extension, as Triton serves it: the index, and loading and unloading a
+model (or, with `{"parameters": {"version": "N"}}`, one version of it).
+
+Loading and unloading need an admin key (`FASHION_SERVE_ADMIN_KEYS`; with none configured they
+answer 403); the index can be read with an inference key too. Each change answers once every
+worker serves it (`app.repository.control`); its generation is in `X-Repository-Generation`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+
+from app.auth import bearer_key
+from app.dataplane import DataPlane
+from app.errors import ServeError
+from app.http.routing import protocol_route
+from app.protocols.v2.response import render_error
+from app.repository.control import Repository
+from app.repository.layout import check_name
+
+GENERATION_HEADER = "X-Repository-Generation"
+router = APIRouter(prefix="/v2/repository", tags=["v2 model repository"], route_class=protocol_route(render_error))
+
+
+def _key(request: Request) -> bytes | None:
+    return bearer_key(request.headers.get("authorization", "").encode("latin-1"))
+
+
+async def _body(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ServeError(400, f"the body must be JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ServeError(400, "the body must be a JSON object")
+    return body
+
+
+def _parameters(body: dict[str, Any]) -> dict[str, Any]:
+    parameters = body.get("parameters", {})
+    if not isinstance(parameters, dict):
+        raise ServeError(400, "'parameters' must be an object")
+    return parameters
+
+
+def _version(parameters: dict[str, Any]) -> str | None:
+    value = parameters.get("version")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | int) or not str(value).isdigit():
+        raise ServeError(400, "parameter 'version' must be a positive integer (as a string or a number)")
+    return str(value)
+
+
+def _repository(request: Request) -> Repository:
+    repository: Repository | None = request.app.state.repository
+    if repository is None:
+        raise ServeError(400, "no model repository is configured (FASHION_SERVE_MODEL_REPOSITORY)")
+    return repository
+
+
+def index_rows(plane: DataPlane, repository: Repository | None, ready_only: bool) -> list[dict[str, object]]:
+    """The index every transport answers with: the repository's rows, or the served model alone."""
+    if repository is not None:
+        return repository.index(ready_only)
+    return [v.row() for v in plane.registry if not ready_only or v.state == "READY"]
+
+
+@router.post("/index")
+async def repository_index(request: Request, response: Response) -> list[dict[str, object]]:
+    """Every model version on disk and served, with its state (READY, LOADING, UNLOADING,
+    UNAVAILABLE), the reason, and the resident memory it takes in this worker."""
+    plane: DataPlane = request.app.state.plane
+    plane.authorize(_key(request))
+    ready = (await _body(request)).get("ready", False)
+    if not isinstance(ready, bool):
+        raise ServeError(400, "'ready' must be true or false")
+    response.headers[GENERATION_HEADER] = str(plane.registry.generation)
+    return index_rows(plane, request.app.state.repository, ready)
+
+
+@router.post("/models/{name}/load")
+async def load_model(name: str, request: Request, response: Response) -> dict[str, object]:
+    """Load the model's policy versions (or `parameters.version` beside those loaded) on every
+    worker, each validated before it serves; answered once every worker serves them."""
+    plane: DataPlane = request.app.state.plane
+    plane.authorize_admin(_key(request))
+    check_name(name)
+    parameters = _parameters(await _body(request))
+    unsupported = sorted(k for k in parameters if k != "version")
+    if unsupported:
+        raise ServeError(
+            400, f"unsupported load parameters {unsupported}: only 'version' (no config or file overrides)"
+        )
+    generation = await _repository(request).load(name, _version(parameters))
+    response.headers[GENERATION_HEADER] = str(generation)
+    return {"name": name, "generation": generation}
+
+
+@router.post("/models/{name}/unload")
+async def unload_model(name: str, request: Request, response: Response) -> dict[str, object]:
+    """Unload every version of the model (or `parameters.version`): new requests for it are
+    refused at once, those admitted finish, then its memory is freed, on every worker."""
+    plane: DataPlane = request.app.state.plane
+    plane.authorize_admin(_key(request))
+    check_name(name)
+    parameters = _parameters(await _body(request))
+    generation = await _repository(request).unload(name, _version(parameters))
+    response.headers[GENERATION_HEADER] = str(generation)
+    return {"name": name, "generation": generation}
