@@ -14,6 +14,7 @@ import os
 import shutil
 import sys
 import tempfile
+from pathlib import Path
 
 from app.settings import Settings
 
@@ -71,6 +72,8 @@ def _serve(settings: Settings, host: str, port: int, workers: int) -> int:
     except ApiKeyError as exc:
         log.critical("cannot start: %s", exc)
         return 1
+    if settings.model_repository is not None:
+        return _serve_repository(settings, host, port, workers)
     # The workers serve a private copy of the checkpoint, checked here before any worker starts
     # (a broken one then fails once, with one line and exit 1), never the path itself: a worker
     # that replaces a dead one serves the same model. SIGHUP replaces the copy (app/reload).
@@ -95,6 +98,31 @@ def _serve(settings: Settings, host: str, port: int, workers: int) -> int:
     finally:
         if os.getpid() == supervisor:  # workers unwind through here too
             source.remove()
+
+
+def _serve_repository(settings: Settings, host: str, port: int, workers: int) -> int:
+    """Serve a model repository: the workers share one state directory (app.repository.shared),
+    which this process creates and removes; SIGHUP asks a worker to reconcile with the disk."""
+    from app.repository.shared import STATE_DIR_ENV, SharedState
+    from app.server import AddressInUse, serve
+
+    log = logging.getLogger("app")
+    root = settings.model_repository
+    if root is None or not root.is_dir():
+        log.critical("cannot start: FASHION_SERVE_MODEL_REPOSITORY %s is not a directory", root)
+        return 1
+    shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+    shared = SharedState(Path(tempfile.mkdtemp(prefix="fashion-serve-repository-", dir=shm)))
+    os.environ[STATE_DIR_ENV] = str(shared.directory)
+    supervisor = os.getpid()
+    try:
+        return serve(settings, host, port, workers, on_hup=shared.request_reconcile)
+    except AddressInUse as exc:
+        log.critical("cannot start: %s", exc)
+        return 1
+    finally:
+        if os.getpid() == supervisor:
+            shutil.rmtree(shared.directory, ignore_errors=True)
 
 
 if __name__ == "__main__":

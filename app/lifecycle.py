@@ -109,9 +109,11 @@ async def load(
     version: str | None = None,
     origin: Path | None = None,
 ) -> ServedModel:
-    """A model loaded, its inference thread started, warmed up through the real path."""
-    model = await run_in_threadpool(
-        partial(ServedModel.load, plane.settings, source, _observe(plane), name=name, version=version, origin=origin)
+    """A model loaded, its inference thread started, warmed up through the real path. Loaded in
+    asyncio's executor, not anyio's: an anyio worker thread keeps its last result referenced
+    until its next job, which kept an unloaded model's memory alive."""
+    model = await asyncio.to_thread(
+        ServedModel.load, plane.settings, source, _observe(plane), name=name, version=version, origin=origin
     )
     batcher = model.start(nice=INFERENCE_NICE, on_drop=_count_drops(plane))
     side = model.input_size

@@ -12,6 +12,7 @@ import logging
 import os
 import resource
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from gunicorn import glogging
@@ -61,6 +62,7 @@ class _Arbiter(Arbiter):
     which re-read the path unchecked and shut the service down when the file was broken."""
 
     source: CheckpointSource | None = None
+    on_hup: Callable[[], None] | None = None  # a model repository's reconcile request
 
     def handle_int(self) -> None:
         self.handle_term()
@@ -69,7 +71,9 @@ class _Arbiter(Arbiter):
         self.handle_term()
 
     def handle_hup(self) -> None:
-        if self.source is None:
+        if self.on_hup is not None:  # a worker reconciles the repository and validates what it loads
+            self.on_hup()
+        elif self.source is None:
             super().handle_hup()
         else:  # validated in a separate process while this loop goes on supervising
             self.source.start_reload()
@@ -81,15 +85,23 @@ class _Arbiter(Arbiter):
 
 
 class _Supervisor(BaseApplication):
-    def __init__(self, application: str, options: dict[str, Any], source: CheckpointSource | None) -> None:
+    def __init__(
+        self,
+        application: str,
+        options: dict[str, Any],
+        source: CheckpointSource | None,
+        on_hup: Callable[[], None] | None = None,
+    ) -> None:
         self.application = application
         self.options = options
         self.source = source
+        self.on_hup = on_hup
         super().__init__()
 
     def run(self) -> None:
         arbiter = _Arbiter(self)
         arbiter.source = self.source
+        arbiter.on_hup = self.on_hup
         arbiter.run()
 
     def load_config(self) -> None:
@@ -148,9 +160,10 @@ def serve(
     workers: int,
     application: str = "app.main:app",
     source: CheckpointSource | None = None,
+    on_hup: Callable[[], None] | None = None,
 ) -> int:
     """Serve `application` until SIGTERM, SIGINT or SIGQUIT, then drain and return 0; SIGHUP
-    reloads the model from `source`.
+    reloads the model from `source`, or calls `on_hup` (a model repository's reconcile).
 
     Raises AddressInUse before starting; gunicorn itself exits 3 if a worker cannot boot.
     """
@@ -191,5 +204,5 @@ def serve(
         "serving %s on http://%s%s with %d workers", application, options["bind"], grpc_note, workers
     )
     with claim, grpc_claim:
-        _Supervisor(application, options, source).run()
+        _Supervisor(application, options, source, on_hup).run()
     return 0

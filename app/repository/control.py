@@ -42,6 +42,19 @@ def _resident() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+MMAP_THRESHOLD_BYTES = 128 * 1024  # glibc's initial value, kept fixed
+
+
+def _pin_mmap_threshold() -> None:
+    """Keep glibc's mmap threshold where it starts. By default it rises to the size of the largest
+    block freed so far, so once one model's weights are freed, the next model's land in the heap,
+    and unloading it left its memory with the process (measured: 40 MB of a 15 MB model held).
+    Blocks over 128 KiB are then mapped apart and go back to the system when freed."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+
+
 def _release_memory() -> None:
     """Return freed memory to the system: a collection, then glibc's malloc_trim where there is one."""
     gc.collect()
@@ -67,6 +80,7 @@ class Repository:
 
     async def start(self) -> None:
         """Serve the shared state, or make the first one: what the configuration asks for at start."""
+        _pin_mmap_threshold()
         self.shared.register(os.getpid())
         async with self.shared.locked():
             state = self.shared.read()

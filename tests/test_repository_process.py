@@ -1,0 +1,199 @@
+"""The model repository on `python -m app` with 2 workers, through Triton's own client
+(`tritonclient.http`): the whole API, one state across workers (every answer after a load or an
+unload agrees, whichever worker answers), a broken version refused while the old one serves, a
+load and an unload under load with no failed request for the other models, a SIGKILLed worker
+replaced serving the same state, SIGHUP reconciling with the disk, and the admin key."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from bench.server import serving
+from tests.helpers import multipart, png, wait_for, write_tiny_checkpoint
+
+httpclient = pytest.importorskip("tritonclient.http")
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+pytestmark = pytest.mark.slow
+ADMIN = {"Authorization": "Bearer admin-key"}
+
+
+def _version(root: Path, name: str, version: int, seed: int) -> None:
+    write_tiny_checkpoint(root / name / str(version) / "model.pt", seed=seed)
+
+
+@pytest.fixture
+def repository(tmp_path: Path) -> Path:
+    root = tmp_path / "repo"
+    _version(root, "shirts", 1, seed=1)
+    _version(root, "shirts", 2, seed=2)
+    _version(root, "shoes", 1, seed=3)
+    (root / "shirts" / "config.json").write_text(
+        json.dumps({"version_policy": {"specific": {"versions": [1]}}, "default_version": "1"})
+    )
+    return root
+
+
+@pytest.fixture
+def server(repository: Path) -> Iterator[tuple[object, int, object]]:
+    env = {
+        "FASHION_SERVE_MODEL_REPOSITORY": str(repository),
+        "FASHION_SERVE_ADMIN_KEYS": "admin-key",
+        "FASHION_SERVE_DEFAULT_MODEL": "shirts",
+        "FASHION_SERVE_LOG_LEVEL": "warning",  # the captured output is read at the end: no access lines
+    }
+    with serving(env, workers=2) as (process, port):
+        client = httpclient.InferenceServerClient(f"127.0.0.1:{port}", concurrency=4)
+        yield client, port, process
+        client.close()
+
+
+def _predict(port: int, path: str = "/predict") -> tuple[int, str | None]:
+    body, content_type = multipart([("a.png", png())])
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", body, {"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.headers["X-Model-Version"]
+    except urllib.error.HTTPError as exc:
+        return exc.code, None
+
+
+def _ready(client: object) -> set[tuple[str, str]]:
+    rows = client.get_model_repository_index(headers=ADMIN)  # type: ignore[attr-defined]
+    return {(r["name"], r["version"]) for r in rows if r.get("state") == "READY"}
+
+
+def _many(port: int, path: str, count: int = 40) -> set[object]:
+    """What `count` requests (on new connections, so both workers answer) got back."""
+    return {_predict(port, path) for _ in range(count)}
+
+
+def test_the_api_through_tritonclient_with_one_state_across_workers(server: tuple[object, int, object]) -> None:
+    client, port, _ = server
+    assert _ready(client) == {("shirts", "1"), ("shoes", "1")}
+    assert client.is_model_ready("shirts", "1") and not client.is_model_ready("shirts", "2")  # type: ignore[attr-defined]
+    with pytest.raises(InferenceServerException, match="admin key"):
+        client.load_model("shirts")  # type: ignore[attr-defined]
+    # One version chosen (Triton users' #4416), beside the one loaded; then on every worker at once.
+    urllib.request.urlopen(
+        urllib.request.Request(
+            f"http://127.0.0.1:{port}/v2/repository/models/shirts/load",
+            json.dumps({"parameters": {"version": "2"}}).encode(),
+            {**ADMIN, "Content-Type": "application/json"},
+        ),
+        timeout=30,
+    ).close()
+    assert _ready(client) == {("shirts", "1"), ("shirts", "2"), ("shoes", "1")}
+    assert _many(port, "/models/shirts/versions/2/predict") == {(200, "2")}
+    assert _many(port, "/predict") == {(200, "1")}, "the configured default does not move when a version appears"
+    client.unload_model("shoes", headers=ADMIN)  # type: ignore[attr-defined]
+    assert _many(port, "/models/shoes/predict") == {(404, None)}
+    assert not client.is_model_ready("shoes")  # type: ignore[attr-defined]
+    client.load_model("shoes", headers=ADMIN)  # type: ignore[attr-defined]
+    assert _many(port, "/models/shoes/predict") == {(200, "1")}
+
+
+def test_a_broken_version_is_refused_and_the_old_one_keeps_serving(
+    server: tuple[object, int, object], repository: Path
+) -> None:
+    client, port, _ = server
+    (repository / "shoes" / "2").mkdir()
+    (repository / "shoes" / "2" / "model.pt").write_bytes(b"broken")
+    with pytest.raises(InferenceServerException):
+        client.load_model("shoes", headers=ADMIN)  # type: ignore[attr-defined]
+    rows = {(r["name"], r["version"]): r for r in client.get_model_repository_index(headers=ADMIN)}  # type: ignore[attr-defined]
+    assert rows[("shoes", "2")]["state"] == "UNAVAILABLE" and rows[("shoes", "2")]["reason"]
+    assert _many(port, "/models/shoes/predict") == {(200, "1")}
+
+
+def test_load_and_unload_under_load_fail_no_request_for_the_other_models(server: tuple[object, int, object]) -> None:
+    client, port, _ = server
+    results: list[tuple[int, str | None]] = []
+    stop = threading.Event()
+
+    def hammer() -> None:
+        while not stop.is_set():
+            results.append(_predict(port, "/models/shirts/predict"))
+
+    threads = [threading.Thread(target=hammer) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        for _ in range(3):
+            client.unload_model("shoes", headers=ADMIN)  # type: ignore[attr-defined]
+            client.load_model("shoes", headers=ADMIN)  # type: ignore[attr-defined]
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert len(results) > 20 and set(results) == {(200, "1")}
+
+
+def test_a_replaced_worker_serves_the_same_state(server: tuple[object, int, object]) -> None:
+    client, port, process = server
+    client.unload_model("shoes", headers=ADMIN)  # type: ignore[attr-defined]
+    workers = psutil.Process(process.pid).children()  # type: ignore[attr-defined]
+    os.kill(workers[0].pid, signal.SIGKILL)
+    wait_for(
+        lambda: (
+            len(psutil.Process(process.pid).children()) == 2
+            and workers[0].pid
+            not in {  # type: ignore[attr-defined]
+                p.pid
+                for p in psutil.Process(process.pid).children()  # type: ignore[attr-defined]
+            }
+        ),
+        timeout=30,
+    )
+    time.sleep(2)  # the new worker loads and becomes ready
+    assert _many(port, "/models/shoes/predict") == {(404, None)}
+    assert _many(port, "/predict") == {(200, "1")}
+
+
+def test_sighup_reconciles_with_the_disk(server: tuple[object, int, object], repository: Path) -> None:
+    client, port, process = server
+    (repository / "shirts" / "config.json").write_text(json.dumps({"version_policy": {"latest": {"num_versions": 1}}}))
+    os.kill(process.pid, signal.SIGHUP)  # type: ignore[attr-defined]
+    wait_for(lambda: _ready(client) == {("shirts", "2"), ("shoes", "1")}, timeout=30)
+    assert _many(port, "/predict") == {(200, "2")}
+
+
+def test_unloading_frees_the_memory(server: tuple[object, int, object], repository: Path) -> None:
+    """A bigger model (about 13 MB of weights) loaded and unloaded: each worker's resident memory
+    comes back to within a few MB of what it was before the load."""
+    import torch
+
+    from models import PreprocessConfig, build_model, save_checkpoint
+
+    client, _, process = server
+    args = {"input_size": 784, "output_size": 10, "hidden_layers": [2048, 1024], "drop_p": 0.5}
+    torch.manual_seed(0)
+    save_checkpoint(
+        repository / "big" / "1" / "model.pt", build_model("network", args).eval(), "network", args, PreprocessConfig()
+    )
+    workers = psutil.Process(process.pid).children()  # type: ignore[attr-defined]
+    # Once first: a load answers when every worker serves it, so both have finished starting
+    # (one that was still starting grew by up to 200 MB while the test measured).
+    client.load_model("big", headers=ADMIN)  # type: ignore[attr-defined]
+    client.unload_model("big", headers=ADMIN)  # type: ignore[attr-defined]
+    time.sleep(1)
+    before = [w.memory_info().rss for w in workers]
+    client.load_model("big", headers=ADMIN)  # type: ignore[attr-defined]
+    loaded = [w.memory_info().rss for w in workers]
+    client.unload_model("big", headers=ADMIN)  # type: ignore[attr-defined]
+    time.sleep(1)
+    after = [w.memory_info().rss for w in workers]
+    for start, peak, end in zip(before, loaded, after, strict=True):
+        assert peak - start > 8 * 2**20, "the load shows in the worker's memory"
+        assert end - start < 4 * 2**20, f"{(end - start) / 2**20:.1f} MB still held after the unload"
