@@ -60,7 +60,7 @@ def lifespan(plane: DataPlane) -> Callable[[Any], contextlib.AbstractAsyncContex
             await start(plane)
             snapshot = snapshot_path()
             follower = asyncio.create_task(follow_snapshot(plane, snapshot, partial(load, plane))) if snapshot else None
-        grpc_server = await start_grpc(plane)
+        grpc_server = await start_grpc(plane, repository)
         drain_on_sigterm(plane.health, grpc_server.drain if grpc_server else None)
         try:
             yield
@@ -137,14 +137,14 @@ async def start(plane: DataPlane) -> None:
     logger.info("ready: %s", ", ".join(v.served.summary() for v in plane.registry if v.served))
 
 
-async def start_grpc(plane: DataPlane) -> GrpcServer | None:
+async def start_grpc(plane: DataPlane, repository: Repository | None = None) -> GrpcServer | None:
     """This worker's gRPC server, unless FASHION_SERVE_GRPC_PORT is 0. grpc is imported here, in
     the worker after the fork, never in the supervisor: grpc is not fork-safe."""
     if not plane.settings.grpc_port:
         return None
     from app.protocols.grpc.server import GrpcServer
 
-    return await GrpcServer.start(plane)
+    return await GrpcServer.start(plane, repository)
 
 
 async def stop(plane: DataPlane) -> None:

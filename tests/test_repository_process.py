@@ -16,10 +16,11 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 
-from bench.server import serving
+from bench.server import free_port, serving
 from tests.helpers import multipart, png, wait_for, write_tiny_checkpoint
 
 httpclient = pytest.importorskip("tritonclient.http")
@@ -45,9 +46,13 @@ def repository(tmp_path: Path) -> Path:
     return root
 
 
+GRPC_PORT = free_port()
+
+
 @pytest.fixture
 def server(repository: Path) -> Iterator[tuple[object, int, object]]:
     env = {
+        "FASHION_SERVE_GRPC_PORT": str(GRPC_PORT),
         "FASHION_SERVE_MODEL_REPOSITORY": str(repository),
         "FASHION_SERVE_ADMIN_KEYS": "admin-key",
         "FASHION_SERVE_DEFAULT_MODEL": "shirts",
@@ -197,3 +202,27 @@ def test_unloading_frees_the_memory(server: tuple[object, int, object], reposito
     for start, peak, end in zip(before, loaded, after, strict=True):
         assert peak - start > 8 * 2**20, "the load shows in the worker's memory"
         assert end - start < 4 * 2**20, f"{(end - start) / 2**20:.1f} MB still held after the unload"
+
+
+def test_the_api_over_grpc_through_tritonclient(server: tuple[object, int, object]) -> None:
+    grpcclient = pytest.importorskip("tritonclient.grpc")
+    _, port, _ = server
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{GRPC_PORT}")
+    admin = {"authorization": "Bearer admin-key"}
+    rows = client.get_model_repository_index(headers=admin, as_json=True)["models"]
+    assert {(r["name"], r["version"]) for r in rows if r.get("state") == "READY"} == {("shirts", "1"), ("shoes", "1")}
+    with pytest.raises(InferenceServerException, match="admin key"):
+        client.unload_model("shoes")
+    client.unload_model("shoes", headers=admin)
+    assert not client.is_model_ready("shoes")
+    assert _many(port, "/models/shoes/predict") == {(404, None)}
+    client.load_model("shoes", headers=admin)
+    assert client.is_model_ready("shoes", "1")
+    x = np.zeros((1, 1, 28, 28), np.float32)
+    tensor = grpcclient.InferInput("input", [1, 1, 28, 28], "FP32")
+    tensor.set_data_from_numpy(x)
+    answer = client.infer("shoes", [tensor], model_version="1").get_response()
+    assert answer.model_name == "shoes" and answer.model_version == "1"
+    with pytest.raises(InferenceServerException, match="no model 'nope'"):
+        client.load_model("nope", headers=admin)
+    client.close()

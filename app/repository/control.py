@@ -25,7 +25,7 @@ import psutil
 
 from app.dataplane import DataPlane
 from app.errors import ServeError
-from app.repository.layout import ModelOnDisk, check_name, checkpoint_path, scan
+from app.repository.layout import NAME, ModelOnDisk, check_name, checkpoint_path, scan
 from app.repository.registry import READY, UNAVAILABLE, UNLOADING, Version, version_order
 from app.repository.shared import ModelState, SharedState, State, VersionState
 from app.served_model import ServedModel
@@ -360,6 +360,10 @@ class Repository:
             )
 
     # --- what the index and /model show ----------------------------------------------------------
+
+    def on_disk(self, name: str) -> bool:
+        """Whether the repository holds a model of that (plain) name."""
+        return self.root is not None and NAME.match(name) is not None and (self.root / name).is_dir()
 
     def index(self, ready_only: bool = False) -> list[dict[str, object]]:
         """Every version on disk and every version served, with its state and reason (Triton's rows)."""

@@ -13,6 +13,7 @@ from grpc_health.v1 import health_pb2_grpc
 from app.dataplane import DataPlane
 from app.protocols.grpc.proto import grpc_predict_v2_pb2_grpc as pb_grpc
 from app.protocols.grpc.servicer import InferenceServicer, ReadinessHealth
+from app.repository.control import Repository
 
 logger = logging.getLogger("app")
 
@@ -27,7 +28,7 @@ class GrpcServer:
         self.stopping: asyncio.Future[None] | None = None
 
     @classmethod
-    async def start(cls, plane: DataPlane) -> GrpcServer:
+    async def start(cls, plane: DataPlane, repository: Repository | None = None) -> GrpcServer:
         """Serve on FASHION_SERVE_HOST:FASHION_SERVE_GRPC_PORT. Messages over max_upload_bytes are
         refused by grpc itself (RESOURCE_EXHAUSTED). Raises RuntimeError if the port cannot be bound."""
         settings = plane.settings
@@ -37,7 +38,7 @@ class GrpcServer:
                 ("grpc.max_receive_message_length", settings.max_upload_bytes),
             ]
         )
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(plane), server)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(plane, repository), server)
         health_pb2_grpc.add_HealthServicer_to_server(ReadinessHealth(plane.health), server)
         host, port = settings.host, settings.grpc_port
         server.add_insecure_port(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")

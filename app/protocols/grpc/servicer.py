@@ -26,6 +26,9 @@ from app.protocols.grpc.proto import grpc_predict_v2_pb2 as pb
 from app.protocols.grpc.proto import grpc_predict_v2_pb2_grpc as pb_grpc
 from app.protocols.grpc.status import status_code
 from app.protocols.v2.metadata import describe_server, model_config, model_metadata, model_ready
+from app.protocols.v2.repository import index_rows
+from app.repository.control import Repository
+from app.repository.layout import check_name
 
 logger = logging.getLogger("app.access")
 SERVICE = "inference.GRPCInferenceService"
@@ -65,8 +68,9 @@ def _metadata(context: grpc.aio.ServicerContext, key: str) -> str | None:
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """Every RPC asks the data plane: the current model each call, so reloads serve gRPC too."""
 
-    def __init__(self, plane: DataPlane) -> None:
+    def __init__(self, plane: DataPlane, repository: Repository | None = None) -> None:
         self.plane = plane
+        self.repository = repository
         self.refusals = RefusalLog()
 
     async def call(
@@ -119,11 +123,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @rpc(keyed=False)
     async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        """ready: false while loading or draining; NOT_FOUND for a model or version not served."""
+        """ready: false while loading or draining, and for a model of the repository not loaded
+        (as Triton answers); NOT_FOUND for a model it does not know."""
         try:
             model_ready(self.plane, request.name, request.version or None)
         except ServeError as exc:
-            if exc.status != 503:
+            in_repository = self.repository is not None and self.repository.on_disk(request.name)
+            if exc.status != 503 and not (exc.status == 404 and in_repository):
                 raise
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=True)
@@ -150,6 +156,53 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         with tracing.rpc_server_span(SERVICE, "ModelInfer", context.invocation_metadata() or ()):
             return await model_infer(self.plane, request, _key(context), context.time_remaining())
+
+    @rpc(keyed=False)  # inference or admin keys, checked below
+    async def RepositoryIndex(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        self.plane.authorize(_key(context))
+        rows = index_rows(self.plane, self.repository, request.ready)
+        index = pb.RepositoryIndexResponse.ModelIndex
+        return pb.RepositoryIndexResponse(
+            models=[index(**{key: str(r[key]) for key in ("name", "version", "state", "reason")}) for r in rows]
+        )
+
+    @rpc(keyed=False)  # an admin key, checked below
+    async def RepositoryModelLoad(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        self.plane.authorize_admin(_key(context))
+        version = _repository_version(request.parameters, allowed=("version",))
+        await self._repository().load(_model_name(request.model_name), version)
+        return pb.RepositoryModelLoadResponse()
+
+    @rpc(keyed=False)  # an admin key, checked below
+    async def RepositoryModelUnload(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        self.plane.authorize_admin(_key(context))
+        version = _repository_version(request.parameters, allowed=("version", "unload_dependents"))
+        await self._repository().unload(_model_name(request.model_name), version)
+        return pb.RepositoryModelUnloadResponse()
+
+    def _repository(self) -> Repository:
+        if self.repository is None:
+            raise ServeError(400, "no model repository is configured (FASHION_SERVE_MODEL_REPOSITORY)")
+        return self.repository
+
+
+def _model_name(name: str) -> str:
+    check_name(name)
+    return name
+
+
+def _repository_version(parameters: Any, allowed: tuple[str, ...]) -> str | None:
+    """The `version` parameter (a string or an integer), refusing parameters this server does not take."""
+    unsupported = sorted(set(parameters) - set(allowed))
+    if unsupported:
+        raise ServeError(400, f"unsupported parameters {unsupported}: only {', '.join(allowed)}")
+    if "version" not in parameters:
+        return None
+    parameter = parameters["version"]
+    value = getattr(parameter, parameter.WhichOneof("parameter_choice") or "string_param")
+    if isinstance(value, bool) or not str(value).isdigit():
+        raise ServeError(400, "parameter 'version' must be a positive integer")
+    return str(value)
 
 
 class ReadinessHealth(health_pb2_grpc.HealthServicer):
