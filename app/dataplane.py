@@ -275,7 +275,9 @@ class DataPlane:
                 }
             )
         self.metrics.images_per_request.observe(len(scored.input.names))
-        self.metrics.count_answers(model.class_names, scored.probabilities, scored.ood_scores, scored.flagged)
+        self.metrics.count_answers(
+            (model.name, model.version), model.class_names, scored.probabilities, scored.ood_scores, scored.flagged
+        )
         return scored
 
 

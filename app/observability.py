@@ -103,7 +103,8 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self._children: dict[tuple[str, str, int | str], tuple[Any, Any]] = {}
-        self._predicted_children: dict[str, Any] = {}
+        self._predicted_children: dict[tuple[str, str, str], Any] = {}
+        self._ood_children: dict[tuple[str, str], tuple[Any, Any]] = {}
         self.requests = Counter(
             "fashion_serve_requests",
             "Requests by route (HTTP path template, or gRPC method), method (HTTP method, or GRPC) "
@@ -155,19 +156,21 @@ class Metrics:
         """The drift signals: what the model answers, and how far from its training data."""
         self.predictions = Counter(
             "fashion_serve_predictions",
-            "Images answered, by top-1 class (a drift signal: compare the mix over time)",
-            ("class",),
+            "Images answered, by top-1 class and the model version that answered (a drift signal)",
+            ("class", "model", "version"),
             registry=self.registry,
         )
         self.ood_score = Histogram(
             "fashion_serve_ood_score",
             "OOD score of each image answered (checkpoints with OOD statistics only)",
+            ("model", "version"),
             buckets=OOD_SCORE_BUCKETS,
             registry=self.registry,
         )
         self.ood_flagged = Counter(
             "fashion_serve_ood_flagged",
             "Images answered whose OOD score is past the checkpoint's threshold",
+            ("model", "version"),
             registry=self.registry,
         )
 
@@ -191,38 +194,49 @@ class Metrics:
 
     def count_answers(
         self,
+        model: tuple[str, str],
         class_names: Sequence[str],
         probabilities: np.ndarray,
         ood_scores: np.ndarray | None,
         flagged: np.ndarray | None,
     ) -> None:
         """The drift signals of one request's answered images: each one's top-1 class, its OOD
-        score and whether it was flagged. One increment per class and bucket hit, not per image;
-        a single image (the common request) takes the plain calls, cheaper than numpy's."""
+        score and whether it was flagged, labelled by the `model` (name, version) that answered.
+        One increment per class and bucket hit, not per image; a single image (the common
+        request) takes the plain calls, cheaper than numpy's."""
         if len(probabilities) == 1:
-            self._predicted(class_names[int(probabilities[0].argmax())]).inc()
+            self._predicted(class_names[int(probabilities[0].argmax())], model).inc()
             if ood_scores is not None and flagged is not None:
-                self.ood_score.observe(float(ood_scores[0]))
+                score, flags = self._ood(model)
+                score.observe(float(ood_scores[0]))
                 if flagged[0]:
-                    self.ood_flagged.inc()
+                    flags.inc()
             return
         if not len(probabilities):
             return
         counts = np.bincount(probabilities.argmax(axis=1), minlength=len(class_names))
         for index in np.flatnonzero(counts):
-            self._predicted(class_names[int(index)]).inc(int(counts[index]))
+            self._predicted(class_names[int(index)], model).inc(int(counts[index]))
         if ood_scores is None or flagged is None:
             return
-        observe_many(self.ood_score, ood_scores)
+        score, flags = self._ood(model)
+        observe_many(score, ood_scores)
         count = int(np.count_nonzero(flagged))
         if count:
-            self.ood_flagged.inc(count)
+            flags.inc(count)
 
-    def _predicted(self, class_name: str) -> Any:
-        child = self._predicted_children.get(class_name)
+    def _predicted(self, class_name: str, model: tuple[str, str]) -> Any:
+        key = (class_name, *model)
+        child = self._predicted_children.get(key)
         if child is None:
-            child = self._predicted_children[class_name] = self.predictions.labels(class_name)
+            child = self._predicted_children[key] = self.predictions.labels(*key)
         return child
+
+    def _ood(self, model: tuple[str, str]) -> tuple[Any, Any]:
+        children = self._ood_children.get(model)
+        if children is None:
+            children = self._ood_children[model] = (self.ood_score.labels(*model), self.ood_flagged.labels(*model))
+        return children
 
     def render(self) -> bytes:
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):

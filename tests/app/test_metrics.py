@@ -131,10 +131,12 @@ def test_ood_scores_and_flags_are_counted_for_predict_and_v2(ood_client: TestCli
     assert 0 < sum(flags) < len(flags), scores  # the data sits on both sides of the threshold
 
     samples = scrape(ood_client)
-    assert value(samples, "fashion_serve_ood_score_count") == len(scores)
-    assert value(samples, "fashion_serve_ood_score_sum") == pytest.approx(sum(scores), rel=1e-5)
+    served = {"model": "ood", "version": "1"}  # the version that answered
+    assert value(samples, "fashion_serve_ood_score_count", **served) == len(scores)
+    assert value(samples, "fashion_serve_ood_score_sum", **served) == pytest.approx(sum(scores), rel=1e-5)
     for bound in OOD_SCORE_BUCKETS:
         below = sum(s <= bound for s in scores)
-        assert value(samples, "fashion_serve_ood_score_bucket", le=str(float(bound))) == below, bound
-    assert value(samples, "fashion_serve_ood_flagged_total") == sum(flags)
+        assert value(samples, "fashion_serve_ood_score_bucket", le=str(float(bound)), **served) == below, bound
+    assert value(samples, "fashion_serve_ood_flagged_total", **served) == sum(flags)
+    assert {dict(labels)["version"] for (name, labels) in samples if name == "fashion_serve_predictions_total"} == {"1"}
     assert sum(predicted(samples).values()) == len(scores)

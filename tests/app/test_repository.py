@@ -85,6 +85,12 @@ def test_load_one_version_beside_and_unload_it(client: TestClient) -> None:
     assert v1.status_code == 200 and v1.json()["model_version"] == "1"
     assert client.post("/predict", files={"file": ("a.png", png())}).headers["x-model-version"] == "2"
     assert client.get("/v2/models/shirts/versions/1/ready").status_code == 200
+    counted = {
+        (line.split('model="')[1].split('"')[0], line.split('version="')[1].split('"')[0])
+        for line in client.get("/metrics").text.splitlines()
+        if line.startswith("fashion_serve_predictions_total{")
+    }
+    assert {("shirts", "1"), ("shirts", "2")} <= counted, "metrics name the version that answered"
     unloaded = client.post("/v2/repository/models/shirts/unload", json={"parameters": {"version": "1"}}, headers=ADMIN)
     assert unloaded.status_code == 200 and int(unloaded.headers["x-repository-generation"]) == generation + 1
     gone = client.post("/v2/models/shirts/versions/1/infer", json=_tensor())
