@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import shutil
 import sys
@@ -17,6 +18,21 @@ import tempfile
 from pathlib import Path
 
 from app.settings import Settings
+
+CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "QUOTA PERIOD", or "max PERIOD" without a quota
+
+
+def usable_cpus(cpu_max: Path = CPU_MAX) -> int:
+    """The CPUs this process may use: its affinity, capped by a cgroup CPU quota when there is
+    one (Docker's --cpus, Kubernetes' CPU limit), rounded up: a quota of 1.5 CPUs gives 2."""
+    cpus = len(os.sched_getaffinity(0))
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+    except (OSError, ValueError):
+        return cpus
+    if quota == "max" or not quota.isdigit() or not period.isdigit() or int(period) == 0:
+        return cpus
+    return max(1, min(cpus, math.ceil(int(quota) / int(period))))
 
 
 def _positive(value: str) -> int:
@@ -31,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m app", description=__doc__)
     parser.add_argument("--host", default=settings.host, help=f"bind address (default: {settings.host})")
     parser.add_argument("--port", type=int, default=settings.port, help=f"port (default: {settings.port})")
-    default_workers = settings.workers or len(os.sched_getaffinity(0))
+    default_workers = settings.workers or usable_cpus()
     parser.add_argument(
         "--workers",
         type=_positive,
