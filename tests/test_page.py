@@ -255,3 +255,27 @@ def test_with_api_keys_the_page_asks_for_one_and_keeps_it_in_the_tab(tab: Watche
         assert other_tab.input_value("#api-key") == ""
         assert tab.left_the_service == []
         assert [m for m in tab.console_errors if not UNAUTHORIZED_LOG.match(m)] == []
+
+
+def test_a_person_picks_a_model_version_and_sees_which_answered(tab: Watched, tmp_path: Path) -> None:
+    from tests.helpers import write_tiny_checkpoint
+
+    root = tmp_path / "repo"
+    for name, seed in (("shirts", 1), ("shoes", 2)):
+        write_tiny_checkpoint(root / name / "1" / "model.pt", seed=seed)
+    write_tiny_checkpoint(root / "shoes" / "2" / "model.pt", seed=3)
+    (root / "shoes" / "config.json").write_text(json.dumps({"version_policy": {"all": {}}}))
+    env = {"FASHION_SERVE_MODEL_REPOSITORY": str(root), "FASHION_SERVE_DEFAULT_MODEL": "shirts"}
+    with serving(env) as (_, port):
+        page = tab.page
+        page.goto(f"http://127.0.0.1:{port}/")
+        choices = page.locator("#model-choice option")
+        expect(choices).to_have_count(4)  # the default, shirts 1, shoes 1, shoes 2
+        page.click("#samples button >> nth=1")
+        expect(page.locator(".card .answered-by")).to_have_text("Answered by shirts, version 1")
+        page.select_option("#model-choice", label="shoes, version 1")
+        page.click("#samples button >> nth=2")
+        expect(page.locator(".card .answered-by").first).to_have_text("Answered by shoes, version 1")
+        if os.environ.get("FASHION_SERVE_PAGE_VERSIONS_SCREENSHOT"):
+            page.screenshot(path=os.environ["FASHION_SERVE_PAGE_VERSIONS_SCREENSHOT"], full_page=True)
+        assert tab.left_the_service == [] and tab.console_errors == []

@@ -87,9 +87,21 @@ async function loadModel() {
     info.textContent = parts.join(" · ");
     $("model-architecture").textContent = model.architecture;
     $("model-details").hidden = false;
+    listVersions(model.served || []);
   } catch (error) {
     info.textContent =
       error instanceof KeyNeeded ? "The model's description needs an API key." : "Cannot reach the service.";
+  }
+}
+
+// The model versions served, as choices: a request for one goes to /models/{name}/versions/{v}/explain.
+function listVersions(served) {
+  const select = $("model-choice");
+  for (const row of served.filter((r) => r.state === "READY")) {
+    const value = `models/${encodeURIComponent(row.name)}/versions/${encodeURIComponent(row.version)}/`;
+    if (![...select.options].some((o) => o.value === value)) {
+      select.append(element("option", { value }, `${row.name}, version ${row.version}`));
+    }
   }
 }
 
@@ -163,9 +175,10 @@ function invertCaption(inverted, choice) {
   return `What the model saw (${way}, as you chose)`;
 }
 
-function resultCard(file, explanation, choice) {
+function resultCard(file, explanation, choice, answeredBy = "") {
   const card = element("article", { class: "card" });
   card.append(element("h3", {}, file.name));
+  if (answeredBy) card.append(element("p", { class: "answered-by" }, answeredBy));
   if (explanation.error) {
     card.classList.add("failed");
     if (file.type.startsWith("image/")) card.append(thumbnail(file));
@@ -237,7 +250,8 @@ async function classify(files) {
   setStatus(`Looking at ${count}…`);
   let response;
   try {
-    response = await api(`explain?k=${TOP_K}&invert=${choice}`, { method: "POST", body: form });
+    const model = $("model-choice").value;
+    response = await api(`${model}explain?k=${TOP_K}&invert=${choice}`, { method: "POST", body: form });
   } catch (error) {
     if (error instanceof KeyNeeded) {
       waitingForKey = files;
@@ -250,7 +264,8 @@ async function classify(files) {
   waitingForKey = null;
   const body = await response.json().catch(() => null);
   if (response.ok) {
-    show(body.explanations.map((explanation, i) => resultCard(files[i], explanation, choice)));
+    const answeredBy = `Answered by ${body.model}, version ${body.model_version}`;
+    show(body.explanations.map((explanation, i) => resultCard(files[i], explanation, choice, answeredBy)));
     const failed = body.explanations.filter((e) => e.error).length;
     setStatus(`Done: ${count}${failed ? `, ${failed} could not be classified` : ""}.`);
   } else if (files.length === 1 && [400, 413, 415].includes(response.status)) {
