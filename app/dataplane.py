@@ -21,11 +21,14 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+import numpy as np
+
 from app import tracing
 from app.batching import BatcherClosed, DeadlineExpired
+from app.decoding import ModelInput
 from app.errors import ServeError, unavailable
 from app.observability import Metrics
-from app.repository.registry import READY, Registry, Version
+from app.repository.registry import READY, Registry, Route, Version
 from app.served_model import Pending, Scored, ServedModel
 from app.settings import Settings
 
@@ -43,6 +46,11 @@ NO_ADMIN_KEYS = "the repository API is off: no admin keys are configured (FASHIO
 HOLD_MARGIN_S = 0.1
 SOCKET_HOLD_SHARE = 0.5
 MAX_HOLD_S = 1.0
+# Shadow work runs only while the work admitted would be done within this share of the queue
+# delay users are admitted within (so it is dropped long before any user is refused), and at
+# most this many shadow runs at once per worker.
+SHADOW_QUEUE_SHARE = 0.1
+MAX_SHADOW_RUNS = 64
 
 
 @dataclass(frozen=True)
@@ -109,6 +117,8 @@ class DataPlane:
     health: Health = field(default_factory=Health)
     registry: Registry = field(default_factory=Registry)
     in_flight: int = 0
+    shadow_in_flight: int = 0
+    _shadow_runs: set[asyncio.Task[None]] = field(default_factory=set)  # referenced until done
 
     # --- questions every protocol asks ---------------------------------------------------------
 
@@ -170,32 +180,70 @@ class DataPlane:
 
     async def run(self, call: Call, parse: Parser[T]) -> Answer[T]:
         """The one way an inference request goes through the core, for every protocol: authorize,
-        resolve the version, parse (before any queue: a malformed request never waits), deadline,
-        admit, infer, count. A refusal is held as its `hold_s` says, then raised to be rendered."""
+        route to a version (the model's rollout: canary, shadow), parse (before any queue: a
+        malformed request never waits), deadline, admit, infer, count. A refusal is held as its
+        `hold_s` says, then raised to be rendered. A shadow run starts after the answer and never
+        delays, changes or fails it."""
         started = time.monotonic()
         try:
             self.authorize(call.key)
-            entry = self._resolve(call.model, call.version)
-            model = entry.served
+            route = self._route(call.model, call.version)
+            model = route.entry.served
             assert model is not None
             parsed = await parse(model)
             deadline = self.deadline(started, call.timeout_s, parsed.timeout_s)
-            with self.admit(entry, deadline):
+            with self.admit(route.entry, deadline):
                 scored = await self._infer(model, parsed.input, parsed.encoded_bytes, deadline)
         except ServeError as exc:
             if exc.hold_s > 0:
                 hold, exc.hold_s = exc.hold_s, 0.0  # held once, here, whoever renders it
                 await asyncio.sleep(hold)
             raise
+        if route.role != "named" and model.name in self.registry.rollouts:
+            self.metrics.count_rollout((model.name, model.version), route.role, scored, time.monotonic() - started)
+        if route.shadow is not None:
+            self._shadow(route.shadow, scored)
         return Answer(model, scored, parsed.request)
 
-    def _resolve(self, name: str | None, version: str | None) -> Version:
+    def _route(self, name: str | None, version: str | None) -> Route:
         if not self.registry.models:
             raise unavailable(self.health.reason)
-        entry = self.registry.resolve(name, version)
-        if entry.served is None or entry.served.batcher is None:
+        route = self.registry.route(name, version)
+        if route.entry.served is None or route.entry.served.batcher is None:
             raise unavailable(self.health.reason)
-        return entry
+        return route
+
+    # --- shadow runs -------------------------------------------------------------------------------
+
+    def _shadow(self, shadow: Version, primary: Scored) -> None:
+        """Run the default version's input on `shadow` too, off the critical path, unless the server
+        is busier than a small share of what admission allows users: shadow work is dropped first."""
+        served = shadow.served
+        inputs = primary.input.inputs
+        if served is None or served.batcher is None or inputs is None:
+            return
+        wait = (self.in_flight + self.shadow_in_flight) * served.batcher.seconds_per_item
+        if self.shadow_in_flight >= MAX_SHADOW_RUNS or wait > SHADOW_QUEUE_SHARE * self.settings.max_queue_delay_s:
+            self.metrics.rollout_dropped.labels(served.name, served.version).inc()
+            return
+        self.shadow_in_flight += 1
+        shadow.enter()
+        task = asyncio.create_task(self._run_shadow(shadow, served, inputs, primary.probabilities))
+        self._shadow_runs.add(task)
+        task.add_done_callback(self._shadow_runs.discard)
+
+    async def _run_shadow(self, shadow: Version, served: ServedModel, inputs: np.ndarray, primary: np.ndarray) -> None:
+        """The shadow's answer, compared with the default version's and counted; then both let go."""
+        began = time.monotonic()
+        try:
+            assert served.batcher is not None
+            scored = await served.batcher.submit(ModelInput.of(inputs))
+            self.metrics.count_shadow((served.name, served.version), primary, scored, time.monotonic() - began)
+        except Exception:  # the shadow's failure is its own: counted as dropped, never the user's
+            self.metrics.rollout_dropped.labels(served.name, served.version).inc()
+        finally:
+            self.shadow_in_flight -= 1
+            shadow.leave()
 
     def deadline(self, started: float, *client_timeouts_s: float | None) -> float | None:
         """The request's deadline (a `time.monotonic()` value): the earliest of the server's

@@ -150,6 +150,7 @@ class Metrics:
             registry=self.registry,
         )
         self._declare_drift()
+        self._declare_rollout()
         self._live: list[Collector] = []
 
     def _declare_drift(self) -> None:
@@ -173,6 +174,64 @@ class Metrics:
             ("model", "version"),
             registry=self.registry,
         )
+
+    def _declare_rollout(self) -> None:
+        """How each version of a model under a rollout answers (role: default, canary, shadow), and
+        how far a shadow agrees with the default version on the same inputs."""
+        labels = ("model", "version", "role")
+
+        def counter(name: str, doc: str, names: tuple[str, ...] = labels) -> Counter:
+            return Counter(f"fashion_serve_rollout_{name}", doc, names, registry=self.registry)
+
+        self.rollout_requests = counter("requests", "Requests answered by a version of a model under a rollout")
+        self.rollout_images = counter("images", "Images answered by a version of a model under a rollout")
+        self.rollout_flagged = counter("flagged", "Of those images, the ones past the version's OOD threshold")
+        self.rollout_confidence = counter("confidence", "Sum of those images' top-1 calibrated probabilities")
+        self.rollout_seconds = counter("seconds", "Sum of those requests' seconds (a shadow's: its own run)")
+        self.rollout_agreed = counter(
+            "agreed", "Shadow images whose top-1 class is the default version's", ("model", "version")
+        )
+        self.rollout_abs_diff = counter(
+            "abs_diff", "Sum over shadow images of the mean absolute difference of probabilities", ("model", "version")
+        )
+        self.rollout_dropped = counter(
+            "dropped", "Shadow runs dropped: the server was too busy to spare the work", ("model", "version")
+        )
+
+    def count_rollout(self, model: tuple[str, str], role: str, scored: Any, seconds: float) -> None:
+        """One answer of a version of a model under a rollout (a `Scored`), in its role."""
+        labels = (*model, role)
+        rows = scored.probabilities
+        self.rollout_requests.labels(*labels).inc()
+        self.rollout_seconds.labels(*labels).inc(seconds)
+        if len(rows):
+            self.rollout_images.labels(*labels).inc(len(rows))
+            self.rollout_confidence.labels(*labels).inc(float(rows.max(axis=1).sum()))
+            if scored.flagged is not None:
+                self.rollout_flagged.labels(*labels).inc(int(np.count_nonzero(scored.flagged)))
+
+    def count_shadow(self, model: tuple[str, str], primary: np.ndarray, shadow: Any, seconds: float) -> None:
+        """A shadow's answer (a `Scored`) beside the default version's probabilities on the same images."""
+        self.count_rollout(model, "shadow", shadow, seconds)
+        rows = shadow.probabilities
+        agreed = int(np.count_nonzero(primary.argmax(axis=1) == rows.argmax(axis=1)))
+        self.rollout_agreed.labels(*model).inc(agreed)
+        self.rollout_abs_diff.labels(*model).inc(float(np.abs(primary - rows).mean(axis=1).sum()))
+
+    def totals(self, prefix: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        """Every sample whose name starts with `prefix`, summed over this server's workers."""
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)
+            families = registry.collect()
+        else:
+            families = self.registry.collect()
+        return {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in families
+            for sample in family.samples
+            if sample.name.startswith(prefix)
+        }
 
     def add_live(self, collector: Collector) -> None:
         """A collector of this process's current state (the model it serves), asked at each

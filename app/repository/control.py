@@ -20,13 +20,14 @@ import logging
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import psutil
 
 from app.dataplane import DataPlane
 from app.errors import ServeError
 from app.repository.layout import NAME, ModelOnDisk, check_name, checkpoint_path, scan
-from app.repository.registry import READY, UNAVAILABLE, UNLOADING, Version, version_order
+from app.repository.registry import READY, UNAVAILABLE, UNLOADING, Rollout, Version, version_order
 from app.repository.shared import ModelState, SharedState, State, VersionState
 from app.served_model import ServedModel
 
@@ -149,9 +150,11 @@ class Repository:
         self._defaults(state)
 
     def _defaults(self, state: State) -> None:
+        """Each model's configured default version and its rollout, as `state` says."""
         self.registry.default_versions = {
             name: m.default_version for name, m in state.models.items() if m.default_version is not None
         }
+        self.registry.rollouts = {name: Rollout.of(m.rollout) for name, m in state.models.items() if m.rollout}
 
     async def _load_version(self, name: str, version: str, wanted: VersionState) -> Version:
         """Load one version beside what serves, then serve it."""
@@ -235,6 +238,45 @@ class Repository:
         await self.shared.wait_for(generation, SYNC_TIMEOUT_S)
         return generation
 
+    async def set_rollout(self, name: str, changes: dict[str, Any]) -> int:
+        """Change `name`'s `default_version` (None: the highest loaded), `canary` and `shadow` (None:
+        none), on every worker; the new generation. Every version named must be loaded."""
+        async with self.shared.locked():
+            state = await self._current()
+            model = state.models.get(name)
+            if model is None:
+                raise ServeError(404, f"model {name!r} is not loaded")
+            rollout = {**(model.rollout or {}), **{k: v for k, v in changes.items() if k != "default_version"}}
+            default_version = changes.get("default_version", model.default_version)
+            named = [default_version] + [part["version"] for part in rollout.values() if part is not None]
+            missing = sorted({v for v in named if v is not None and v not in model.versions}, key=version_order)
+            if missing:
+                have = ", ".join(sorted(model.versions, key=version_order))
+                raise ServeError(400, f"version {', '.join(missing)} of {name!r} is not loaded (loaded: {have})")
+            model.default_version = default_version
+            model.rollout = {key: part for key, part in rollout.items() if part is not None} or None
+            generation = (await self._publish(state)).generation
+        await self.shared.wait_for(generation, SYNC_TIMEOUT_S)
+        return generation
+
+    def rollout(self, name: str) -> dict[str, Any]:
+        """The model's rollout as GET answers it: the default, canary and shadow, and per version how
+        it has answered so far (summed over the workers)."""
+        model = self.shared.read().models.get(name)
+        if model is None or name not in self.registry.models:
+            raise ServeError(404, f"model {name!r} is not loaded")
+        default = self.registry.default_version(name)
+        record = model.rollout or {}
+        return {
+            "model": name,
+            "default_version": model.default_version,
+            "serving_default": default.version if default is not None else None,
+            "canary": record.get("canary"),
+            "shadow": record.get("shadow"),
+            "generation": self.registry.generation,
+            "versions": rollout_figures(self.plane.metrics.totals("fashion_serve_rollout_"), name),
+        }
+
     async def reconcile(self) -> None:
         """SIGHUP: every loaded model brought to what the disk holds now (new versions its policy
         names loaded, files changed on disk loaded beside and swapped, versions gone unloaded),
@@ -300,7 +342,9 @@ class Repository:
             if not targets:
                 problems = "; ".join(f"{v}: {p}" for v, p in model.problems.items()) or "no versions"
                 raise ServeError(400, f"model {model.name!r} has nothing to load: {problems}")
-        loaded = ModelState(keep, model.config.default_version, model.config.rollout or current.rollout)
+        # config.json's default version and rollout where it has them, else what the API last set.
+        default = model.config.default_version or current.default_version
+        loaded = ModelState(keep, default, model.config.rollout or current.rollout)
         error: ServeError | None = None
         for number in targets:
             try:
@@ -390,6 +434,39 @@ class Repository:
                     row["reason"] = f"serving the earlier copy; the last load failed: {reason}"
         ordered = sorted(rows.values(), key=lambda r: (str(r["name"]), version_order(str(r["version"]))))
         return [r for r in ordered if not ready_only or r["state"] == READY]
+
+
+def rollout_figures(totals: dict[tuple[str, tuple[tuple[str, str], ...]], float], model: str) -> dict[str, Any]:
+    """Per version and role of `model`, from the rollout counters: requests, images, the OOD-flagged
+    share, the mean calibrated confidence and latency; for a shadow, its top-1 agreement with the
+    default version on the same inputs and the mean absolute difference of their probabilities."""
+    sums: dict[tuple[str, str], dict[str, float]] = {}
+    for (name, labels), value in totals.items():
+        tags = dict(labels)
+        if tags.get("model") != model:
+            continue
+        metric = name.removeprefix("fashion_serve_rollout_").removesuffix("_total")
+        sums.setdefault((tags["version"], tags.get("role", "shadow")), {})[metric] = value
+    figures: dict[str, Any] = {}
+    for (version, role), values in sorted(sums.items()):
+        if role == "shadow" and "requests" not in values and "dropped" not in values:
+            continue
+        images, requests = values.get("images", 0.0), values.get("requests", 0.0)
+        row: dict[str, Any] = {
+            "requests": int(requests),
+            "images": int(images),
+            "ood_flagged_share": values.get("flagged", 0.0) / images if images else None,
+            "mean_confidence": values.get("confidence", 0.0) / images if images else None,
+            "mean_latency_ms": 1000 * values.get("seconds", 0.0) / requests if requests else None,
+        }
+        if role == "shadow":
+            shared = sums.get((version, "shadow"), {})
+            row["agreement"] = shared.get("agreed", 0.0) / images if images else None
+            row["agreement_images"] = int(images)
+            row["mean_abs_diff"] = shared.get("abs_diff", 0.0) / images if images else None
+            row["dropped"] = int(shared.get("dropped", 0))
+        figures.setdefault(version, {})[role] = row
+    return figures
 
 
 def scan_one(root: Path, name: str) -> ModelOnDisk:

@@ -4,8 +4,10 @@ progress. No I/O: `app.repository.control` changes it, the data plane reads it p
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from app.errors import ServeError, unavailable
 from app.served_model import ServedModel
@@ -56,6 +58,37 @@ class Version:
         }
 
 
+@dataclass(frozen=True)
+class Rollout:
+    """A model's candidate versions: a canary answers `canary_percent` of the requests that name no
+    version; a shadow also runs on `shadow_percent` of those the default version answers."""
+
+    canary: str | None = None
+    canary_percent: float = 0.0
+    shadow: str | None = None
+    shadow_percent: float = 0.0
+
+    @classmethod
+    def of(cls, record: dict[str, Any] | None) -> Rollout:
+        """From the shared state's `rollout` record (`{"canary": {"version", "percent"}, "shadow": ...}`)."""
+
+        def part(key: str) -> tuple[str | None, float]:
+            value = (record or {}).get(key)
+            return (str(value["version"]), float(value.get("percent", 0))) if isinstance(value, dict) else (None, 0.0)
+
+        canary, shadow = part("canary"), part("shadow")
+        return cls(canary[0], canary[1], shadow[0], shadow[1])
+
+
+@dataclass(frozen=True)
+class Route:
+    """Which version answers a request, in which role, and the shadow that also runs on it."""
+
+    entry: Version
+    role: str  # "named" (the request named the version), "default" or "canary"
+    shadow: Version | None = None
+
+
 class Registry:
     """Name -> version -> `Version`, which version of a model answers when none is named, and
     which model answers when none is named."""
@@ -64,6 +97,7 @@ class Registry:
         self.models: dict[str, dict[str, Version]] = {}
         self.default_versions: dict[str, str] = {}  # configured; else the highest ready
         self.default_model = default_model  # configured; else the only model
+        self.rollouts: dict[str, Rollout] = {}
         self.generation = 0  # the shared state this worker serves (app.repository.shared)
 
     def put(self, entry: Version) -> Version | None:
@@ -124,6 +158,27 @@ class Registry:
         if found.state != READY:
             raise unavailable(f"version {version} of model {name!r} is {found.state}: {found.reason or 'not ready'}")
         return found
+
+    def route(self, name: str | None, version: str | None) -> Route:
+        """`resolve`, with the model's rollout: a request that names no version goes to the canary
+        for its share (drawn at random per request), else to the default version, which a shadow
+        then also runs on for its share (a second, independent draw)."""
+        entry = self.resolve(name, version)
+        if version is not None:
+            return Route(entry, "named")
+        rollout = self.rollouts.get(entry.model)
+        if rollout is None:
+            return Route(entry, "default")
+        if rollout.canary is not None and random.random() * 100 < rollout.canary_percent:
+            canary = self.get(entry.model, rollout.canary)
+            if canary is not None and canary.state == READY and canary.served is not None:
+                return Route(canary, "canary")
+        shadow = None
+        if rollout.shadow is not None and random.random() * 100 < rollout.shadow_percent:
+            candidate = self.get(entry.model, rollout.shadow)
+            if candidate is not None and candidate.state == READY and candidate is not entry:
+                shadow = candidate
+        return Route(entry, "default", shadow)
 
     def _names(self) -> str:
         return ", ".join(repr(n) for n in sorted(self.models)) or "no models"

@@ -114,3 +114,52 @@ async def unload_model(name: str, request: Request, response: Response) -> dict[
     generation = await _repository(request).unload(name, _version(parameters))
     response.headers[GENERATION_HEADER] = str(generation)
     return {"name": name, "generation": generation}
+
+
+def _rollout_part(body: dict[str, Any], key: str) -> dict[str, object] | None:
+    """`canary` or `shadow`: null, or `{"version": "N", "percent": 0..100}`."""
+    part = body.get(key)
+    if part is None:
+        return None
+    if not isinstance(part, dict) or set(part) - {"version", "percent"}:
+        raise ServeError(400, f'\'{key}\' must be null or {{"version": "N", "percent": 0..100}}')
+    version = _version(part)
+    percent = part.get("percent", 100)
+    if version is None:
+        raise ServeError(400, f"'{key}.version' is required")
+    if isinstance(percent, bool) or not isinstance(percent, int | float) or not 0 <= percent <= 100:
+        raise ServeError(400, f"'{key}.percent' must be a number from 0 to 100")
+    return {"version": version, "percent": percent}
+
+
+@router.get("/models/{name}/rollout")
+async def get_rollout(name: str, request: Request) -> dict[str, Any]:
+    """The model's default version, canary and shadow, and per version how it has answered so far
+    (summed over the workers): requests, images, OOD-flagged share, mean confidence and latency,
+    and for a shadow its top-1 `agreement` with the default version on the same inputs."""
+    plane: DataPlane = request.app.state.plane
+    plane.authorize(_key(request))
+    check_name(name)
+    return _repository(request).rollout(name)
+
+
+@router.put("/models/{name}/rollout")
+async def put_rollout(name: str, request: Request, response: Response) -> dict[str, Any]:
+    """Set `default_version` (promote, or roll back; null: the highest loaded), `canary` and
+    `shadow` (each null or `{"version", "percent"}`; a field left out keeps its value): on every
+    worker before it answers."""
+    plane: DataPlane = request.app.state.plane
+    plane.authorize_admin(_key(request))
+    check_name(name)
+    body = await _body(request)
+    unknown = sorted(set(body) - {"default_version", "canary", "shadow"})
+    if unknown:
+        raise ServeError(400, f"unknown rollout fields {unknown}: default_version, canary, shadow")
+    # A field left out keeps its value; null clears it.
+    changes: dict[str, Any] = {key: _rollout_part(body, key) for key in ("canary", "shadow") if key in body}
+    if "default_version" in body:
+        changes["default_version"] = _version({"version": body["default_version"]})
+    repository = _repository(request)
+    generation = await repository.set_rollout(name, changes)
+    response.headers[GENERATION_HEADER] = str(generation)
+    return repository.rollout(name)
