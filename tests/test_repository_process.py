@@ -226,3 +226,72 @@ def test_the_api_over_grpc_through_tritonclient(server: tuple[object, int, objec
     with pytest.raises(InferenceServerException, match="no model 'nope'"):
         client.load_model("nope", headers=admin)
     client.close()
+
+
+def _rollout(port: int, body: dict[str, object]) -> dict[str, object]:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v2/repository/models/shirts/rollout",
+        json.dumps(body).encode(),
+        {**ADMIN, "Content-Type": "application/json"},
+        method="PUT",
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.load(response)  # type: ignore[no-any-return]
+
+
+def test_promote_and_roll_back_under_load_fail_nothing_on_any_worker(server: tuple[object, int, object]) -> None:
+    client, port, _ = server
+    client.load_model("shirts", headers=ADMIN)  # type: ignore[attr-defined]  # the policy: version 1
+    urllib.request.urlopen(
+        urllib.request.Request(
+            f"http://127.0.0.1:{port}/v2/repository/models/shirts/load",
+            json.dumps({"parameters": {"version": "2"}}).encode(),
+            {**ADMIN, "Content-Type": "application/json"},
+        ),
+        timeout=30,
+    ).close()
+    results: list[tuple[int, str | None]] = []
+    stop = threading.Event()
+
+    def hammer() -> None:
+        while not stop.is_set():
+            results.append(_predict(port))
+
+    threads = [threading.Thread(target=hammer) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(0.5)
+        assert _rollout(port, {"default_version": "2"})["serving_default"] == "2"
+        promoted = _many(port, "/predict")
+        time.sleep(0.5)
+        assert _rollout(port, {"default_version": "1"})["serving_default"] == "1"
+        rolled_back = _many(port, "/predict")
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert promoted == {(200, "2")} and rolled_back == {(200, "1")}, "every worker switched before the PUT answered"
+    assert len(results) > 20 and {status for status, _ in results} == {200}
+
+
+def test_a_canary_answers_over_grpc_too(server: tuple[object, int, object]) -> None:
+    grpcclient = pytest.importorskip("tritonclient.grpc")
+    _, port, _ = server
+    urllib.request.urlopen(
+        urllib.request.Request(
+            f"http://127.0.0.1:{port}/v2/repository/models/shirts/load",
+            json.dumps({"parameters": {"version": "2"}}).encode(),
+            {**ADMIN, "Content-Type": "application/json"},
+        ),
+        timeout=30,
+    ).close()
+    _rollout(port, {"canary": {"version": "2", "percent": 50}})
+    channel = grpcclient.InferenceServerClient(f"127.0.0.1:{GRPC_PORT}")
+    tensor = grpcclient.InferInput("input", [1, 1, 28, 28], "FP32")
+    tensor.set_data_from_numpy(np.zeros((1, 1, 28, 28), np.float32))
+    versions = [channel.infer("shirts", [tensor]).get_response().model_version for _ in range(60)]
+    named = {channel.infer("shirts", [tensor], model_version="1").get_response().model_version for _ in range(10)}
+    channel.close()
+    assert 10 <= versions.count("2") <= 50 and set(versions) == {"1", "2"}  # 60 x 50 %: 30, sd 3.9
+    assert named == {"1"}
