@@ -279,3 +279,30 @@ def test_a_person_picks_a_model_version_and_sees_which_answered(tab: Watched, tm
         if os.environ.get("FASHION_SERVE_PAGE_VERSIONS_SCREENSHOT"):
             page.screenshot(path=os.environ["FASHION_SERVE_PAGE_VERSIONS_SCREENSHOT"], full_page=True)
         assert tab.left_the_service == [] and tab.console_errors == []
+
+
+def test_with_a_shadow_the_page_shows_both_answers_side_by_side(tab: Watched, tmp_path: Path) -> None:
+    from tests.helpers import write_tiny_checkpoint
+
+    root = tmp_path / "repo"
+    for version in (1, 2):
+        write_tiny_checkpoint(root / "shirts" / str(version) / "model.pt", seed=version)
+    config = {
+        "version_policy": {"all": {}},
+        "default_version": "1",
+        "rollout": {"shadow": {"version": "2", "percent": 100}},
+    }
+    (root / "shirts" / "config.json").write_text(json.dumps(config))
+    with serving({"FASHION_SERVE_MODEL_REPOSITORY": str(root)}) as (_, port):
+        page = tab.page
+        page.goto(f"http://127.0.0.1:{port}/")
+        expect(page.locator("#model-info")).to_contain_text("Model: shirts")
+        page.click("#samples button >> nth=0")
+        pair = page.locator(".pair").first
+        expect(pair.locator(".answered-by")).to_have_text(
+            ["Answered by shirts, version 1", "The shadow: shirts, version 2"]
+        )
+        assert pair.locator(".card").count() == 2
+        if os.environ.get("FASHION_SERVE_PAGE_ROLLOUT_SCREENSHOT"):
+            page.screenshot(path=os.environ["FASHION_SERVE_PAGE_ROLLOUT_SCREENSHOT"], full_page=True)
+        assert tab.left_the_service == [] and tab.console_errors == []

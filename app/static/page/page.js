@@ -27,7 +27,8 @@ const HEAT = [
 
 const $ = (id) => document.getElementById(id);
 const objectUrls = [];
-let waitingForKey = null; // files whose request was refused for want of a key; sent again once one is entered
+let waitingForKey = null;
+let candidate = null; // {model, version, role}: a canary or shadow of the default model, shown beside its answers // files whose request was refused for want of a key; sent again once one is entered
 
 class KeyNeeded extends Error {}
 
@@ -88,6 +89,7 @@ async function loadModel() {
     $("model-architecture").textContent = model.architecture;
     $("model-details").hidden = false;
     listVersions(model.served || []);
+    candidate = rolloutCandidate(model);
   } catch (error) {
     info.textContent =
       error instanceof KeyNeeded ? "The model's description needs an API key." : "Cannot reach the service.";
@@ -103,6 +105,15 @@ function listVersions(served) {
       select.append(element("option", { value }, `${row.name}, version ${row.version}`));
     }
   }
+}
+
+// The default model's canary or shadow, if it has one (/model says), shown beside its answers.
+function rolloutCandidate(model) {
+  const rollout = model.rollout;
+  if (!rollout) return null;
+  if (rollout.shadow) return { model: model.name, version: rollout.shadow, role: "shadow" };
+  if (rollout.canary) return { model: model.name, version: rollout.canary, role: "canary" };
+  return null;
 }
 
 function plainError(status) {
@@ -249,9 +260,11 @@ async function classify(files) {
   const count = files.length === 1 ? "1 image" : `${files.length} images`;
   setStatus(`Looking at ${count}…`);
   let response;
+  let beside = null;
   try {
     const model = $("model-choice").value;
     response = await api(`${model}explain?k=${TOP_K}&invert=${choice}`, { method: "POST", body: form });
+    if (response.ok && !model && candidate) beside = await candidateAnswers(files, choice);
   } catch (error) {
     if (error instanceof KeyNeeded) {
       waitingForKey = files;
@@ -265,7 +278,8 @@ async function classify(files) {
   const body = await response.json().catch(() => null);
   if (response.ok) {
     const answeredBy = `Answered by ${body.model}, version ${body.model_version}`;
-    show(body.explanations.map((explanation, i) => resultCard(files[i], explanation, choice, answeredBy)));
+    const cards = body.explanations.map((explanation, i) => resultCard(files[i], explanation, choice, answeredBy));
+    show(beside ? cards.map((card, i) => sideBySide(card, beside[i])) : cards);
     const failed = body.explanations.filter((e) => e.error).length;
     setStatus(`Done: ${count}${failed ? `, ${failed} could not be classified` : ""}.`);
   } else if (files.length === 1 && [400, 413, 415].includes(response.status)) {
@@ -275,6 +289,24 @@ async function classify(files) {
     const detail = detailText(body);
     setStatus(`${plainError(response.status)}${detail ? ` The service said: ${detail}` : ""}`);
   }
+}
+
+// The same images answered by the rollout's candidate version, for a side-by-side comparison.
+async function candidateAnswers(files, choice) {
+  const form = new FormData();
+  for (const file of files) form.append("file", file, file.name);
+  const path = `models/${encodeURIComponent(candidate.model)}/versions/${encodeURIComponent(candidate.version)}/`;
+  const response = await api(`${path}explain?k=${TOP_K}&invert=${choice}`, { method: "POST", body: form });
+  if (!response.ok) return null;
+  const body = await response.json();
+  const label = `The ${candidate.role}: ${body.model}, version ${body.model_version}`;
+  return body.explanations.map((explanation, i) => resultCard(files[i], explanation, choice, label));
+}
+
+function sideBySide(primary, other) {
+  const pair = element("div", { class: "pair" });
+  pair.append(primary, other);
+  return pair;
 }
 
 async function sampleFile(slug) {
