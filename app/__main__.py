@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _serve(settings: Settings, host: str, port: int, workers: int) -> int:
     from app.auth import ApiKeyError, load_api_keys
-    from app.observability import configure_logging
+    from app.logs import configure_logging
     from app.reload.snapshot import SNAPSHOT_ENV
     from app.reload.supervisor import CheckpointSource
     from models import CheckpointError

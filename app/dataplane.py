@@ -17,20 +17,19 @@ import contextlib
 import hashlib
 import hmac
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
-
-import numpy as np
+from typing import TypeVar
 
 from app import tracing
 from app.batching import BatcherClosed, DeadlineExpired
-from app.decoding import ModelInput
 from app.errors import ServeError, unavailable
+from app.inference import Answer, Call, Parser
 from app.observability import Metrics
 from app.repository.registry import READY, Registry, Route, Version
 from app.served_model import Pending, Scored, ServedModel
 from app.settings import Settings
+from app.shadow import Shadows
 
 T = TypeVar("T")
 
@@ -46,45 +45,6 @@ NO_ADMIN_KEYS = "the repository API is off: no admin keys are configured (FASHIO
 HOLD_MARGIN_S = 0.1
 SOCKET_HOLD_SHARE = 0.5
 MAX_HOLD_S = 1.0
-# Shadow work runs only while the work admitted would be done within this share of the queue
-# delay users are admitted within (so it is dropped long before any user is refused), and at
-# most this many shadow runs at once per worker.
-SHADOW_QUEUE_SHARE = 0.1
-MAX_SHADOW_RUNS = 64
-
-
-@dataclass(frozen=True)
-class Call:
-    """One inference request as every protocol hands it to the core."""
-
-    key: bytes | None = None  # the caller's API key, as sent (None: none sent)
-    timeout_s: float | None = None  # the client's timeout known before its body
-    model: str | None = None  # None: the default model
-    version: str | None = None  # None: the model's default version
-
-
-@dataclass
-class Parsed(Generic[T]):
-    """What an adapter's parser makes of a request for one model: its model input (decoded, or a
-    decoder the inference thread runs), the protocol's own request (for encoding), the encoded
-    size (large ones decode in a thread), and a timeout the body itself carries."""
-
-    input: Pending
-    request: T
-    encoded_bytes: int = 0
-    timeout_s: float | None = None
-
-
-@dataclass
-class Answer(Generic[T]):
-    """The version that answered, its scores, and the adapter's parsed request."""
-
-    model: ServedModel
-    scored: Scored
-    request: T
-
-
-Parser = Callable[[ServedModel], Awaitable[Parsed[T]]]
 
 
 @dataclass
@@ -117,8 +77,10 @@ class DataPlane:
     health: Health = field(default_factory=Health)
     registry: Registry = field(default_factory=Registry)
     in_flight: int = 0
-    shadow_in_flight: int = 0
-    _shadow_runs: set[asyncio.Task[None]] = field(default_factory=set)  # referenced until done
+    shadows: Shadows = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.shadows = Shadows(self.metrics.rollout, self.settings.max_queue_delay_s)
 
     # --- questions every protocol asks ---------------------------------------------------------
 
@@ -200,9 +162,9 @@ class DataPlane:
                 await asyncio.sleep(hold)
             raise
         if route.role != "named" and model.name in self.registry.rollouts:
-            self.metrics.count_rollout((model.name, model.version), route.role, scored, time.monotonic() - started)
+            self.metrics.rollout.count((model.name, model.version), route.role, scored, time.monotonic() - started)
         if route.shadow is not None:
-            self._shadow(route.shadow, scored)
+            self.shadows.offer(route.shadow, scored, self.in_flight)
         return Answer(model, scored, parsed.request)
 
     def _route(self, name: str | None, version: str | None) -> Route:
@@ -212,38 +174,6 @@ class DataPlane:
         if route.entry.served is None or route.entry.served.batcher is None:
             raise unavailable(self.health.reason)
         return route
-
-    # --- shadow runs -------------------------------------------------------------------------------
-
-    def _shadow(self, shadow: Version, primary: Scored) -> None:
-        """Run the default version's input on `shadow` too, off the critical path, unless the server
-        is busier than a small share of what admission allows users: shadow work is dropped first."""
-        served = shadow.served
-        inputs = primary.input.inputs
-        if served is None or served.batcher is None or inputs is None:
-            return
-        wait = (self.in_flight + self.shadow_in_flight) * served.batcher.seconds_per_item
-        if self.shadow_in_flight >= MAX_SHADOW_RUNS or wait > SHADOW_QUEUE_SHARE * self.settings.max_queue_delay_s:
-            self.metrics.rollout_dropped.labels(served.name, served.version).inc()
-            return
-        self.shadow_in_flight += 1
-        shadow.enter()
-        task = asyncio.create_task(self._run_shadow(shadow, served, inputs, primary.probabilities))
-        self._shadow_runs.add(task)
-        task.add_done_callback(self._shadow_runs.discard)
-
-    async def _run_shadow(self, shadow: Version, served: ServedModel, inputs: np.ndarray, primary: np.ndarray) -> None:
-        """The shadow's answer, compared with the default version's and counted; then both let go."""
-        began = time.monotonic()
-        try:
-            assert served.batcher is not None
-            scored = await served.batcher.submit(ModelInput.of(inputs))
-            self.metrics.count_shadow((served.name, served.version), primary, scored, time.monotonic() - began)
-        except Exception:  # the shadow's failure is its own: counted as dropped, never the user's
-            self.metrics.rollout_dropped.labels(served.name, served.version).inc()
-        finally:
-            self.shadow_in_flight -= 1
-            shadow.leave()
 
     def deadline(self, started: float, *client_timeouts_s: float | None) -> float | None:
         """The request's deadline (a `time.monotonic()` value): the earliest of the server's

@@ -25,7 +25,7 @@ from app import tracing
 from app.dataplane import DataPlane, Health
 from app.decoding import ModelInput
 from app.http.backpressure import BACKPRESSURE
-from app.observability import configure_logging
+from app.logs import configure_logging
 from app.reload.snapshot import snapshot_path
 from app.reload.worker import follow_snapshot
 from app.repository.control import Repository
@@ -85,7 +85,8 @@ def open_repository(plane: DataPlane) -> Repository | None:
     if root is None:
         return None
     shared_dir = os.environ.get(STATE_DIR_ENV) or tempfile.mkdtemp(prefix="fashion-serve-repository-")
-    return Repository(plane, root, SharedState(Path(shared_dir)), partial(load, plane))
+    shared = SharedState(Path(shared_dir))
+    return Repository(plane.registry, plane.settings, plane.metrics.totals, root, shared, partial(load, plane))
 
 
 async def start_repository(plane: DataPlane, repository: Repository) -> None:

@@ -1,13 +1,8 @@
-"""Logs that carry the request id, and the Prometheus metrics."""
+"""The Prometheus metrics (the logs are `app.logs`)."""
 
 from __future__ import annotations
 
-import contextvars
-import json
-import logging
 import os
-import sys
-import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -17,60 +12,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
-request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
-
-
-class _RequestIdFilter(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.request_id = request_id_var.get()
-        return True
-
-
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever sys.stderr is at the time of the call (test capture swaps it)."""
-
-    @property
-    def stream(self) -> object:
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value: object) -> None:
-        pass
-
-
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "request_id": getattr(record, "request_id", "-"),
-            "message": record.getMessage(),
-        }
-        if record.exc_info:
-            entry["exc_info"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
-
-
-TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
-
-
-def configure_logging(log_format: str, level: str) -> None:
-    """Route our loggers and uvicorn's through one handler with the request id on every line."""
-    handler = _StderrHandler()
-    handler.addFilter(_RequestIdFilter())
-    handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
-    logging.captureWarnings(True)  # e.g. Pillow's "Corrupt EXIF data" on a bad upload
-    for name in ("app", "models", "uvicorn", "uvicorn.error", "uvicorn.access", "gunicorn.error", "py.warnings"):
-        logger = logging.getLogger(name)
-        logger.handlers = [handler]
-        logger.propagate = False
-        logger.setLevel(level.upper())
-    # The request middleware logs each request with its id; uvicorn's access log would repeat it.
-    logging.getLogger("uvicorn.access").disabled = True
-    # The parser warns about every malformed body; the 400 it turns into is logged already.
-    logging.getLogger("python_multipart").setLevel(logging.ERROR)
-
+from app.rollout_metrics import RolloutMetrics
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 # The OOD score (a squared Mahalanobis distance, models/trust.py): finer where the bundled
@@ -150,7 +92,7 @@ class Metrics:
             registry=self.registry,
         )
         self._declare_drift()
-        self._declare_rollout()
+        self.rollout = RolloutMetrics(self.registry)
         self._live: list[Collector] = []
 
     def _declare_drift(self) -> None:
@@ -174,49 +116,6 @@ class Metrics:
             ("model", "version"),
             registry=self.registry,
         )
-
-    def _declare_rollout(self) -> None:
-        """How each version of a model under a rollout answers (role: default, canary, shadow), and
-        how far a shadow agrees with the default version on the same inputs."""
-        labels = ("model", "version", "role")
-
-        def counter(name: str, doc: str, names: tuple[str, ...] = labels) -> Counter:
-            return Counter(f"fashion_serve_rollout_{name}", doc, names, registry=self.registry)
-
-        self.rollout_requests = counter("requests", "Requests answered by a version of a model under a rollout")
-        self.rollout_images = counter("images", "Images answered by a version of a model under a rollout")
-        self.rollout_flagged = counter("flagged", "Of those images, the ones past the version's OOD threshold")
-        self.rollout_confidence = counter("confidence", "Sum of those images' top-1 calibrated probabilities")
-        self.rollout_seconds = counter("seconds", "Sum of those requests' seconds (a shadow's: its own run)")
-        self.rollout_agreed = counter(
-            "agreed", "Shadow images whose top-1 class is the default version's", ("model", "version")
-        )
-        self.rollout_abs_diff = counter(
-            "abs_diff", "Sum over shadow images of the mean absolute difference of probabilities", ("model", "version")
-        )
-        self.rollout_dropped = counter(
-            "dropped", "Shadow runs dropped: the server was too busy to spare the work", ("model", "version")
-        )
-
-    def count_rollout(self, model: tuple[str, str], role: str, scored: Any, seconds: float) -> None:
-        """One answer of a version of a model under a rollout (a `Scored`), in its role."""
-        labels = (*model, role)
-        rows = scored.probabilities
-        self.rollout_requests.labels(*labels).inc()
-        self.rollout_seconds.labels(*labels).inc(seconds)
-        if len(rows):
-            self.rollout_images.labels(*labels).inc(len(rows))
-            self.rollout_confidence.labels(*labels).inc(float(rows.max(axis=1).sum()))
-            if scored.flagged is not None:
-                self.rollout_flagged.labels(*labels).inc(int(np.count_nonzero(scored.flagged)))
-
-    def count_shadow(self, model: tuple[str, str], primary: np.ndarray, shadow: Any, seconds: float) -> None:
-        """A shadow's answer (a `Scored`) beside the default version's probabilities on the same images."""
-        self.count_rollout(model, "shadow", shadow, seconds)
-        rows = shadow.probabilities
-        agreed = int(np.count_nonzero(primary.argmax(axis=1) == rows.argmax(axis=1)))
-        self.rollout_agreed.labels(*model).inc(agreed)
-        self.rollout_abs_diff.labels(*model).inc(float(np.abs(primary - rows).mean(axis=1).sum()))
 
     def totals(self, prefix: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         """Every sample whose name starts with `prefix`, summed over this server's workers."""

@@ -22,7 +22,7 @@ from uvicorn.importer import import_from_string as import_app
 from uvicorn_worker import UvicornWorker
 
 from app.http.limits import limited_protocol
-from app.observability import configure_logging
+from app.logs import configure_logging
 from app.reload.supervisor import CheckpointSource
 from app.settings import Settings
 

@@ -53,7 +53,7 @@ async def empty_predict(file: UploadFile) -> dict[str, object]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from app.observability import configure_logging
+    from app.logs import configure_logging
     from app.server import serve
     from app.settings import Settings
 

@@ -12,8 +12,6 @@ from dataclasses import dataclass, field
 from starlette.types import Receive, Scope, Send
 
 from app import tracing
-from app.auth import bearer_key
-from app.dataplane import Call
 from app.errors import ServeError
 
 Headers = list[tuple[bytes, bytes]]
@@ -36,13 +34,6 @@ def header(scope: Scope, name: bytes) -> bytes | None:
         if key == name:
             return bytes(value)
     return None
-
-
-def call_of(scope: Scope) -> Call:
-    """The core's view of an HTTP inference request: its API key and the model and version its
-    path names (`/models/{model}[/versions/{version}]/...`, `/v2/models/...`)."""
-    params = scope.get("path_params") or {}
-    return Call(bearer_key(header(scope, b"authorization")), None, params.get("model"), params.get("version"))
 
 
 def timeout_header(scope: Scope) -> float | None:

@@ -13,7 +13,8 @@ from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import tracing
-from app.observability import Metrics, request_id_var
+from app.logs import request_id_var
+from app.observability import Metrics
 
 logger = logging.getLogger("app.access")
 # A client's id is echoed into headers and logs, so only a short, plain token is honoured.

@@ -2,5 +2,10 @@
 
 
 def is_inference_path(path: str) -> bool:
-    """`/predict`, `/explain` and v2 `infer` (never probes, `/metrics` or files)."""
-    return path in ("/predict", "/explain") or (path.startswith("/v2/models/") and path.endswith("/infer"))
+    """`/predict`, `/explain`, their `/models/{name}[/versions/{v}]/` forms, and v2 `infer` (never
+    probes, `/metrics`, the repository API or files)."""
+    if path in ("/predict", "/explain"):
+        return True
+    if path.startswith("/models/"):
+        return path.endswith(("/predict", "/explain"))
+    return path.startswith("/v2/models/") and path.endswith("/infer")

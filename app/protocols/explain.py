@@ -17,11 +17,12 @@ import numpy as np
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, Field
 
-from app.dataplane import Parsed
 from app.decoding import decode_images
 from app.deps import PlaneDep
-from app.http.messages import call_of, header, receive_body, timeout_header
+from app.http.messages import header, receive_body, timeout_header
+from app.inference import Parsed
 from app.protocols import predict
+from app.protocols.calls import call_of
 from app.protocols.predict import ImageFailure, TopK, answered_by, none_classified, read_query
 from app.protocols.uploads import split_body
 from app.served_model import ServedModel

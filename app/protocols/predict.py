@@ -24,10 +24,12 @@ from pydantic.json_schema import models_json_schema
 from starlette.types import Receive, Scope
 
 from app import tracing
-from app.dataplane import DataPlane, Parsed
+from app.dataplane import DataPlane
 from app.decoding import ModelInput, decode_images
 from app.errors import ServeError
-from app.http.messages import Reply, call_of, dump_json, header, receive_body, timeout_header
+from app.http.messages import Reply, dump_json, header, receive_body, timeout_header
+from app.inference import Parsed
+from app.protocols.calls import call_of
 from app.protocols.uploads import FIELD, IMAGE_TYPES, split_body
 from app.served_model import Scored, ServedModel
 from app.settings import Settings

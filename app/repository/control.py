@@ -14,82 +14,58 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import gc
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import psutil
-
-from app.dataplane import DataPlane
 from app.errors import ServeError
 from app.repository.layout import NAME, ModelOnDisk, check_name, checkpoint_path, scan
-from app.repository.registry import READY, UNAVAILABLE, UNLOADING, Rollout, Version, version_order
+from app.repository.local import Loader, LocalCopy
+from app.repository.memory import check_room, in_use, pin_mmap_threshold
+from app.repository.registry import Registry, version_order
 from app.repository.shared import ModelState, SharedState, State, VersionState
-from app.served_model import ServedModel
+from app.repository.views import Totals, index_rows, rollout_figures
+from app.settings import Settings
 
 logger = logging.getLogger("app")
 FOLLOW_POLL_S = 0.1  # how often a worker looks at the shared state (one stat of a tmpfs file)
 SYNC_TIMEOUT_S = 60.0  # how long a change waits for every worker before it answers 504
-ESTIMATE_FACTOR = 4  # before a first load: its resident cost, as a multiple of the file's size
-
-Loader = Callable[[Path, str, str, Path], Awaitable[ServedModel]]  # blob, name, version, origin
-
-
-def _resident() -> int:
-    return int(psutil.Process().memory_info().rss)
-
-
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-MMAP_THRESHOLD_BYTES = 128 * 1024  # glibc's initial value, kept fixed
-
-
-def _pin_mmap_threshold() -> None:
-    """Keep glibc's mmap threshold where it starts. By default it rises to the size of the largest
-    block freed so far, so once one model's weights are freed, the next model's land in the heap,
-    and unloading it left its memory with the process (measured: 40 MB of a 15 MB model held).
-    Blocks over 128 KiB are then mapped apart and go back to the system when freed."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
-
-
-def _release_memory() -> None:
-    """Return freed memory to the system: a collection, then glibc's malloc_trim where there is one."""
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 class Repository:
     """This worker's side of the model repository."""
 
-    def __init__(self, plane: DataPlane, root: Path | None, shared: SharedState, load: Loader) -> None:
-        self.plane = plane
+    def __init__(
+        self,
+        registry: Registry,
+        settings: Settings,
+        totals: Callable[[str], Totals],
+        root: Path | None,
+        shared: SharedState,
+        load: Loader,
+    ) -> None:
+        self.registry = registry  # what this worker serves
+        self.settings = settings
+        self.totals = totals  # the metrics' samples by name prefix, summed over the workers
         self.root = root
         self.shared = shared
-        self.load_version = load
-        self.registry = plane.registry
-        self.settings = plane.settings
-        self.failures: dict[str, str] = {}  # this worker's, for its acknowledgement
-        self._seen: tuple[int, int] | None = None
-        self._retiring: set[asyncio.Task[None]] = set()
+        self.local = LocalCopy(registry, shared, load)  # this worker's copy of the shared state
 
     # --- start and follow ------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Serve the shared state, or make the first one: what the configuration asks for at start."""
-        _pin_mmap_threshold()
+        pin_mmap_threshold()
         self.shared.register(os.getpid())
         async with self.shared.locked():
             state = self.shared.read()
             if state.generation == 0:
                 state = await self._first_state()
             else:
-                await self.apply(state)
-            self._acknowledge(state)
+                await self.local.apply(state)
+            self.local.acknowledge(state)
 
     async def _first_state(self) -> State:
         state = State(reconciled=self.shared.reconcile_requests())
@@ -109,11 +85,11 @@ class Repository:
         while True:
             await asyncio.sleep(FOLLOW_POLL_S)
             try:
-                if self.shared.changed_since(self._seen) is not None:
+                if self.shared.changed_since(self.local.seen) is not None:
                     state = self.shared.read()
                     if state.generation != self.registry.generation:
-                        await self.apply(state)
-                        self._acknowledge(state)
+                        await self.local.apply(state)
+                        self.local.acknowledge(state)
                 if self.shared.reconcile_requests() > asked:
                     asked = self.shared.reconcile_requests()
                     await self.reconcile()
@@ -121,88 +97,6 @@ class Repository:
                 raise
             except Exception:  # never stop following: the next poll tries again
                 logger.exception("repository: following the shared state failed")
-
-    def _acknowledge(self, state: State) -> None:
-        self._seen = self.shared.changed_since(None)
-        self.registry.generation = state.generation
-        self.shared.acknowledge(os.getpid(), state.generation, self.failures)
-
-    # --- bringing this worker to a state ---------------------------------------------------------
-
-    async def apply(self, state: State) -> None:
-        """Serve exactly `state`: load what is new (beside what serves, then swapped), drain and free
-        what is gone."""
-        self.failures = {}
-        for name, model in state.models.items():
-            for version, wanted in model.versions.items():
-                entry = self.registry.get(name, version)
-                if entry is not None and entry.served is not None and entry.served.checkpoint.sha256 == wanted.sha256:
-                    continue
-                try:
-                    await self._load_version(name, version, wanted)
-                except Exception as exc:  # validated by the worker that published it: unexpected here
-                    self.failures[f"{name}/{version}"] = str(exc)
-                    logger.error("repository: %s version %s did not load in this worker: %s", name, version, exc)
-        for entry in list(self.registry):
-            model_state = state.models.get(entry.model)
-            if entry.state != UNLOADING and (model_state is None or entry.version not in model_state.versions):
-                await self._unload(entry)
-        self._defaults(state)
-
-    def _defaults(self, state: State) -> None:
-        """Each model's configured default version and its rollout, as `state` says."""
-        self.registry.default_versions = {
-            name: m.default_version for name, m in state.models.items() if m.default_version is not None
-        }
-        self.registry.rollouts = {name: Rollout.of(m.rollout) for name, m in state.models.items() if m.rollout}
-
-    async def _load_version(self, name: str, version: str, wanted: VersionState) -> Version:
-        """Load one version beside what serves, then serve it."""
-        entry = await self._prepare(name, version, wanted)
-        self._install(entry)
-        return entry
-
-    async def _prepare(self, name: str, version: str, wanted: VersionState) -> Version:
-        """One version loaded and warmed up, its resident cost measured; not serving yet."""
-        before = _resident()
-        served = await self.load_version(self.shared.blobs / wanted.blob, name, version, Path(wanted.origin))
-        return Version(name, version, served, READY, memory_bytes=max(0, _resident() - before))
-
-    def _install(self, entry: Version) -> None:
-        """Serve `entry`; the copy of the same version it replaces drains and is freed."""
-        previous = self.registry.put(entry)
-        if previous is not None:
-            self._retire(previous)
-        assert entry.served is not None
-        logger.info("repository: serving %s version %s (%s)", entry.model, entry.version, entry.served.summary())
-
-    async def _unload(self, entry: Version) -> None:
-        """Refuse new requests for `entry` at once, let the admitted ones finish, then free it."""
-        entry.state, entry.reason = UNLOADING, "unloading"
-        self._retire(entry)
-
-    def _retire(self, entry: Version) -> None:
-        task = asyncio.create_task(self._drain_and_free(entry))
-        self._retiring.add(task)
-        task.add_done_callback(self._retiring.discard)
-
-    async def _drain_and_free(self, entry: Version) -> None:
-        await entry.drained()
-        if self.registry.get(entry.model, entry.version) is entry:
-            self.registry.remove(entry)
-        served, entry.served = entry.served, None
-        if served is not None and served.batcher is not None:
-            batcher, served.batcher = served.batcher, None  # breaks the model <-> batcher cycle
-            batcher.close()
-            await asyncio.to_thread(batcher.join, 5.0)
-        del served
-        _release_memory()
-        logger.info("repository: %s version %s unloaded", entry.model, entry.version)
-
-    async def settled(self) -> None:
-        """Wait until every drain this worker started has freed its version (tests, benchmarks)."""
-        while self._retiring:
-            await asyncio.gather(*list(self._retiring))
 
     # --- the API's verbs -------------------------------------------------------------------------
 
@@ -274,7 +168,7 @@ class Repository:
             "canary": record.get("canary"),
             "shadow": record.get("shadow"),
             "generation": self.registry.generation,
-            "versions": rollout_figures(self.plane.metrics.totals("fashion_serve_rollout_"), name),
+            "versions": rollout_figures(self.totals("fashion_serve_rollout_"), name),
         }
 
     async def reconcile(self) -> None:
@@ -301,16 +195,16 @@ class Repository:
         """The shared state, this worker brought to it first."""
         state = self.shared.read()
         if state.generation != self.registry.generation:
-            await self.apply(state)
-            self._acknowledge(state)
+            await self.local.apply(state)
+            self.local.acknowledge(state)
         return state
 
     async def _publish(self, state: State) -> State:
         """`state` as the next generation: written, served here, acknowledged."""
         state.generation = max(state.generation, self.registry.generation) + 1
         self.shared.write(state)
-        await self.apply(state)
-        self._acknowledge(state)
+        await self.local.apply(state)
+        self.local.acknowledge(state)
         self.shared.forget_unused(state)
         return state
 
@@ -367,41 +261,23 @@ class Repository:
         entry = self.registry.get(model.name, version)
         if entry is not None and entry.served is not None and entry.served.checkpoint.sha256 == wanted.sha256:
             return wanted
-        self._check_memory(model.name, wanted)
+        check_room(self.registry, self.settings.max_model_memory_mb, model.name, wanted.size_bytes)
         try:
-            entry = await self._prepare(model.name, version, wanted)
+            entry = await self.local.prepare(model.name, version, wanted)
         except ServeError:
             raise
         except Exception as exc:
             raise ServeError(400, f"model {model.name!r} version {version} did not load: {exc}") from None
         limit_mb = self.settings.max_model_memory_mb
-        if limit_mb is not None and self._in_use() + entry.memory_bytes > limit_mb * 2**20:
-            self._retire(entry)
+        if limit_mb is not None and in_use(self.registry) + entry.memory_bytes > limit_mb * 2**20:
+            self.local.retire(entry)
             raise ServeError(
                 400,
                 f"{model.name!r} version {version} took {entry.memory_bytes / 2**20:.1f} MB in this worker, "
                 f"past FASHION_SERVE_MAX_MODEL_MEMORY_MB={limit_mb}; not loaded",
             )
-        self._install(entry)
+        self.local.install(entry)
         return wanted
-
-    def _in_use(self) -> int:
-        return sum(v.memory_bytes for v in self.registry if v.state != UNLOADING)
-
-    def _check_memory(self, name: str, wanted: VersionState) -> None:
-        """Refuse a load that would take this worker past FASHION_SERVE_MAX_MODEL_MEMORY_MB."""
-        limit_mb = self.settings.max_model_memory_mb
-        if limit_mb is None:
-            return
-        measured = [v.memory_bytes for v in self.registry if v.model == name and v.memory_bytes]
-        estimate = max(measured) if measured else ESTIMATE_FACTOR * wanted.size_bytes
-        if self._in_use() + estimate > limit_mb * 2**20:
-            raise ServeError(
-                400,
-                f"loading {name!r} would take about {estimate / 2**20:.1f} MB more than the "
-                f"{self._in_use() / 2**20:.1f} MB its models use in each worker, past "
-                f"FASHION_SERVE_MAX_MODEL_MEMORY_MB={limit_mb}",
-            )
 
     # --- what the index and /model show ----------------------------------------------------------
 
@@ -411,62 +287,8 @@ class Repository:
 
     def index(self, ready_only: bool = False) -> list[dict[str, object]]:
         """Every version on disk and every version served, with its state and reason (Triton's rows)."""
-        state = self.shared.read()
-        rows: dict[tuple[str, str], dict[str, object]] = {}
         on_disk = scan(self.root) if self.root is not None else {}
-        for model in on_disk.values():
-            for number in sorted({*model.versions, *model.problems}):
-                reason = model.problems.get(number, "unloaded")
-                rows[(model.name, str(number))] = {
-                    "name": model.name,
-                    "version": str(number),
-                    "state": UNAVAILABLE,
-                    "reason": reason,
-                }
-        for entry in self.registry:
-            rows[(entry.model, entry.version)] = entry.row()
-        for name, versions in state.failures.items():
-            for failed, reason in versions.items():
-                row = rows.setdefault((name, failed), {"name": name, "version": failed, "state": UNAVAILABLE})
-                if row["state"] != READY:
-                    row["reason"] = reason
-                else:
-                    row["reason"] = f"serving the earlier copy; the last load failed: {reason}"
-        ordered = sorted(rows.values(), key=lambda r: (str(r["name"]), version_order(str(r["version"]))))
-        return [r for r in ordered if not ready_only or r["state"] == READY]
-
-
-def rollout_figures(totals: dict[tuple[str, tuple[tuple[str, str], ...]], float], model: str) -> dict[str, Any]:
-    """Per version and role of `model`, from the rollout counters: requests, images, the OOD-flagged
-    share, the mean calibrated confidence and latency; for a shadow, its top-1 agreement with the
-    default version on the same inputs and the mean absolute difference of their probabilities."""
-    sums: dict[tuple[str, str], dict[str, float]] = {}
-    for (name, labels), value in totals.items():
-        tags = dict(labels)
-        if tags.get("model") != model:
-            continue
-        metric = name.removeprefix("fashion_serve_rollout_").removesuffix("_total")
-        sums.setdefault((tags["version"], tags.get("role", "shadow")), {})[metric] = value
-    figures: dict[str, Any] = {}
-    for (version, role), values in sorted(sums.items()):
-        if role == "shadow" and "requests" not in values and "dropped" not in values:
-            continue
-        images, requests = values.get("images", 0.0), values.get("requests", 0.0)
-        row: dict[str, Any] = {
-            "requests": int(requests),
-            "images": int(images),
-            "ood_flagged_share": values.get("flagged", 0.0) / images if images else None,
-            "mean_confidence": values.get("confidence", 0.0) / images if images else None,
-            "mean_latency_ms": 1000 * values.get("seconds", 0.0) / requests if requests else None,
-        }
-        if role == "shadow":
-            shared = sums.get((version, "shadow"), {})
-            row["agreement"] = shared.get("agreed", 0.0) / images if images else None
-            row["agreement_images"] = int(images)
-            row["mean_abs_diff"] = shared.get("abs_diff", 0.0) / images if images else None
-            row["dropped"] = int(shared.get("dropped", 0))
-        figures.setdefault(version, {})[role] = row
-    return figures
+        return index_rows(on_disk, self.registry, self.shared.read().failures, ready_only)
 
 
 def scan_one(root: Path, name: str) -> ModelOnDisk:

@@ -16,9 +16,9 @@ from fastapi.testclient import TestClient
 
 import app.reload.worker
 from app.batching import BatcherClosed, MicroBatcher
-from app.dataplane import Call, Parsed, Parser
 from app.decoding import ModelInput
 from app.errors import ServeError
+from app.inference import Call, Parsed, Parser
 from app.main import create_app
 from app.reload.snapshot import SNAPSHOT_ENV, last_reload, reload_counts
 from app.reload.supervisor import CheckpointSource

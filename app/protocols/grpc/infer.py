@@ -11,8 +11,9 @@ import numpy as np
 from google.protobuf.message import Message
 
 from app import tracing
-from app.dataplane import INLINE_DECODE_BYTES, Call, DataPlane, Parsed
+from app.dataplane import INLINE_DECODE_BYTES, DataPlane
 from app.errors import ServeError
+from app.inference import Call, Parsed
 from app.protocols.grpc.proto import grpc_predict_v2_pb2 as pb
 from app.protocols.v2.request import (
     INPUT,

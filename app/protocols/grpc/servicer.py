@@ -20,7 +20,7 @@ from app.auth import bearer_key
 from app.dataplane import DataPlane, Health
 from app.errors import ServeError
 from app.http.middleware import VALID_REQUEST_ID, RefusalLog
-from app.observability import request_id_var
+from app.logs import request_id_var
 from app.protocols.grpc.infer import model_infer
 from app.protocols.grpc.proto import grpc_predict_v2_pb2 as pb
 from app.protocols.grpc.proto import grpc_predict_v2_pb2_grpc as pb_grpc

@@ -8,8 +8,10 @@ import asyncio
 from starlette.types import Receive, Scope
 
 from app import tracing
-from app.dataplane import INLINE_DECODE_BYTES, DataPlane, Parsed
-from app.http.messages import Reply, call_of, earliest, header, receive_body, timeout_header
+from app.dataplane import INLINE_DECODE_BYTES, DataPlane
+from app.http.messages import Reply, earliest, header, receive_body, timeout_header
+from app.inference import Parsed
+from app.protocols.calls import call_of
 from app.protocols.v2.request import HEADER_LENGTH, InferRequest, model_input, output_names, parse_infer_request
 from app.protocols.v2.response import encode
 from app.served_model import Pending, ServedModel
