@@ -119,7 +119,7 @@ def _under_load(server: object, bodies: Path, content_type: str, root: Path, arg
     (root / "mlp" / "2" / "model.pt").write_bytes(b"not a checkpoint")
     outcome: dict[str, dict] = {}
     load = threading.Thread(
-        target=lambda: outcome.setdefault("row", drive(server, bodies, content_type, 32, 3 * args.seconds, 0.5))  # type: ignore[arg-type]
+        target=lambda: outcome.setdefault("row", drive(server, bodies, content_type, 32, 3 * args.seconds, 1.0))  # type: ignore[arg-type]
     )
     load.start()
     time.sleep(1.0)
@@ -185,7 +185,7 @@ def _rollout(server: object, bodies: Path, content_type: str, args: argparse.Nam
         )
     names = ("fashion_serve_rollout_dropped_total", "fashion_serve_refused_requests_total")
     before = _counters(port, *names)
-    row = drive(server, bodies, content_type, 1024, args.seconds, 0.5, timeout="30s", statuses=True)  # type: ignore[arg-type]
+    row = drive(server, bodies, content_type, 1024, args.seconds, 1.0, timeout="30s", statuses=True)  # type: ignore[arg-type]
     after = _counters(port, *names)
     dropped, refused = (after[n] - before[n] for n in names)
     print(
@@ -195,7 +195,7 @@ def _rollout(server: object, bodies: Path, content_type: str, args: argparse.Nam
     _put_rollout(port, {"shadow": None})
     outcome: dict[str, dict] = {}
     load = threading.Thread(
-        target=lambda: outcome.setdefault("row", drive(server, bodies, content_type, 32, 2 * args.seconds, 0.5))  # type: ignore[arg-type]
+        target=lambda: outcome.setdefault("row", drive(server, bodies, content_type, 32, 2 * args.seconds, 1.0))  # type: ignore[arg-type]
     )
     load.start()
     time.sleep(1.0)
