@@ -302,6 +302,29 @@ def _evaluate_and_write(
     return out, paths, test
 
 
+RECIPE_KEYS = (
+    "preset",
+    "epochs",
+    "batch_size",
+    "optimizer",
+    "lr",
+    "weight_decay",
+    "augment",
+    "erase_p",
+    "ema_decay",
+    "teacher_sha256",
+    "seed",
+    "val_size",
+    "duration_s",
+    "device",
+)
+
+
+def describe_recipe(training: dict[str, Any]) -> str:
+    """The recipe, teacher, split and wall time a checkpoint records, in one line."""
+    return ", ".join(f"{key} {training[key]}" for key in RECIPE_KEYS if training.get(key) is not None)
+
+
 def run_evaluate(args: argparse.Namespace) -> int:
     try:
         loaded = load_checkpoint(args.checkpoint, device=device_or_exit(args.device))
@@ -315,9 +338,15 @@ def run_evaluate(args: argparse.Namespace) -> int:
     result = evaluate(loaded.model, x, labels.to(loaded.device))
     metrics = test_metrics(result, loaded.class_names)
     if args.json:
-        print(json.dumps({**metrics, "confusion_matrix": result.confusion.tolist()}, indent=2))
+        print(
+            json.dumps(
+                {**metrics, "confusion_matrix": result.confusion.tolist(), "training": loaded.training}, indent=2
+            )
+        )
         return 0
     print(f"{args.checkpoint} ({loaded.arch}, {loaded.format} format) on {len(labels)} test images from {data.source}")
+    if loaded.training:
+        print("trained with: " + describe_recipe(loaded.training))
     print(f"accuracy {100 * result.accuracy:.2f}%   loss {result.loss:.4f}")
     width = max(map(len, loaded.class_names))
     for name, acc in metrics["per_class_accuracy"].items():

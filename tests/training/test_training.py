@@ -222,6 +222,16 @@ def test_short_training_run_lowers_the_loss_and_writes_a_loadable_checkpoint(
     evaluated = json.loads(capsys.readouterr().out)
     assert evaluated["test_accuracy"] == pytest.approx(report["metrics"]["test_accuracy"])
     assert sum(map(sum, evaluated["confusion_matrix"])) == 300
+    assert evaluated["training"]["epochs"] == 4 and evaluated["training"]["optimizer"] == "Adam"
+    assert main(["evaluate", str(out), "--data-dir", str(synthetic_data), "--limit", "300"]) == 0
+    assert "trained with: epochs 4, batch_size 64, optimizer Adam" in capsys.readouterr().out
+
+
+def test_a_preset_sets_the_recipe_and_the_command_line_wins() -> None:
+    from training.cli import build_parser
+
+    args = build_parser("fashion-cnn-v2").parse_args(["train", "--preset", "fashion-cnn-v2", "--epochs", "3"])
+    assert (args.epochs, args.erase, args.ema, args.weight_decay, args.augment) == (3, 0.5, 0.999, 0.05, "shift")
 
 
 def test_evaluate_reads_course_checkpoints(
