@@ -12,7 +12,7 @@ from app.served_model import Pending, Scored, ServedModel
 T = TypeVar("T")
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Call:
     """One inference request as every protocol hands it to the core."""
 
@@ -22,7 +22,7 @@ class Call:
     version: str | None = None  # None: the model's default version
 
 
-@dataclass
+@dataclass(slots=True)
 class Parsed(Generic[T]):
     """What an adapter's parser makes of a request for one model: its model input (decoded, or a
     decoder the inference thread runs), the protocol's own request (for encoding), the encoded
@@ -34,7 +34,7 @@ class Parsed(Generic[T]):
     timeout_s: float | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class Answer(Generic[T]):
     """The version that answered, its scores, and the adapter's parsed request."""
 

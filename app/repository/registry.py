@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from app.errors import ServeError, unavailable
@@ -31,20 +31,21 @@ class Version:
     reason: str = ""
     memory_bytes: int = 0  # resident bytes its load added to this worker
     in_flight: int = 0  # requests admitted to it and not yet answered
-    _idle: asyncio.Event = field(default_factory=asyncio.Event)
+    _idle: asyncio.Event | None = None  # made by `drained`, set when the last request leaves
 
     def enter(self) -> None:
         self.in_flight += 1
-        self._idle.clear()
 
     def leave(self) -> None:
         self.in_flight -= 1
-        if self.in_flight == 0:
+        if self.in_flight == 0 and self._idle is not None:
             self._idle.set()
 
     async def drained(self) -> None:
         """Return once no admitted request is left on this version."""
-        if self.in_flight:
+        while self.in_flight:
+            if self._idle is None or self._idle.is_set():
+                self._idle = asyncio.Event()
             await self._idle.wait()
 
     def row(self) -> dict[str, object]:
@@ -80,7 +81,7 @@ class Rollout:
         return cls(canary[0], canary[1], shadow[0], shadow[1])
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Route:
     """Which version answers a request, in which role, and the shadow that also runs on it."""
 
@@ -95,19 +96,31 @@ class Registry:
 
     def __init__(self, default_model: str | None = None) -> None:
         self.models: dict[str, dict[str, Version]] = {}
-        self.default_versions: dict[str, str] = {}  # configured; else the highest ready
+        self._default_versions: dict[str, str] = {}  # configured; else the highest ready
+        self._defaults: dict[str, Version] = {}  # what default_version found, while it holds
         self.default_model = default_model  # configured; else the only model
         self.rollouts: dict[str, Rollout] = {}
         self.generation = 0  # the shared state this worker serves (app.repository.shared)
 
+    @property
+    def default_versions(self) -> dict[str, str]:
+        return self._default_versions
+
+    @default_versions.setter
+    def default_versions(self, value: dict[str, str]) -> None:
+        self._default_versions = value
+        self._defaults.clear()
+
     def put(self, entry: Version) -> Version | None:
         """Add or replace a version; the one it replaced, if any."""
+        self._defaults.clear()
         versions = self.models.setdefault(entry.model, {})
         previous = versions.get(entry.version)
         versions[entry.version] = entry
         return previous
 
     def remove(self, entry: Version) -> None:
+        self._defaults.clear()
         versions = self.models.get(entry.model, {})
         if versions.get(entry.version) is entry:
             del versions[entry.version]
@@ -131,7 +144,17 @@ class Registry:
 
     def default_version(self, name: str) -> Version | None:
         """The version that answers for `name` when none is named: the configured one while it
-        is ready, else the highest ready version."""
+        is ready, else the highest ready version. Asked per request, so the answer is kept until
+        a version is added or removed, the configuration changes, or it stops being ready."""
+        found = self._defaults.get(name)
+        if found is not None and found.state == READY:
+            return found
+        found = self._default_version(name)
+        if found is not None:
+            self._defaults[name] = found
+        return found
+
+    def _default_version(self, name: str) -> Version | None:
         versions = self.models.get(name, {})
         configured = versions.get(self.default_versions.get(name, ""))
         if configured is not None and configured.state == READY:
