@@ -15,6 +15,7 @@ class RolloutMetrics:
         """How each version of a model under a rollout answers (role: default, canary, shadow), and
         how far a shadow agrees with the default version on the same inputs."""
         labels = ("model", "version", "role")
+        self._labelled: dict[tuple[str, str, str], tuple[Any, ...]] = {}
 
         def counter(name: str, doc: str, names: tuple[str, ...] = labels) -> Counter:
             return Counter(name, doc, names, registry=registry)
@@ -50,15 +51,24 @@ class RolloutMetrics:
 
     def count(self, model: tuple[str, str], role: str, scored: Any, seconds: float) -> None:
         """One answer of a version of a model under a rollout (a `Scored`), in its role."""
-        labels = (*model, role)
+        requests, spent, images, confidence, flagged = self._children(model, role)
         rows = scored.probabilities
-        self.requests.labels(*labels).inc()
-        self.seconds.labels(*labels).inc(seconds)
+        requests.inc()
+        spent.inc(seconds)
         if len(rows):
-            self.images.labels(*labels).inc(len(rows))
-            self.confidence.labels(*labels).inc(float(rows.max(axis=1).sum()))
+            images.inc(len(rows))
+            confidence.inc(float(rows.max(axis=1).sum()))
             if scored.flagged is not None:
-                self.flagged.labels(*labels).inc(int(np.count_nonzero(scored.flagged)))
+                flagged.inc(int(np.count_nonzero(scored.flagged)))
+
+    def _children(self, model: tuple[str, str], role: str) -> tuple[Any, ...]:
+        """The labelled counters of one version and role, looked up once, not per request."""
+        key = (*model, role)
+        children = self._labelled.get(key)
+        if children is None:
+            counters = (self.requests, self.seconds, self.images, self.confidence, self.flagged)
+            children = self._labelled[key] = tuple(counter.labels(*key) for counter in counters)
+        return children
 
     def count_shadow(self, model: tuple[str, str], primary: np.ndarray, shadow: Any, seconds: float) -> None:
         """A shadow's answer (a `Scored`) beside the default version's probabilities on the same images."""
