@@ -161,7 +161,10 @@ class DataPlane:
                 hold, exc.hold_s = exc.hold_s, 0.0  # held once, here, whoever renders it
                 await asyncio.sleep(hold)
             raise
-        if route.role != "named" and model.name in self.registry.rollouts:
+        rollout = self.registry.rollouts.get(model.name) if route.role != "named" else None
+        # The default version's figures are what a candidate is compared with: on the same inputs
+        # for a shadow (so only the shadowed requests count), on the same traffic for a canary.
+        if rollout is not None and (route.role == "canary" or route.shadow is not None or rollout.canary is not None):
             self.metrics.rollout.count((model.name, model.version), route.role, scored, time.monotonic() - started)
         if route.shadow is not None:
             self.shadows.offer(route.shadow, scored, self.in_flight)
