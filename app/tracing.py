@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
-from app.http.paths import is_inference_path
+from app.paths import is_inference_path
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context

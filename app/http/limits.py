@@ -19,7 +19,7 @@ import logging
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from app.http.backpressure import BACKPRESSURE
-from app.http.paths import is_inference_path
+from app.paths import is_inference_path
 
 logger = logging.getLogger("app")
 

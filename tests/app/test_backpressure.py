@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from app.http.backpressure import RESUME_PER_TICK, Backpressure
-from app.http.paths import is_inference_path
+from app.paths import is_inference_path
 
 
 def test_nothing_is_held_while_the_queue_has_room_or_no_rule_is_set() -> None:
@@ -45,4 +45,6 @@ def test_held_connections_resume_in_order_when_room_comes_and_at_their_latest_ti
 
 def test_only_inference_is_held_or_traced() -> None:
     assert all(map(is_inference_path, ["/predict", "/explain", "/v2/models/m/infer", "/v2/models/m/versions/1/infer"]))
-    assert not any(map(is_inference_path, ["/health/live", "/metrics", "/", "/v2/models/m", "/model"]))
+    assert all(map(is_inference_path, ["/models/m/predict", "/models/m/versions/2/explain"]))
+    assert not any(map(is_inference_path, ["/health/live", "/metrics", "/", "/v2/models/m", "/model", "/models/m"]))
+    assert not is_inference_path("/v2/repository/models/m/load")
