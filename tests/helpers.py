@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +24,16 @@ def tiny_model(seed: int = 0) -> torch.nn.Module:
 
 def write_tiny_checkpoint(path: Path, seed: int = 0, **kwargs: object) -> Path:
     return save_checkpoint(path, tiny_model(seed), "network", TINY_ARGS, PreprocessConfig(), **kwargs)  # type: ignore[arg-type]
+
+
+def write_repository(root: Path, config: dict[str, object] | None = None) -> Path:
+    """A model repository of tiny checkpoints: shirts versions 1 and 2, shoes version 1, and
+    `config` as shirts' config.json."""
+    for name, version, seed in (("shirts", 1, 1), ("shirts", 2, 2), ("shoes", 1, 3)):
+        write_tiny_checkpoint(root / name / str(version) / "model.pt", seed=seed)
+    if config is not None:
+        (root / "shirts" / "config.json").write_text(json.dumps(config))
+    return root
 
 
 def garment(size: tuple[int, int] = (28, 28), seed: int = 0) -> np.ndarray:

@@ -21,7 +21,7 @@ import psutil
 import pytest
 
 from bench.server import free_port, serving
-from tests.helpers import multipart, png, wait_for, write_tiny_checkpoint
+from tests.helpers import multipart, png, wait_for, write_repository, write_tiny_checkpoint
 
 httpclient = pytest.importorskip("tritonclient.http")
 from tritonclient.utils import InferenceServerException  # noqa: E402
@@ -36,14 +36,9 @@ def _version(root: Path, name: str, version: int, seed: int) -> None:
 
 @pytest.fixture
 def repository(tmp_path: Path) -> Path:
-    root = tmp_path / "repo"
-    _version(root, "shirts", 1, seed=1)
-    _version(root, "shirts", 2, seed=2)
-    _version(root, "shoes", 1, seed=3)
-    (root / "shirts" / "config.json").write_text(
-        json.dumps({"version_policy": {"specific": {"versions": [1]}}, "default_version": "1"})
+    return write_repository(
+        tmp_path / "repo", {"version_policy": {"specific": {"versions": [1]}}, "default_version": "1"}
     )
-    return root
 
 
 GRPC_PORT = free_port()
@@ -91,14 +86,7 @@ def test_the_api_through_tritonclient_with_one_state_across_workers(server: tupl
     with pytest.raises(InferenceServerException, match="admin key"):
         client.load_model("shirts")  # type: ignore[attr-defined]
     # One version chosen (Triton users' #4416), beside the one loaded; then on every worker at once.
-    urllib.request.urlopen(
-        urllib.request.Request(
-            f"http://127.0.0.1:{port}/v2/repository/models/shirts/load",
-            json.dumps({"parameters": {"version": "2"}}).encode(),
-            {**ADMIN, "Content-Type": "application/json"},
-        ),
-        timeout=30,
-    ).close()
+    _load_version(port, "shirts", "2")
     assert _ready(client) == {("shirts", "1"), ("shirts", "2"), ("shoes", "1")}
     assert _many(port, "/models/shirts/versions/2/predict") == {(200, "2")}
     assert _many(port, "/predict") == {(200, "1")}, "the configured default does not move when a version appears"
@@ -228,6 +216,16 @@ def test_the_api_over_grpc_through_tritonclient(server: tuple[object, int, objec
     client.close()
 
 
+def _load_version(port: int, name: str, version: str) -> None:
+    """Load one chosen version (what tritonclient's load_model cannot ask for), beside those loaded."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v2/repository/models/{name}/load",
+        json.dumps({"parameters": {"version": version}}).encode(),
+        {**ADMIN, "Content-Type": "application/json"},
+    )
+    urllib.request.urlopen(request, timeout=60).close()
+
+
 def _rollout(port: int, body: dict[str, object]) -> dict[str, object]:
     request = urllib.request.Request(
         f"http://127.0.0.1:{port}/v2/repository/models/shirts/rollout",
@@ -242,14 +240,7 @@ def _rollout(port: int, body: dict[str, object]) -> dict[str, object]:
 def test_promote_and_roll_back_under_load_fail_nothing_on_any_worker(server: tuple[object, int, object]) -> None:
     client, port, _ = server
     client.load_model("shirts", headers=ADMIN)  # type: ignore[attr-defined]  # the policy: version 1
-    urllib.request.urlopen(
-        urllib.request.Request(
-            f"http://127.0.0.1:{port}/v2/repository/models/shirts/load",
-            json.dumps({"parameters": {"version": "2"}}).encode(),
-            {**ADMIN, "Content-Type": "application/json"},
-        ),
-        timeout=30,
-    ).close()
+    _load_version(port, "shirts", "2")
     results: list[tuple[int, str | None]] = []
     stop = threading.Event()
 
@@ -278,14 +269,7 @@ def test_promote_and_roll_back_under_load_fail_nothing_on_any_worker(server: tup
 def test_a_canary_answers_over_grpc_too(server: tuple[object, int, object]) -> None:
     grpcclient = pytest.importorskip("tritonclient.grpc")
     _, port, _ = server
-    urllib.request.urlopen(
-        urllib.request.Request(
-            f"http://127.0.0.1:{port}/v2/repository/models/shirts/load",
-            json.dumps({"parameters": {"version": "2"}}).encode(),
-            {**ADMIN, "Content-Type": "application/json"},
-        ),
-        timeout=30,
-    ).close()
+    _load_version(port, "shirts", "2")
     _rollout(port, {"canary": {"version": "2", "percent": 50}})
     channel = grpcclient.InferenceServerClient(f"127.0.0.1:{GRPC_PORT}")
     tensor = grpcclient.InferInput("input", [1, 1, 28, 28], "FP32")

@@ -4,7 +4,6 @@ and names that try to leave the repository."""
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +15,7 @@ from app.main import create_app
 from app.repository.layout import Policy, checkpoint_path, scan
 from app.settings import Settings
 from models import PreprocessConfig, build_model, save_checkpoint
-from tests.helpers import png, write_tiny_checkpoint
+from tests.helpers import png, write_repository, write_tiny_checkpoint
 
 ADMIN = {"Authorization": "Bearer admin-key"}
 
@@ -27,12 +26,7 @@ def _version(root: Path, name: str, version: int, seed: int) -> Path:
 
 @pytest.fixture
 def repository(tmp_path: Path) -> Path:
-    root = tmp_path / "repo"
-    _version(root, "shirts", 1, seed=1)
-    _version(root, "shirts", 2, seed=2)
-    _version(root, "shoes", 1, seed=3)
-    (root / "shirts" / "config.json").write_text(json.dumps({"version_policy": {"latest": {"num_versions": 1}}}))
-    return root
+    return write_repository(tmp_path / "repo", {"version_policy": {"latest": {"num_versions": 1}}})
 
 
 def _client(root: Path, **settings: object) -> TestClient:
