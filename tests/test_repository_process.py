@@ -149,8 +149,8 @@ def test_a_replaced_worker_serves_the_same_state(server: tuple[object, int, obje
         ),
         timeout=30,
     )
-    time.sleep(2)  # the new worker loads and becomes ready
-    assert _many(port, "/models/shoes/predict") == {(404, None)}
+    time.sleep(2)  # the new worker loads and becomes ready (a connection it accepts meanwhile waits)
+    assert wait_for(lambda: _many(port, "/models/shoes/predict") == {(404, None)}, timeout=30)
     assert _many(port, "/predict") == {(200, "1")}
 
 
@@ -158,8 +158,9 @@ def test_sighup_reconciles_with_the_disk(server: tuple[object, int, object], rep
     client, port, process = server
     (repository / "shirts" / "config.json").write_text(json.dumps({"version_policy": {"latest": {"num_versions": 1}}}))
     os.kill(process.pid, signal.SIGHUP)  # type: ignore[attr-defined]
-    wait_for(lambda: _ready(client) == {("shirts", "2"), ("shoes", "1")}, timeout=30)
-    assert _many(port, "/predict") == {(200, "2")}
+    # A reconcile is asynchronous, like a reload: each worker applies it when it sees it.
+    assert wait_for(lambda: _many(port, "/predict") == {(200, "2")}, timeout=30)
+    assert _ready(client) == {("shirts", "2"), ("shoes", "1")}
 
 
 def test_unloading_frees_the_memory(server: tuple[object, int, object], repository: Path) -> None:
