@@ -187,7 +187,10 @@ def test_grpc_follows_a_reload_and_a_replaced_worker(tmp_path: object) -> None:
         before = probabilities()
         write_tiny_checkpoint(path, seed=2)
         process.send_signal(signal.SIGHUP)
-        assert wait_for(lambda: all(not np.allclose(probabilities(), before) for _ in range(8))), "the new model"
+        # 60 s, as for the replacement below: it took over the default 20 s once on a busy CI run.
+        assert wait_for(lambda: all(not np.allclose(probabilities(), before) for _ in range(8)), timeout=60), (
+            "the new model"
+        )
         after = probabilities()
         children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
         os.kill(int(children[0]), signal.SIGKILL)
