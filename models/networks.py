@@ -63,7 +63,11 @@ def _conv_block(c_in: int, c_out: int) -> nn.Sequential:
 
 
 class FashionCNN(nn.Module):
-    """The default model: two conv stages (each two 3x3 convs, then 2x2 max-pool) and a small head."""
+    """The default model: conv stages (each two 3x3 convs, then 2x2 max-pool) and a small head.
+
+    `channels` names one width per stage: two stages, (32, 64), is the first bundled CNN; a
+    third stage works on the 7x7 maps (floored to 3x3 by its pool).
+    """
 
     def __init__(
         self,
@@ -73,19 +77,16 @@ class FashionCNN(nn.Module):
         drop_p: float = 0.3,
     ) -> None:
         super().__init__()
-        c1, c2 = channels
-        self.features = nn.Sequential(
-            _conv_block(1, c1),
-            _conv_block(c1, c1),
-            nn.MaxPool2d(2),
-            _conv_block(c1, c2),
-            _conv_block(c2, c2),
-            nn.MaxPool2d(2),
-        )
+        layers: list[nn.Module] = []
+        side, c_in = 28, 1
+        for width in channels:
+            layers += [_conv_block(c_in, width), _conv_block(width, width), nn.MaxPool2d(2)]
+            side, c_in = side // 2, width
+        self.features = nn.Sequential(*layers)
         self.head = nn.Sequential(
             nn.Flatten(),
             nn.Dropout(drop_p),
-            nn.Linear(c2 * 7 * 7, hidden),
+            nn.Linear(c_in * side * side, hidden),
             nn.ReLU(inplace=True),
             nn.Dropout(drop_p),
             nn.Linear(hidden, num_classes),
@@ -188,7 +189,7 @@ def _check_classifier(args: Mapping[str, Any]) -> None:
 
 
 def _check_cnn(args: Mapping[str, Any]) -> None:
-    _int_list(args, "channels", (2, 2))
+    _int_list(args, "channels", (2, 3))
     _int_in(args, "hidden", 1, MAX_WIDTH)
     _int_in(args, "num_classes", 2, MAX_CLASSES)
     _probability(args, "drop_p")

@@ -39,7 +39,7 @@ def _add_train(commands: argparse._SubParsersAction[argparse.ArgumentParser], pr
     train = commands.add_parser("train", help="train a model and write a checkpoint")
     train.add_argument("--arch", choices=sorted(ARCHITECTURES), default="cnn")
     train.add_argument("--hidden-layers", type=int, nargs="+", help="hidden sizes for --arch network")
-    train.add_argument("--channels", type=int, nargs=2, help="--arch cnn: channels of its two stages")
+    train.add_argument("--channels", type=int, nargs="+", help="--arch cnn: the width of each stage (two or three)")
     train.add_argument("--hidden", type=int, help="--arch cnn: width of its hidden layer")
     train.add_argument("--drop-p", type=float, help="dropout probability (default: the architecture's)")
     train.add_argument("--epochs", type=int, default=15)

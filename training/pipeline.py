@@ -45,6 +45,18 @@ PRESETS: dict[str, dict[str, Any]] = {
         "batch_size": 256,
         "seed": 0,
     },
+    "fashion-cnn-v3": {
+        "arch": "cnn",
+        "channels": [32, 64, 128],
+        "epochs": 60,
+        "augment": "shift",
+        "erase": 0.5,
+        "weight_decay": 0.05,
+        "ema": 0.999,
+        "lr": 3e-3,
+        "batch_size": 256,
+        "seed": 0,
+    },
 }
 
 

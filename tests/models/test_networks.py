@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
 from models import ARCHITECTURES, Classifier, FashionCNN, Network, for_inference
+from models.networks import model_args_for
 
 
 def _trained_looking(model: nn.Module) -> nn.Module:
@@ -34,6 +36,32 @@ def test_the_cnn_is_folded_and_channels_last_and_computes_the_same() -> None:
     # The checkpoint's model is untouched: /model still describes it.
     assert list(model.state_dict()) == keys
     assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 4
+
+
+def test_a_three_stage_cnn_is_folded_too_and_the_two_stage_layout_is_unchanged() -> None:
+    """A third stage appends modules: the bundled two-stage checkpoints keep their state_dict keys."""
+    two = FashionCNN((4, 8), hidden=8)
+    assert [k for k in two.state_dict() if k.endswith("weight")] == [
+        "features.0.0.weight", "features.0.1.weight", "features.1.0.weight", "features.1.1.weight",
+        "features.3.0.weight", "features.3.1.weight", "features.4.0.weight", "features.4.1.weight",
+        "head.2.weight", "head.5.weight",
+    ]  # fmt: skip
+    assert two.head[2].in_features == 8 * 7 * 7
+    three = _trained_looking(FashionCNN((4, 8, 16), hidden=8))
+    assert three.head[2].in_features == 16 * 3 * 3  # 28 -> 14 -> 7 -> 3
+    served = for_inference(three, ARCHITECTURES["cnn"])
+    x = torch.randn(5, 1, 28, 28)
+    with torch.inference_mode():
+        assert torch.allclose(served(x), three(x), atol=1e-4)
+    assert sum(isinstance(m, nn.Conv2d) for m in served.modules()) == 6
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in served.modules())
+
+
+def test_the_cnn_takes_two_or_three_stages() -> None:
+    assert model_args_for("cnn", {"channels": [4, 8, 16]})["channels"] == [4, 8, 16]
+    for channels in ([4], [4, 8, 16, 32]):
+        with pytest.raises(ValueError, match="channels must be a list of 2 to 3 integers"):
+            model_args_for("cnn", {"channels": channels})
 
 
 def test_models_without_convolutions_are_served_as_an_unchanged_copy() -> None:
