@@ -208,9 +208,7 @@ class Trust:
             return self.apply(model(x), None)
         return self.apply(*forward_with_features(model, x, self._output_layer(model)))
 
-    def apply(
-        self, log_ps: torch.Tensor, features: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def apply(self, log_ps: torch.Tensor, features: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """A forward pass's outputs (from any served form) -> (calibrated probabilities, OOD scores or None)."""
         scores = None if self.ood is None or features is None else ood_scores(features, self.ood)
         if self._inv_temperature is None:

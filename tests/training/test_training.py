@@ -234,7 +234,9 @@ def test_a_preset_sets_the_recipe_and_the_command_line_wins() -> None:
     assert (args.epochs, args.erase, args.ema, args.weight_decay, args.augment) == (3, 0.5, 0.999, 0.05, "shift")
     three = build_parser("fashion-cnn-v3").parse_args(["train", "--preset", "fashion-cnn-v3"])
     assert three.channels == [32, 64, 128] and three.epochs == 60
-    wider = build_parser("fashion-cnn-v3").parse_args(["train", "--preset", "fashion-cnn-v3", "--channels", "8", "16", "32"])
+    wider = build_parser("fashion-cnn-v3").parse_args(
+        ["train", "--preset", "fashion-cnn-v3", "--channels", "8", "16", "32"]
+    )
     assert wider.channels == [8, 16, 32]
 
 
