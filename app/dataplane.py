@@ -80,7 +80,7 @@ class DataPlane:
     shadows: Shadows = field(init=False)
 
     def __post_init__(self) -> None:
-        self.shadows = Shadows(self.metrics.rollout, self.settings.max_queue_delay_s)
+        self.shadows = Shadows(self.metrics.rollout, self.settings.max_queue_delay_s, self.settings.max_batch_size)
 
     # --- questions every protocol asks ---------------------------------------------------------
 

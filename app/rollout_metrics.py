@@ -49,11 +49,12 @@ class RolloutMetrics:
             ("model", "version"),
         )
 
-    def count(self, model: tuple[str, str], role: str, scored: Any, seconds: float) -> None:
-        """One answer of a version of a model under a rollout (a `Scored`), in its role."""
-        requests, spent, images, confidence, flagged = self._children(model, role)
+    def count(self, model: tuple[str, str], role: str, scored: Any, seconds: float, requests: int = 1) -> None:
+        """The answer (a `Scored`) of a version of a model under a rollout to `requests` requests, in
+        its role; `seconds` is their sum."""
+        answered, spent, images, confidence, flagged = self._children(model, role)
         rows = scored.probabilities
-        requests.inc()
+        answered.inc(requests)
         spent.inc(seconds)
         if len(rows):
             images.inc(len(rows))
@@ -70,9 +71,12 @@ class RolloutMetrics:
             children = self._labelled[key] = tuple(counter.labels(*key) for counter in counters)
         return children
 
-    def count_shadow(self, model: tuple[str, str], primary: np.ndarray, shadow: Any, seconds: float) -> None:
-        """A shadow's answer (a `Scored`) beside the default version's probabilities on the same images."""
-        self.count(model, "shadow", shadow, seconds)
+    def count_shadow(
+        self, model: tuple[str, str], primary: np.ndarray, shadow: Any, seconds: float, requests: int
+    ) -> None:
+        """A shadow's answer (a `Scored`) to `requests` requests beside the default version's
+        probabilities on the same images."""
+        self.count(model, "shadow", shadow, seconds, requests)
         rows = shadow.probabilities
         agreed = int(np.count_nonzero(primary.argmax(axis=1) == rows.argmax(axis=1)))
         self.agreed.labels(*model).inc(agreed)
