@@ -6,7 +6,7 @@ work dropped under load (while the work admitted would take more than a small sh
 delay users are admitted within); it keeps the request's decoded input only until the comparison.
 
 Shadowed requests are collected into one model run per shadow version (up to a batch, or for a
-few milliseconds, whichever comes first): with a 10 % shadow, a run per request would add about
+tenth of a second, whichever comes first): with a 10 % shadow, a run per request would add about
 as many small model runs as the primary's batches, each paying the model's fixed cost per call.
 """
 
@@ -28,7 +28,7 @@ from app.served_model import Scored, ServedModel
 SHADOW_QUEUE_SHARE = 0.1
 MAX_SHADOW_IMAGES = 256
 # How long the first shadowed request waits for others to share its model run.
-COLLECT_S = 0.02
+COLLECT_S = 0.1
 
 
 @dataclass
