@@ -280,3 +280,34 @@ def test_a_canary_answers_over_grpc_too(server: tuple[object, int, object]) -> N
     channel.close()
     assert 10 <= versions.count("2") <= 50 and set(versions) == {"1", "2"}  # 60 x 50 %: 30, sd 3.9
     assert named == {"1"}
+
+
+def test_a_shadow_agrees_as_offline_summed_over_both_workers(server: tuple[object, int, object]) -> None:
+    _, port, _ = server
+    _load_version(port, "shirts", "2")
+    rng = np.random.default_rng(7)
+    images = [(rng.standard_normal((1, 1, 28, 28)) * scale).astype(np.float32) for scale in (1, 3, 10) * 60]
+
+    def top1(image: np.ndarray, version: str = "") -> tuple[int, str]:
+        tensor = httpclient.InferInput("input", list(image.shape), "FP32")
+        tensor.set_data_from_numpy(image)
+        answer = httpclient.InferenceServerClient(f"127.0.0.1:{port}").infer("shirts", [tensor], model_version=version)
+        return int(np.argmax(answer.as_numpy("probabilities"))), answer.get_response()["model_version"]
+
+    # Two random tiny models seldom agree: keep every image they agree on (up to 10) beside 30 they
+    # do not, so a comparison that counted wrongly could not pass.
+    same = [top1(image, "1")[0] == top1(image, "2")[0] for image in images]
+    agreeing = [image for image, agree in zip(images, same, strict=True) if agree][:10]
+    images = agreeing + [image for image, agree in zip(images, same, strict=True) if not agree][:30]
+    assert agreeing, "the two versions agree on none of the candidate images: the test cannot tell"
+    _rollout(port, {"shadow": {"version": "2", "percent": 100}})
+    assert {top1(image)[1] for image in images} == {"1"}, "the primary answer stays the default version's"
+
+    def figures() -> dict[str, object]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/repository/models/shirts/rollout") as response:
+            return json.load(response)["versions"].get("2", {}).get("shadow", {})  # type: ignore[no-any-return]
+
+    assert wait_for(lambda: figures().get("agreement_images") == len(images), timeout=10), figures()
+    shadow = figures()
+    assert shadow["requests"] == len(images) and shadow["dropped"] == 0
+    assert shadow["agreement"] == pytest.approx(len(agreeing) / len(images))
