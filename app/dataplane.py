@@ -17,7 +17,7 @@ import contextlib
 import hashlib
 import hmac
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -54,12 +54,20 @@ class Health:
     ready: bool = False
     draining: bool = False
     reason: str = "starting: model not loaded yet"
+    # Called after every change (from whichever thread made it): gRPC's health service is told.
+    listeners: list[Callable[[], None]] = field(default_factory=list)
 
     def mark_ready(self) -> None:
         self.ready, self.reason = True, "ready"
+        self._changed()
 
     def start_draining(self, reason: str = "draining: shutting down") -> None:
         self.draining, self.reason = True, reason
+        self._changed()
+
+    def _changed(self) -> None:
+        for listener in self.listeners:
+            listener()
 
     @property
     def is_ready(self) -> bool:

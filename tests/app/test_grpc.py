@@ -174,7 +174,11 @@ def test_metadata_config_health_and_metrics(served: tuple[TestClient, grpc.Chann
     check = health.Check(health_pb2.HealthCheckRequest(service="inference.GRPCInferenceService"))
     assert check.status == health_pb2.HealthCheckResponse.SERVING
     assert _code(health.Check, health_pb2.HealthCheckRequest(service="nope")) is grpc.StatusCode.NOT_FOUND
+    watch = health.Watch(health_pb2.HealthCheckRequest(service="inference.GRPCInferenceService"), timeout=10)
+    assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
     client.app.state.plane.health.start_draining()  # type: ignore[attr-defined]
+    assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING, "the change is pushed to a watcher"
+    watch.cancel()
     assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.NOT_SERVING
     assert not stub.ServerReady(pb.ServerReadyRequest()).ready
     assert not stub.ModelReady(pb.ModelReadyRequest(name=MODEL)).ready

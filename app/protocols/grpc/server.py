@@ -12,7 +12,7 @@ from grpc_health.v1 import health_pb2_grpc
 
 from app.dataplane import DataPlane
 from app.protocols.grpc.proto import grpc_predict_v2_pb2_grpc as pb_grpc
-from app.protocols.grpc.servicer import InferenceServicer, ReadinessHealth
+from app.protocols.grpc.servicer import InferenceServicer, health_service
 from app.repository.control import Repository
 
 logger = logging.getLogger("app")
@@ -39,7 +39,7 @@ class GrpcServer:
             ]
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(plane, repository), server)
-        health_pb2_grpc.add_HealthServicer_to_server(ReadinessHealth(plane.health), server)
+        health_pb2_grpc.add_HealthServicer_to_server(await health_service(plane.health), server)
         host, port = settings.host, settings.grpc_port
         server.add_insecure_port(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
         await server.start()

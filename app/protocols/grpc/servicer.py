@@ -8,12 +8,13 @@ import functools
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import json_format
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
+from grpc_health.v1.health import aio as health_aio
 
 from app import __version__, tracing
 from app.auth import bearer_key
@@ -33,7 +34,6 @@ from app.repository.layout import check_name
 logger = logging.getLogger("app.access")
 SERVICE = "inference.GRPCInferenceService"
 METHOD = "GRPC"  # the `method` label of fashion_serve_requests_total for gRPC calls
-WATCH_POLL_S = 0.5  # how often Health.Watch looks at readiness
 
 Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]
 H = TypeVar("H", bound=Handler)
@@ -205,31 +205,29 @@ def _repository_version(parameters: Any, allowed: tuple[str, ...]) -> str | None
     return str(value)
 
 
-class ReadinessHealth(health_pb2_grpc.HealthServicer):
-    """grpc.health.v1: SERVING while the worker is ready, NOT_SERVING while loading or draining,
-    for the server as a whole ("") and for the inference service by name. Needs no key."""
+async def health_service(health: Health) -> health_aio.HealthServicer:
+    """grpc.health.v1 (grpcio-health-checking's servicer): SERVING while the worker is ready,
+    NOT_SERVING while loading or draining, for the server as a whole ("") and for the inference
+    service by name; told of every change (Watch streams are pushed it), never polled. No key."""
+    servicer = health_aio.HealthServicer()
+    loop = asyncio.get_running_loop()
+    updates: set[asyncio.Task[None]] = set()  # referenced until done
 
-    def __init__(self, health: Health) -> None:
-        self.health = health
+    async def publish() -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if health.is_ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for service in ("", SERVICE):
+            await servicer.set(service, status)
 
-    def _status(self, service: str) -> int:
-        if service not in ("", SERVICE):
-            return health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
-        if self.health.is_ready:
-            return health_pb2.HealthCheckResponse.SERVING
-        return health_pb2.HealthCheckResponse.NOT_SERVING
+    def changed() -> None:
+        def start() -> None:
+            task = loop.create_task(publish())
+            updates.add(task)
+            task.add_done_callback(updates.discard)
 
-    async def Check(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        status = self._status(request.service)
-        if status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
-        return health_pb2.HealthCheckResponse(status=status)
+        loop.call_soon_threadsafe(start)
 
-    async def Watch(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        last = None
-        while True:
-            status = self._status(request.service)
-            if status != last:
-                yield health_pb2.HealthCheckResponse(status=status)
-                last = status
-            await asyncio.sleep(WATCH_POLL_S)
+    await publish()
+    health.listeners.append(changed)
+    return servicer
