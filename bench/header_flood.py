@@ -9,7 +9,7 @@ and how the heads were answered. Stops by itself.
 from __future__ import annotations
 
 import argparse
-import os
+import contextlib
 import socket
 import sys
 import threading
@@ -18,18 +18,20 @@ import urllib.request
 from collections import Counter
 from pathlib import Path
 
+import psutil
+
 from bench.server import ROOT, serving
 
 CHUNK = 64 * 1024
 
 
 def _rss_mb(pid: int) -> float:
+    """The resident memory of the server and its workers."""
+    root = psutil.Process(pid)
     total = 0
-    for p in [pid, *(int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split())]:
-        try:
-            total += int(Path(f"/proc/{p}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except OSError:
-            continue
+    for process in [root, *root.children()]:
+        with contextlib.suppress(psutil.Error):
+            total += process.memory_info().rss
     return total / 2**20
 
 

@@ -2,12 +2,13 @@
 
 Everything runs on 127.0.0.1 and stops by itself. Load comes from wrk (Debian's `wrk`),
 one thread, so the load generator does not starve the servers on a small machine; its
-own CPU use is reported. Server CPU is read from /proc for the server and its workers.
+own CPU use is reported. Server CPU is the server's and its workers' (psutil).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -23,6 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 from PIL import Image
 
 from bench.server import ROOT, free_port, serving
@@ -32,8 +34,6 @@ from models.served_form import TORCH_FP32
 Key = tuple[str, str, int, str, str]
 
 LUA = Path(__file__).resolve().parent / "multipart.lua"
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
 @dataclass
@@ -44,39 +44,24 @@ class Server:
     ready_s: float
     grpc_port: int = 0  # the service's gRPC port (0: not served)
 
-    def pids(self) -> list[int]:
-        """The server process and its descendants (uvicorn's worker processes)."""
-        parents: dict[int, int] = {}
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                except (OSError, IndexError, ValueError):
-                    continue
-        found, frontier = [self.process.pid], [self.process.pid]
-        while frontier:
-            children = [pid for pid, ppid in parents.items() if ppid in frontier]
-            found += children
-            frontier = children
-        return found
+    def processes(self) -> list[psutil.Process]:
+        """The server process and its descendants (its worker processes)."""
+        root = psutil.Process(self.process.pid)
+        return [root, *root.children(recursive=True)]
 
     def cpu_seconds(self) -> float:
-        total = 0
-        for pid in self.pids():
-            try:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            total += int(fields[11]) + int(fields[12])  # utime + stime
-        return total / CLOCK_TICKS
+        total = 0.0
+        for process in self.processes():
+            with contextlib.suppress(psutil.Error):
+                times = process.cpu_times()
+                total += times.user + times.system
+        return total
 
     def rss_mb_per_worker(self) -> float:
         sizes = []
-        for pid in self.pids():
-            try:
-                sizes.append(int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE_SIZE / 2**20)
-            except OSError:
-                continue
+        for process in self.processes():
+            with contextlib.suppress(psutil.Error):
+                sizes.append(process.memory_info().rss / 2**20)
         workers = sizes[1:] if len(sizes) > 1 else sizes  # with workers, the first process only supervises
         return statistics.mean(workers)
 

@@ -1,0 +1,40 @@
+"""The benchmark's server figures (bench.run.Server): CPU seconds and resident memory of the server
+and every worker under it, read through psutil."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from bench.run import Server
+
+WORKER = """
+import time
+block = bytearray(64 * 2**20)  # resident: written below
+for i in range(0, len(block), 4096):
+    block[i] = 1
+while time.process_time() < 0.5:
+    pass
+print("ready", flush=True)
+time.sleep(60)
+"""
+SUPERVISOR = f"""
+import subprocess, sys
+worker = subprocess.Popen([sys.executable, "-c", {WORKER!r}], stdout=sys.stdout)
+worker.wait()
+"""
+
+
+def test_cpu_and_memory_count_the_workers_under_the_server() -> None:
+    process = subprocess.Popen([sys.executable, "-c", SUPERVISOR], stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None and process.stdout.readline().strip() == "ready"
+        server = Server("test", process, port=0, ready_s=0.0)
+        assert len(server.processes()) == 2
+        assert server.cpu_seconds() >= 0.5, "the worker's CPU is counted"
+        assert server.rss_mb_per_worker() >= 64, "the worker's memory, not only the supervisor's"
+    finally:
+        for child in Server("test", process, 0, 0.0).processes()[1:]:
+            child.kill()
+        process.kill()
+        process.wait()
