@@ -54,11 +54,6 @@ _provider: TracerProvider | None = None
 _api: _API
 
 
-def tracer() -> Tracer | None:
-    """This process's tracer; None while tracing is off."""
-    return _tracer
-
-
 def start(environ: Mapping[str, str] = os.environ) -> Tracer | None:
     """Set tracing up from the environment (in a worker, after the fork); None when it is off."""
     names = [n.strip() for n in environ.get("OTEL_TRACES_EXPORTER", "none").split(",") if n.strip()]

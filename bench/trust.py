@@ -2,11 +2,12 @@
 
     python -m bench.trust [--checkpoint models/fashion_cnn.pt ...] [--device cpu]
 
-For batches of 1 and 32, on the served model (`for_inference`) under inference mode: the
-service's plain step (`model(x).exp()`) and `Trust` (calibrated probabilities and OOD
-scores), interleaved, best of 7 rounds; and the extra math alone (adding and removing the
-forward hook, the tempered softmax, the OOD score), timed without the forward pass, whose
-run-to-run noise on a shared machine is larger than the math.
+For batches of 1 and 32, on the served model (the fp32 form `LoadedModel.forward` builds, as
+`ServedModel` runs it) under inference mode: a plain step (`model(x).exp()`) and the served
+step (the form's forward pass, which also returns the penultimate features, then
+`Trust.apply`: calibrated probabilities and OOD scores), interleaved, best of 7 rounds; and the
+extra math alone (the tempered softmax and the OOD score), timed without the forward pass,
+whose run-to-run noise on a shared machine is larger than the math.
 """
 
 from __future__ import annotations
@@ -19,34 +20,30 @@ import torch
 
 from bench.micro import ROOT, best_us
 from models import for_inference, load_checkpoint
-from models.trust import Trust, forward_with_features, ood_scores
+from models.served_form import TORCH_FP32, Forward
+from models.trust import Trust, ood_scores
 
 ROUNDS = 7
 
 
-def _ignore(*_: object) -> None:
-    return None
-
-
 def measure(
-    model: torch.nn.Module, layer: torch.nn.Linear, trust: Trust, x: torch.Tensor, sync: Callable[[], None]
+    model: torch.nn.Module, forward: Forward, trust: Trust, x: torch.Tensor, sync: Callable[[], None]
 ) -> tuple[float, ...]:
-    """(plain forward us, forward with Trust us, extra math alone us) for one batch; `layer` is
-    the model's output layer."""
+    """(plain forward us, the served step us, extra math alone us) for one batch."""
     assert trust.ood is not None
     ood, n = trust.ood, 200 if len(x) == 1 else 20
-    log_ps, features = forward_with_features(model, x, layer)
+    log_ps, features = forward(x)
+    assert features is not None
 
     def plain(_: int) -> None:
         model(x).exp()
         sync()
 
     def trusted(_: int) -> None:
-        trust(model, x)
+        trust.apply(*forward(x))
         sync()
 
     def extra_math(_: int) -> None:
-        layer.register_forward_hook(_ignore).remove()
         torch.softmax(log_ps * 0.8, dim=1)
         ood_scores(features, ood)
         sync()
@@ -77,14 +74,14 @@ def main(argv: list[str] | None = None) -> int:
         if loaded.ood is None or loaded.calibration is None:
             raise SystemExit(f"{path} has no trust records: run `python -m training calibrate {path}`")
         model, trust = for_inference(loaded.model, loaded.architecture), loaded.trust()
-        layer = loaded.architecture.output_layer(model)
+        forward = loaded.forward(TORCH_FP32)
         for batch in (1, 32):
             with torch.inference_mode():
                 x = torch.randn(batch, 1, 28, 28, device=loaded.device)
-                forward, with_trust, math_us = measure(model, layer, trust, x, sync)
+                plain_us, with_trust, math_us = measure(model, forward, trust, x, sync)
             print(
-                f"{Path(path).name:<22} {batch:>5} {forward:9.1f} {with_trust:10.1f} {with_trust - forward:+9.1f} "
-                f"{math_us:9.1f} {100 * math_us / forward:8.1f}%"
+                f"{Path(path).name:<22} {batch:>5} {plain_us:9.1f} {with_trust:10.1f} {with_trust - plain_us:+9.1f} "
+                f"{math_us:9.1f} {100 * math_us / plain_us:8.1f}%"
             )
     return 0
 

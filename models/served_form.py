@@ -144,7 +144,6 @@ class OnnxForward:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
         self.input = self.session.get_inputs()[0].name
-        self.runtime = f"onnxruntime {ort.__version__}"
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         log_ps, features = self.session.run(None, {self.input: x.numpy()})
