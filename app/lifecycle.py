@@ -25,7 +25,7 @@ from app import tracing
 from app.dataplane import DataPlane, Health
 from app.decoding import ModelInput
 from app.http.backpressure import BACKPRESSURE
-from app.logs import configure_logging
+from app.logs import configure_logging, stop_holding_logs
 from app.reload.snapshot import snapshot_path
 from app.reload.worker import follow_snapshot
 from app.repository.control import Repository
@@ -65,6 +65,7 @@ def lifespan(plane: DataPlane) -> Callable[[Any], contextlib.AbstractAsyncContex
         try:
             yield
         finally:
+            stop_holding_logs()
             plane.health.start_draining()
             if follower:
                 follower.cancel()
@@ -168,6 +169,7 @@ def drain_on_sigterm(health: Health, also: Callable[[], None] | None = None) -> 
         return
 
     def handler(signum: int, frame: FrameType | None) -> None:
+        stop_holding_logs()  # the worker may end with this signal, re-raised: no exit handler runs
         health.start_draining("draining: SIGTERM received")
         logger.info("SIGTERM: readiness off, finishing requests in progress")
         if also is not None:

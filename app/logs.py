@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import json
 import logging
+import os
 import sys
+import threading
 import time
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
@@ -17,16 +20,50 @@ class _RequestIdFilter(logging.Filter):
         return True
 
 
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever sys.stderr is at the time of the call (test capture swaps it)."""
+class _BufferedStderrHandler(logging.Handler):
+    """Formats each record at once and writes them to `sys.stderr` (whatever it is at the time: test
+    capture swaps it) together: one write per `FLUSH_LINES` lines or per `FLUSH_S`, whichever
+    comes first. A write per access line costs the event loop a system call per request, and with
+    it the GIL, which the inference thread then holds for a while. A record at WARNING or above is
+    written at once, with the lines before it; what is held is written by a timer thread, before a
+    fork (so no child inherits it) and at exit (`logging.shutdown`). A worker stops holding lines
+    once it begins to stop (`stop_holding_logs`): uvicorn ends it with the signal that stopped it,
+    re-raised, which runs no exit handler."""
 
-    @property
-    def stream(self) -> object:
-        return sys.stderr
+    def __init__(self) -> None:
+        super().__init__()
+        self.holding = True
+        self._lines: list[str] = []
+        self._timer_pid = 0  # the process whose timer thread runs (threads do not survive a fork)
+        os.register_at_fork(before=self.flush, after_in_child=self._lines.clear)
 
-    @stream.setter
-    def stream(self, value: object) -> None:
-        pass
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+        except Exception:
+            self.handleError(record)
+            return
+        self._lines.append(line)
+        if not self.holding or record.levelno >= logging.WARNING or len(self._lines) >= FLUSH_LINES:
+            self.flush()
+        elif self._timer_pid != os.getpid():
+            self._timer_pid = os.getpid()
+            threading.Thread(target=self._flush_every, args=(FLUSH_S,), name="log-flush", daemon=True).start()
+
+    def flush(self) -> None:
+        with self.lock:  # type: ignore[union-attr]  # Handler.createLock made it
+            if not self._lines:
+                return
+            data = "\n".join(self._lines) + "\n"
+            self._lines.clear()
+            with contextlib.suppress(OSError, ValueError):  # stderr closed at interpreter exit
+                sys.stderr.write(data)
+                sys.stderr.flush()
+
+    def _flush_every(self, seconds: float) -> None:
+        while True:
+            time.sleep(seconds)
+            self.flush()
 
 
 class JsonFormatter(logging.Formatter):
@@ -44,11 +81,19 @@ class JsonFormatter(logging.Formatter):
 
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
+# Log lines are written together: at most this many held, for at most this long.
+FLUSH_LINES = 256
+FLUSH_S = 0.5
+_handler: _BufferedStderrHandler | None = None
 
 
 def configure_logging(log_format: str, level: str) -> None:
-    """Route our loggers and uvicorn's through one handler with the request id on every line."""
-    handler = _StderrHandler()
+    """Route our loggers and uvicorn's and gunicorn's through one handler (one per process, kept
+    across calls and forks) with the request id on every line."""
+    global _handler
+    handler = _handler = _handler or _BufferedStderrHandler()
+    handler.holding = True
+    handler.filters.clear()
     handler.addFilter(_RequestIdFilter())
     handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
     logging.captureWarnings(True)  # e.g. Pillow's "Corrupt EXIF data" on a bad upload
@@ -61,3 +106,16 @@ def configure_logging(log_format: str, level: str) -> None:
     logging.getLogger("uvicorn.access").disabled = True
     # The parser warns about every malformed body; the 400 it turns into is logged already.
     logging.getLogger("python_multipart").setLevel(logging.ERROR)
+
+
+def flush_logs() -> None:
+    """Write the lines held so far (tests that read the log)."""
+    if _handler is not None:
+        _handler.flush()
+
+
+def stop_holding_logs() -> None:
+    """Write the lines held so far, and every line at once from now on (a worker on its way out)."""
+    if _handler is not None:
+        _handler.holding = False
+        _handler.flush()

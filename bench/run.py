@@ -68,17 +68,23 @@ class Server:
 
 @contextmanager
 def started(
-    name: str, checkpoint: Path, workers: int, backend: str = "auto", extra_env: dict[str, str] | None = None
+    name: str,
+    checkpoint: Path,
+    workers: int,
+    backend: str = "auto",
+    extra_env: dict[str, str] | None = None,
+    log: Path | None = None,
 ) -> Iterator[Server]:
-    """The service (serving the `backend` form, with `extra_env` on top), or a reference app
-    (naive, empty), ready on a loopback port; stopped at the end."""
+    """The service (serving the `backend` form, logging warnings only, with `extra_env` on top), or
+    a reference app (naive, empty), ready on a loopback port, its output to this process's or to
+    the file `log`; stopped at the end."""
     env = {
-        **(extra_env or {}),
         "FASHION_SERVE_CHECKPOINT": str(checkpoint),
         "FASHION_SERVE_BACKEND": backend,
         "FASHION_SERVE_LOG_LEVEL": "warning",
         "BENCH_CHECKPOINT": str(checkpoint),
         "OMP_NUM_THREADS": "1",
+        **(extra_env or {}),
     }
     # The references run on the service's own server stack (gunicorn + uvicorn workers,
     # uvloop + httptools, one listening socket per worker), so only the app differs.
@@ -86,7 +92,7 @@ def started(
     grpc_port = free_port() if name == "service" else 0
     env["FASHION_SERVE_GRPC_PORT"] = str(grpc_port)
     began = time.perf_counter()
-    with serving(env, *args, module=module, workers=workers, capture=False) as (process, port):
+    with serving(env, *args, module=module, workers=workers, capture=False, log=log) as (process, port):
         yield Server(name, process, port, time.perf_counter() - began, grpc_port)
 
 

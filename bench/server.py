@@ -3,6 +3,7 @@ reference app) on a loopback port the OS picks, wait until /health/ready answers
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -33,6 +34,7 @@ class StartOptions(TypedDict, total=False):
     workers: int | None
     root: Path
     capture: bool
+    log: Path | None
 
 
 def free_port() -> int:
@@ -49,23 +51,25 @@ def start_server(
     workers: int | None = None,
     root: Path = ROOT,
     capture: bool = True,
+    log: Path | None = None,
 ) -> tuple[subprocess.Popen[str], int]:
     """Spawn `python -m <module> --host 127.0.0.1 --port <free> <args>` from `root`, with
     `--workers` when `workers` is given (else one worker, unless `env` sets FASHION_SERVE_WORKERS),
     on the CPU and without gRPC unless `env` says otherwise; `env` adds to this process's environment. With
     `capture`, stdout and stderr share one pipe, read with communicate(): a long run that logs much
-    should log at warning. Without, they go to this process's own."""
+    should log at warning. Without, they go to this process's own, or to the file `log` names."""
     port = free_port()
     command = [sys.executable, "-m", module, "--host", HOST, "--port", str(port)]
     command += ["--workers", str(workers)] if workers is not None else []
-    process = subprocess.Popen(
-        [*command, *args],
-        cwd=root,
-        env={**os.environ, **SERVER_DEFAULTS, **(env or {})},
-        stdout=subprocess.PIPE if capture else None,
-        stderr=subprocess.STDOUT if capture else None,
-        text=True,
-    )
+    with open(log, "a") if log is not None and not capture else contextlib.nullcontext() as file:
+        process = subprocess.Popen(
+            [*command, *args],
+            cwd=root,
+            env={**os.environ, **SERVER_DEFAULTS, **(env or {})},
+            stdout=subprocess.PIPE if capture else file,
+            stderr=subprocess.STDOUT if capture or file is not None else None,
+            text=True,
+        )
     return process, port
 
 

@@ -121,6 +121,27 @@ def test_sigterm_under_load_loses_no_request_and_exits_cleanly(tmp_path: Path) -
             process.communicate()
 
 
+def test_every_access_line_is_written_by_the_time_the_workers_exit(tmp_path: Path) -> None:
+    """Lines are written together, not one per request: none may be held back when a worker exits."""
+    checkpoint = write_tiny_checkpoint(tmp_path / "m.pt")
+    process, port = start_server({"FASHION_SERVE_CHECKPOINT": str(checkpoint)}, workers=2)
+    try:
+        wait_ready(process, port)
+        body, content_type = _multipart(png())
+        for i in range(150):  # a new connection each: both workers answer some
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            headers = {"Content-Type": content_type.decode(), "X-Request-ID": f"line-{i}"}
+            connection.request("POST", "/predict", body, headers)
+            assert connection.getresponse().status == 200
+            connection.close()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=30)
+    assert process.returncode == 0
+    missing = [i for i in range(150) if f"[line-{i}] POST /predict 200" not in output]
+    assert not missing, f"{len(missing)} access lines lost, e.g. {missing[:5]}"
+
+
 def test_a_slow_body_gets_408_and_the_service_stays_ready(tmp_path: Path) -> None:
     checkpoint = write_tiny_checkpoint(tmp_path / "m.pt")
     env = {"FASHION_SERVE_CHECKPOINT": str(checkpoint), "FASHION_SERVE_BODY_TIMEOUT_S": "1"}

@@ -9,6 +9,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
+from app.logs import flush_logs
 from app.main import create_app
 from app.settings import Settings
 from models import CheckpointError
@@ -84,6 +85,7 @@ def test_request_id_is_echoed_generated_and_logged(capsys: pytest.CaptureFixture
     assert re.fullmatch(r"[0-9a-f]{32}", hostile)
     error = client.post("/predict", files={"file": ("a.png", b"")}, headers={"X-Request-ID": "req-err-1"})
     assert error.status_code == 400 and error.headers["x-request-id"] == "req-err-1"
+    flush_logs()  # access lines are written together; a test reads them at once
     logs = capsys.readouterr().err
     assert "[trace-42.a] GET /health/live 200" in logs
     assert "[req-err-1] POST /predict 400" in logs

@@ -19,6 +19,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 
 from app import tracing
+from app.logs import flush_logs
 from app.main import create_app
 from app.settings import Settings
 from bench.server import free_port
@@ -88,6 +89,7 @@ def test_off_unless_configured_and_a_bad_configuration_is_one_warning(
 ) -> None:
     with TestClient(create_app(settings)) as client:  # the service's own log handler writes to stderr
         assert client.post("/predict", files={"file": ("a.png", png())}, headers=TRACEPARENT).status_code == 200
+        flush_logs()  # the access line, held until now
         capsys.readouterr()
         assert tracing.start({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "smoke-signals"}) is None
         assert tracing.start({"OTEL_TRACES_EXPORTER": "zipkin-v0"}) is None
