@@ -21,7 +21,7 @@ from gunicorn.arbiter import Arbiter
 from uvicorn.importer import import_from_string as import_app
 from uvicorn_worker import UvicornWorker
 
-from app.http.limits import limited_protocol
+from app.http.protocol import service_protocol
 from app.logs import configure_logging
 from app.reload.supervisor import CheckpointSource
 from app.settings import Settings
@@ -31,7 +31,7 @@ def _worker_class(settings: Settings) -> type[UvicornWorker]:
     class Worker(UvicornWorker):
         CONFIG_KWARGS: dict[str, Any] = {  # noqa: RUF012 (read by UvicornWorker, never mutated)
             "loop": "uvloop",
-            "http": limited_protocol(settings.max_header_bytes, settings.header_timeout_s),
+            "http": service_protocol(settings.max_header_bytes, settings.header_timeout_s),
             "limit_concurrency": settings.max_connections,
             "timeout_graceful_shutdown": settings.shutdown_grace_s,
             "access_log": False,  # the request middleware logs each request with its id

@@ -18,6 +18,10 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from app.paths import is_inference_path
+
 TICK_S = 0.005
 RESUME_PER_TICK = 16  # connections resumed per tick while the queue has room
 
@@ -53,3 +57,25 @@ class Backpressure:
 
 
 BACKPRESSURE = Backpressure()  # this process's; a worker's lifespan sets its `busy`
+
+
+class HeldAfterAnswerProtocol(HttpToolsProtocol):
+    """HttpToolsProtocol that, once an inference request is answered while the worker is busy,
+    stops reading the connection until `BACKPRESSURE` resumes it (no pipelined request waiting,
+    no head being refused on it)."""
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if (
+            self.cycle is not None
+            and not self.pipeline
+            and not self.transport.is_closing()
+            and not getattr(self, "refusing", False)
+            and is_inference_path(self.cycle.scope["path"])
+            and BACKPRESSURE.hold(self.loop, self._resume_reading)
+        ):
+            self.flow.pause_reading()  # the next request waits in the socket while the queue is long
+
+    def _resume_reading(self) -> None:
+        if not self.transport.is_closing():
+            self.flow.resume_reading()

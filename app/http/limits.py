@@ -18,9 +18,6 @@ import logging
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from app.http.backpressure import BACKPRESSURE
-from app.paths import is_inference_path
-
 logger = logging.getLogger("app")
 
 LINGER_S = 2.0  # after a refusal, how long the rest of the head is read and dropped
@@ -28,7 +25,7 @@ LINGER_BYTES = 4 * 1024 * 1024  # ... and at most how much of it
 _REASONS = {414: b"URI Too Long", 431: b"Request Header Fields Too Large", 408: b"Request Timeout"}
 
 
-class LimitedHttpToolsProtocol(HttpToolsProtocol):
+class BoundedHeadProtocol(HttpToolsProtocol):
     """HttpToolsProtocol whose request heads are bounded in bytes and in time."""
 
     max_head_bytes = 16 * 1024
@@ -71,22 +68,15 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._start_head_timer()  # the deadline runs from the head's first byte
 
+    @property
+    def refusing(self) -> bool:
+        """A head was refused: what still arrives on this connection is read and dropped."""
+        return self._refusing
+
     def on_response_complete(self) -> None:
         super().on_response_complete()
         if self._pending_refusal is not None:  # a pipelined head overflowed while this answer was due
             self._refuse(*self._pending_refusal)
-        elif (
-            self.cycle is not None
-            and not self.pipeline
-            and not self.transport.is_closing()
-            and is_inference_path(self.cycle.scope["path"])
-            and BACKPRESSURE.hold(self.loop, self._resume)
-        ):
-            self.flow.pause_reading()  # the next request waits in the socket while the queue is long
-
-    def _resume(self) -> None:
-        if not self.transport.is_closing():
-            self.flow.resume_reading()
 
     def _start_head_timer(self) -> None:
         self._cancel_head_timer()
@@ -148,12 +138,3 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if self.transport.can_write_eof():
             self.transport.write_eof()
         self.loop.call_later(LINGER_S, self.transport.close)
-
-
-def limited_protocol(max_head_bytes: int, head_timeout_s: float) -> type[LimitedHttpToolsProtocol]:
-    """The protocol class with these limits, for uvicorn's `http` setting."""
-    return type(
-        "LimitedHttpToolsProtocol",
-        (LimitedHttpToolsProtocol,),
-        {"max_head_bytes": max_head_bytes, "head_timeout_s": head_timeout_s},
-    )

@@ -14,8 +14,9 @@ from gunicorn.arbiter import Arbiter
 from starlette.routing import Route
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-# What app/http/limits.py reads or overrides on uvicorn's httptools protocol.
-UVICORN_ATTRIBUTES = ("client", "cycle", "flow", "headers", "loop", "server_state", "transport", "url")
+# What app/http/limits.py and app/http/backpressure.py (composed in app/http/protocol.py) read or
+# override on uvicorn's httptools protocol.
+UVICORN_ATTRIBUTES = ("client", "cycle", "flow", "headers", "loop", "pipeline", "server_state", "transport", "url")
 UVICORN_METHODS = (
     "connection_made",
     "connection_lost",
@@ -32,7 +33,7 @@ UVICORN_METHODS = (
 def test_uvicorn_httptools_protocol_still_sets_what_limits_reads(name: str) -> None:
     source = inspect.getsource(HttpToolsProtocol)
     assert f"self.{name} =" in source or f"self.{name}:" in source, (
-        f"uvicorn's HttpToolsProtocol no longer sets self.{name}: app/http/limits.py reads it; "
+        f"uvicorn's HttpToolsProtocol no longer sets self.{name}: app/http/limits.py or backpressure.py reads it; "
         "review the subclass before moving the uvicorn pin in constraints.txt"
     )
 
@@ -40,7 +41,7 @@ def test_uvicorn_httptools_protocol_still_sets_what_limits_reads(name: str) -> N
 @pytest.mark.parametrize("name", UVICORN_METHODS)
 def test_uvicorn_httptools_protocol_still_has_the_overridden_hooks(name: str) -> None:
     assert callable(getattr(HttpToolsProtocol, name, None)), (
-        f"uvicorn's HttpToolsProtocol.{name} is gone: app/http/limits.py overrides it"
+        f"uvicorn's HttpToolsProtocol.{name} is gone: app/http/limits.py or backpressure.py overrides it"
     )
 
 
