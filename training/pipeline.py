@@ -26,7 +26,7 @@ from training.distributed import Distributed
 from training.fit_trust import fit_trust
 from training.report import artifact_paths, plot_confusion, plot_curves, write_json
 from training.split import SplitPlan
-from training.train import EpochResult, Evaluation, FitResult, Recipe, evaluate, fit, reseed
+from training.train import EpochResult, Evaluation, FitResult, Recipe, Teacher, evaluate, fit, reseed
 
 AUGMENTATIONS: dict[str, int | None] = {"none": None, "flip": 0, "shift": 2}  # -> max_shift
 
@@ -155,7 +155,13 @@ def _new_model(args: argparse.Namespace, model_args: dict[str, Any], device: tor
 
 
 def _training_record(
-    args: argparse.Namespace, splits: Splits, duration: float, device: torch.device, source: str, world_size: int
+    args: argparse.Namespace,
+    splits: Splits,
+    duration: float,
+    device: torch.device,
+    source: str,
+    world_size: int,
+    teacher_sha256: str | None = None,
 ) -> dict[str, Any]:
     return {
         "epochs": args.epochs,
@@ -169,6 +175,15 @@ def _training_record(
         "augment": args.augment,
         "erase_p": args.erase,
         "ema_decay": args.ema,
+        **(
+            {}
+            if teacher_sha256 is None
+            else {
+                "teacher_sha256": teacher_sha256,
+                "distill_alpha": args.distill_alpha,
+                "distill_temperature": args.distill_temperature,
+            }
+        ),
         "preset": args.preset,
         "seed": args.seed,
         "train_examples": len(splits.train[1]),
@@ -178,6 +193,25 @@ def _training_record(
         "torch_version": str(torch.__version__),
         "data_source": source,
     }
+
+
+def _teacher(
+    args: argparse.Namespace, preprocess: PreprocessConfig, device: torch.device
+) -> tuple[Teacher, str] | None:
+    """`--teacher`: the checkpoint to distill from, frozen, and its file's SHA-256 (recorded)."""
+    if args.teacher is None:
+        return None
+    try:
+        loaded = load_checkpoint(args.teacher, device=device)
+    except CheckpointError as exc:
+        raise SystemExit(f"cannot load the teacher: {exc}") from None
+    if loaded.preprocess != preprocess or len(loaded.class_names) != len(FASHION_MNIST_CLASSES):
+        raise SystemExit(f"the teacher {args.teacher} was trained on other inputs or classes than this model")
+    model = loaded.model.eval().requires_grad_(False)
+    if loaded.architecture.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    digest = hashlib.sha256(Path(args.teacher).read_bytes()).hexdigest()
+    return Teacher(model, args.distill_alpha, args.distill_temperature), digest
 
 
 def parameters_sha256(model: nn.Module) -> str:
@@ -211,6 +245,7 @@ def _train(args: argparse.Namespace, model_args: dict[str, Any], device: torch.d
     generator = reseed(args.seed + ctx.rank)  # own dropout and augmentation draws per process
     splits = split_data(data, split_plan(args), preprocess, device)
     model = _new_model(args, model_args, device)
+    teacher = _teacher(args, preprocess, device)
     if ctx.is_main:
         where = f"{device} x {ctx.world_size} processes" if ctx.enabled else str(device)
         print(
@@ -243,6 +278,7 @@ def _train(args: argparse.Namespace, model_args: dict[str, Any], device: torch.d
         ctx=ctx,
         shuffle_seed=args.seed,
         progress=progress,
+        teacher=teacher[0] if teacher else None,
     )
     duration = sum(record.seconds for record in fit_result.history)  # across resumed runs
     assert fit_result.best_state is not None
@@ -253,7 +289,9 @@ def _train(args: argparse.Namespace, model_args: dict[str, Any], device: torch.d
         sys.stdout.flush()
     if not ctx.is_main:
         return 0
-    training = _training_record(args, splits, duration, device, data.source, ctx.world_size)
+    training = _training_record(
+        args, splits, duration, device, data.source, ctx.world_size, teacher[1] if teacher else None
+    )
     out, paths, test = _evaluate_and_write(args, model, model_args, preprocess, splits, fit_result, training)
     progress.unlink(missing_ok=True)
     print(
@@ -325,6 +363,8 @@ RECIPE_KEYS = (
     "erase_p",
     "ema_decay",
     "teacher_sha256",
+    "distill_alpha",
+    "distill_temperature",
     "seed",
     "val_size",
     "duration_s",

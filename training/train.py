@@ -160,9 +160,12 @@ class _Optimization:
     device: torch.device
     ctx: Distributed
     ema: AveragedModel | None = None
+    teacher: Teacher | None = None
 
     @classmethod
-    def create(cls, model: nn.Module, recipe: Recipe, steps: int, ctx: Distributed) -> _Optimization:
+    def create(
+        cls, model: nn.Module, recipe: Recipe, steps: int, ctx: Distributed, teacher: Teacher | None = None
+    ) -> _Optimization:
         device = next(model.parameters()).device
         net: nn.Module = model
         if ctx.enabled:
@@ -174,7 +177,7 @@ class _Optimization:
         ema = None
         if recipe.ema_decay is not None:
             ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(recipe.ema_decay), use_buffers=True)
-        return cls(net, optimizer, scheduler, device, ctx, ema)
+        return cls(net, optimizer, scheduler, device, ctx, ema, teacher)
 
     @property
     def evaluated(self) -> nn.Module:
@@ -204,7 +207,10 @@ class _Optimization:
         for idx in order:
             x = train_x[idx] if augmentation is None else augmentation(train_x[idx])
             x, y = x.to(self.device, non_blocking=True), train_y[idx].to(self.device, non_blocking=True)
-            loss = F.nll_loss(self.net(x), y, reduction="sum")
+            log_ps = self.net(x)
+            loss = F.nll_loss(log_ps, y, reduction="sum")
+            if self.teacher is not None:
+                loss = self.teacher.blend(loss, log_ps, x)
             self.optimizer.zero_grad(set_to_none=True)
             (loss / len(y)).backward()
             self.optimizer.step()
@@ -215,6 +221,25 @@ class _Optimization:
             seen += len(y)
         loss_sum, examples = all_sum(torch.tensor([total_loss, seen], dtype=torch.float64), self.ctx).tolist()
         return float(loss_sum / examples)
+
+
+@dataclass
+class Teacher:
+    """Knowledge distillation (Hinton et al. 2015): a trained model whose softened answers the
+    student also learns, on the same augmented batches. The loss is (1 - alpha) x the labels'
+    loss + alpha x T^2 x KL(teacher || student), both distributions softened by temperature T."""
+
+    model: nn.Module  # eval mode, on the student's device; its weights are never updated
+    alpha: float = 0.5
+    temperature: float = 4.0
+
+    def blend(self, label_loss: torch.Tensor, log_ps: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The batch's loss (summed over examples, as `label_loss` is) with the teacher's part."""
+        with torch.no_grad():
+            target = F.log_softmax(self.model(x) / self.temperature, dim=1)
+        student = F.log_softmax(log_ps / self.temperature, dim=1)  # log-probabilities / T: logits / T
+        soft = F.kl_div(student, target, log_target=True, reduction="sum") * self.temperature**2
+        return (1 - self.alpha) * label_loss + self.alpha * soft
 
 
 @dataclass(frozen=True)
@@ -289,6 +314,7 @@ def fit(
     ctx: Distributed = SINGLE,
     shuffle_seed: int = 0,
     progress: Path | None = None,
+    teacher: Teacher | None = None,
 ) -> FitResult:
     """Train with AdamW and a one-cycle learning rate; keep the weights of the best validation epoch.
 
@@ -300,12 +326,15 @@ def fit(
     after each epoch, and losses and accuracies are summed over all processes, so every process
     holds the same weights and records the same history and best epoch.
 
+    With `teacher`, the student also learns the teacher's softened answers (`Teacher`); the
+    training loss reported is then the blended one.
+
     With `progress`, the state after each epoch is written there (by the main process) and, when
     the file exists at the start, training continues after its last epoch: a run stopped at any
     point resumes and, in one process, ends with the weights an uninterrupted run would have.
     """
     steps = steps_per_epoch(len(train_y), recipe.batch_size, ctx)
-    optimization = _Optimization.create(model, recipe, steps, ctx)
+    optimization = _Optimization.create(model, recipe, steps, ctx, teacher)
     augmentation = recipe.augmentation(generator)
     result = FitResult()
     done = 0

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -324,3 +325,40 @@ def test_calibrate_holds_out_what_training_held_out_under_limit(
     overlap = len(rows(fitted["val"]) & rows(train_x))
     assert overlap == 0, f"calibration validated on {overlap} of {len(fitted['val'])} images the model trained on"
     assert rows(fitted["train"]) == rows(train_x), "the Gaussians are fitted on what the model trained on"
+
+
+def test_the_teacher_part_of_the_loss_is_the_softened_kl_divergence() -> None:
+    from training.train import Teacher
+
+    torch.manual_seed(0)
+    teacher_model = build_model("classifier", {}).eval()
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    student = torch.log_softmax(torch.randn(8, 10), dim=1)
+    label_loss = torch.nn.functional.nll_loss(student, y, reduction="sum")
+    teacher = Teacher(teacher_model, alpha=0.25, temperature=3.0)
+    blended = teacher.blend(label_loss, student, x)
+    with torch.no_grad():
+        p_teacher = torch.softmax(teacher_model(x) / 3.0, dim=1)  # its log-probabilities / T: logits / T
+    q_student = torch.softmax(student / 3.0, dim=1)
+    kl = (p_teacher * (p_teacher.log() - q_student.log())).sum() * 9.0
+    assert blended.item() == pytest.approx((0.75 * label_loss + 0.25 * kl).item(), rel=1e-5)
+    # A student that already answers as the teacher does pays only for the labels.
+    with torch.no_grad():
+        same = teacher_model(x)
+    assert teacher.blend(label_loss, same, x).item() == pytest.approx(0.75 * label_loss.item(), rel=1e-5)
+
+
+def test_a_student_learns_from_a_teacher_and_records_it(synthetic_data: Path, tmp_path: Path) -> None:
+    common = ["--data-dir", str(synthetic_data), "--limit", "600", "--device", "cpu", "--batch-size", "64"]
+    teacher = tmp_path / "teacher.pt"
+    assert main(["train", "--arch", "classifier", "--epochs", "3", "--out", str(teacher), *common]) == 0
+    student = tmp_path / "student.pt"
+    args = ["train", "--arch", "cnn", "--channels", "4", "8", "--hidden", "16", "--epochs", "3", "--out", str(student)]
+    assert main([*args, "--teacher", str(teacher), "--distill-alpha", "0.7", *common]) == 0
+    training = load_checkpoint(student).training
+    assert training["teacher_sha256"] == hashlib.sha256(teacher.read_bytes()).hexdigest()
+    assert (training["distill_alpha"], training["distill_temperature"]) == (0.7, 4.0)
+    report = json.loads((tmp_path / "student.metrics.json").read_text())
+    assert report["metrics"]["test_accuracy"] > 0.5, "the student learned from the labels and the teacher"
+    with pytest.raises(SystemExit, match="cannot load the teacher"):
+        main([*args, "--teacher", str(tmp_path / "missing.pt"), *common])
