@@ -23,10 +23,12 @@ from app.repository.registry import Version
 from app.rollout_metrics import RolloutMetrics
 from app.served_model import Scored, ServedModel
 
-# Shadow work runs only while the work admitted would be done within this share of the queue
-# delay (so it is dropped long before any user is refused), and at most this many images at once.
+# Shadow work runs only while the users' work admitted would be done within this share of the
+# queue delay, so it is dropped long before any user is refused (the shadow's own runs delay users
+# only by taking CPU, and then the users' work admitted grows); and at most this many images are
+# held at once (collecting or running).
 SHADOW_QUEUE_SHARE = 0.1
-MAX_SHADOW_IMAGES = 256
+MAX_SHADOW_IMAGES = 1024
 # How long the first shadowed request waits for others to share its model run.
 COLLECT_S = 0.1
 
@@ -61,7 +63,7 @@ class Shadows:
         inputs = primary.input.inputs
         if served is None or served.batcher is None or inputs is None or not len(inputs):
             return
-        wait = (users_in_flight + self.in_flight) * served.batcher.seconds_per_item
+        wait = users_in_flight * served.batcher.seconds_per_item
         if self.in_flight + len(inputs) > MAX_SHADOW_IMAGES or wait > self.max_wait_s:
             self.metrics.dropped.labels(served.name, served.version).inc()
             return

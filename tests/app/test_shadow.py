@@ -94,3 +94,23 @@ def test_a_busy_server_drops_shadow_work_instead_of_queueing_it() -> None:
     assert batcher.runs == [1]
     assert _figures(registry) == {"requests": 1.0, "images": 1.0, "agreed": 1.0, "dropped": 1.0}
     assert version.in_flight == 0
+
+
+def test_a_steady_trickle_is_never_dropped_while_it_collects() -> None:
+    """Found walking a rollout: one client, one request at a time, and 3 in 10 shadow runs were
+    dropped, because the images waiting to share a run counted as queued work."""
+    registry = CollectorRegistry()
+    shadows = Shadows(RolloutMetrics(registry), max_queue_delay_s=0.1, batch_images=256)
+    batcher = _RecordingBatcher(seconds_per_item=0.001)  # 10 images' work fill the shadow's share
+    version = _version(batcher)
+
+    async def scenario() -> None:
+        for value in range(100):
+            shadows.offer(version, _primary(value), users_in_flight=1)
+        await asyncio.sleep(shadow_module.COLLECT_S * 3)
+        while shadows._runs:
+            await asyncio.sleep(0.001)
+
+    asyncio.run(scenario())
+    assert batcher.runs == [100]
+    assert _figures(registry)["requests"] == 100.0 and _figures(registry)["dropped"] == 0.0
