@@ -175,7 +175,8 @@ class DataPlane:
         if rollout is not None and (route.role == "canary" or route.shadow is not None or rollout.canary is not None):
             self.metrics.rollout.count((model.name, model.version), route.role, scored, time.monotonic() - started)
         if route.shadow is not None:
-            self.shadows.offer(route.shadow, scored, self.in_flight)
+            spent = model.batcher.seconds_per_item if model.batcher is not None else 0.0
+            self.shadows.offer(route.shadow, scored, self.in_flight * spent)
         return Answer(model, scored, parsed.request)
 
     def _route(self, name: str | None, version: str | None) -> Route:

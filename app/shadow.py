@@ -8,6 +8,7 @@ delay users are admitted within); it keeps the request's decoded input only unti
 Shadowed requests are collected into one model run per shadow version (up to a batch, or for a
 tenth of a second, whichever comes first): with a 10 % shadow, a run per request would add about
 as many small model runs as the primary's batches, each paying the model's fixed cost per call.
+A shadow's latency is its own run's, not the collection's wait.
 """
 
 from __future__ import annotations
@@ -41,7 +42,6 @@ class _Pending:
     served: ServedModel
     inputs: list[np.ndarray] = field(default_factory=list)
     primary: list[np.ndarray] = field(default_factory=list)
-    offered: list[float] = field(default_factory=list)
     images: int = 0
 
 
@@ -56,15 +56,14 @@ class Shadows:
         self._pending: dict[int, _Pending] = {}  # id(Version) -> requests waiting for their run
         self._runs: set[asyncio.Task[None]] = set()  # referenced until done
 
-    def offer(self, shadow: Version, primary: Scored, users_in_flight: int) -> None:
+    def offer(self, shadow: Version, primary: Scored, users_wait_s: float) -> None:
         """Run `primary`'s input on `shadow` too, unless the server is too busy to spare it (dropped,
-        and counted)."""
+        and counted): `users_wait_s` is how long the users' work admitted would take."""
         served = shadow.served
         inputs = primary.input.inputs
         if served is None or served.batcher is None or inputs is None or not len(inputs):
             return
-        wait = users_in_flight * served.batcher.seconds_per_item
-        if self.in_flight + len(inputs) > MAX_SHADOW_IMAGES or wait > self.max_wait_s:
+        if self.in_flight + len(inputs) > MAX_SHADOW_IMAGES or users_wait_s > self.max_wait_s:
             self.metrics.dropped.labels(served.name, served.version).inc()
             return
         pending = self._pending.get(id(shadow))
@@ -77,7 +76,6 @@ class Shadows:
         shadow.enter()
         pending.inputs.append(inputs)
         pending.primary.append(primary.probabilities)
-        pending.offered.append(time.monotonic())
         pending.images += len(inputs)
         if pending.images >= self.batch_images:
             self._flush(pending)
@@ -92,21 +90,36 @@ class Shadows:
         task.add_done_callback(self._runs.discard)
 
     async def _run(self, pending: _Pending) -> None:
-        """The shadow's answers, compared with the default version's and counted; then both let go."""
-        served, requests = pending.served, len(pending.inputs)
-        inputs = np.concatenate(pending.inputs) if requests > 1 else pending.inputs[0]
-        primary = np.concatenate(pending.primary) if requests > 1 else pending.primary[0]
-        pending.inputs.clear()  # the requests' inputs are let go with the comparison
-        pending.primary.clear()
+        """The shadow's answers, compared with the default version's and counted; then both let go.
+
+        Each request is its own job in the shadow's batcher (queued together, they run as one
+        batch), so the batcher's time per request, which admission reads, stays per request."""
+        served, inputs, primaries = pending.served, pending.inputs, pending.primary
+        pending.inputs, pending.primary = [], []  # the requests' inputs are let go with the comparison
         try:
             assert served.batcher is not None
-            scored = await served.batcher.submit(ModelInput.of(inputs))
-            done = time.monotonic()
-            seconds = sum(done - offered for offered in pending.offered)
-            self.metrics.count_shadow((served.name, served.version), primary, scored, seconds, requests)
-        except Exception:  # the shadow's failure is its own: counted as dropped, never the user's
-            self.metrics.dropped.labels(served.name, served.version).inc(requests)
+            began = time.monotonic()
+            answers = await asyncio.gather(
+                *(served.batcher.submit(ModelInput.of(x)) for x in inputs), return_exceptions=True
+            )
+            seconds = time.monotonic() - began
+            done = [
+                (primary, answer)
+                for primary, answer in zip(primaries, answers, strict=True)
+                if isinstance(answer, Scored)
+            ]
+            if len(done) < len(inputs):  # the shadow's failures are its own: counted as dropped, never the user's
+                self.metrics.dropped.labels(served.name, served.version).inc(len(inputs) - len(done))
+            if done:
+                flagged = [answer.flagged for _, answer in done]
+                both = Scored(
+                    ModelInput.of(np.concatenate([answer.input.inputs for _, answer in done])),  # type: ignore[misc]
+                    np.concatenate([answer.probabilities for _, answer in done]),
+                    flagged=None if any(f is None for f in flagged) else np.concatenate(flagged),  # type: ignore[arg-type]
+                )
+                primary = np.concatenate([primary for primary, _ in done])
+                self.metrics.count_shadow((served.name, served.version), primary, both, seconds * len(done), len(done))
         finally:
             self.in_flight -= pending.images
-            for _ in range(requests):
+            for _ in inputs:
                 pending.shadow.leave()

@@ -4,6 +4,7 @@ once with its own primary answer, dropped (never queued) when the server is busy
 from __future__ import annotations
 
 import asyncio
+import time
 from types import SimpleNamespace
 from typing import Any
 
@@ -19,15 +20,18 @@ from app.shadow import Shadows
 
 
 class _RecordingBatcher:
-    """Answers each image with a one-hot of its mean pixel's class; records every run's size."""
+    """Answers each image with a one-hot of its mean pixel's class; records each job's images and
+    when it was submitted."""
 
     def __init__(self, seconds_per_item: float = 0.0) -> None:
         self.seconds_per_item = seconds_per_item
         self.runs: list[int] = []
+        self.submitted_at: list[float] = []
 
     async def submit(self, item: ModelInput, deadline: float | None = None, trace: Any = None) -> Scored:
         assert item.inputs is not None
         self.runs.append(len(item.inputs))
+        self.submitted_at.append(time.monotonic())
         classes = item.inputs.reshape(len(item.inputs), -1).mean(axis=1).astype(int) % 10
         return Scored(item, np.eye(10, dtype=np.float32)[classes])
 
@@ -64,15 +68,18 @@ def test_shadowed_requests_share_model_runs_and_each_is_compared_once() -> None:
 
     async def scenario() -> None:
         for value in range(10):  # 10 one-image requests, every third answered differently by the primary
-            shadows.offer(version, _primary(value, agree=value % 3 != 0), users_in_flight=0)
-        shadows.offer(version, _primary(4, images=3), users_in_flight=0)
+            shadows.offer(version, _primary(value, agree=value % 3 != 0), users_wait_s=0.0)
+        shadows.offer(version, _primary(4, images=3), users_wait_s=0.0)
         assert version.in_flight == 11, "an offered request holds its version until compared"
         await asyncio.sleep(shadow_module.COLLECT_S * 3)
         while shadows._runs:
             await asyncio.sleep(0.001)
 
     asyncio.run(scenario())
-    assert batcher.runs == [8, 5], "a full batch runs at once, the rest when the first waited long enough"
+    assert batcher.runs == [1] * 10 + [3], "each request its own job (the batcher batches them)"
+    first, later = batcher.submitted_at[:8], batcher.submitted_at[8:]
+    assert max(first) - min(first) < shadow_module.COLLECT_S / 2, "a full batch is queued at once"
+    assert min(later) - min(first) >= shadow_module.COLLECT_S * 0.9, "the rest once the first waited long enough"
     assert _figures(registry) == {"requests": 11.0, "images": 13.0, "agreed": 13.0 - 4, "dropped": 0.0}
     assert version.in_flight == 0 and shadows.in_flight == 0
 
@@ -84,8 +91,8 @@ def test_a_busy_server_drops_shadow_work_instead_of_queueing_it() -> None:
     version = _version(batcher)
 
     async def scenario() -> None:
-        shadows.offer(version, _primary(1), users_in_flight=5)  # 6 ms of work admitted: within 10 ms
-        shadows.offer(version, _primary(2), users_in_flight=50)  # 51 ms: past the shadow's share
+        shadows.offer(version, _primary(1), users_wait_s=0.005)  # the users' work: within 10 ms
+        shadows.offer(version, _primary(2), users_wait_s=0.05)  # past the shadow's share
         await asyncio.sleep(shadow_module.COLLECT_S * 3)
         while shadows._runs:
             await asyncio.sleep(0.001)
@@ -106,11 +113,11 @@ def test_a_steady_trickle_is_never_dropped_while_it_collects() -> None:
 
     async def scenario() -> None:
         for value in range(100):
-            shadows.offer(version, _primary(value), users_in_flight=1)
+            shadows.offer(version, _primary(value), users_wait_s=0.001)
         await asyncio.sleep(shadow_module.COLLECT_S * 3)
         while shadows._runs:
             await asyncio.sleep(0.001)
 
     asyncio.run(scenario())
-    assert batcher.runs == [100]
+    assert len(batcher.runs) == 100
     assert _figures(registry)["requests"] == 100.0 and _figures(registry)["dropped"] == 0.0
