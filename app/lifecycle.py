@@ -169,8 +169,8 @@ def drain_on_sigterm(health: Health, also: Callable[[], None] | None = None) -> 
         return
 
     def handler(signum: int, frame: FrameType | None) -> None:
-        stop_holding_logs()  # the worker may end with this signal, re-raised: no exit handler runs
         health.start_draining("draining: SIGTERM received")
+        stop_holding_logs()  # the worker may end with this signal, re-raised: no exit handler runs
         logger.info("SIGTERM: readiness off, finishing requests in progress")
         if also is not None:
             also()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import json
 import logging
@@ -39,26 +38,29 @@ class _BufferedStderrHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            line = self.format(record)
+            self._lines.append(self.format(record))
+            if not self.holding or record.levelno >= logging.WARNING or len(self._lines) >= FLUSH_LINES:
+                self.flush()
+            elif self._timer_pid != os.getpid():
+                self._timer_pid = os.getpid()
+                threading.Thread(target=self._flush_every, args=(FLUSH_S,), name="log-flush", daemon=True).start()
         except Exception:
             self.handleError(record)
-            return
-        self._lines.append(line)
-        if not self.holding or record.levelno >= logging.WARNING or len(self._lines) >= FLUSH_LINES:
-            self.flush()
-        elif self._timer_pid != os.getpid():
-            self._timer_pid = os.getpid()
-            threading.Thread(target=self._flush_every, args=(FLUSH_S,), name="log-flush", daemon=True).start()
 
     def flush(self) -> None:
+        """Write the lines held. If the write fails (stderr closed at exit; or a signal handler
+        logging while the main thread was mid-write: a re-entrant call), the lines stay held for
+        the next flush; never raised into the caller."""
         with self.lock:  # type: ignore[union-attr]  # Handler.createLock made it
             if not self._lines:
                 return
             data = "\n".join(self._lines) + "\n"
-            self._lines.clear()
-            with contextlib.suppress(OSError, ValueError):  # stderr closed at interpreter exit
+            try:
                 sys.stderr.write(data)
                 sys.stderr.flush()
+            except Exception:
+                return
+            self._lines.clear()
 
     def _flush_every(self, seconds: float) -> None:
         while True:

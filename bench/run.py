@@ -46,8 +46,11 @@ class Server:
 
     def processes(self) -> list[psutil.Process]:
         """The server process and its descendants (its worker processes)."""
-        root = psutil.Process(self.process.pid)
-        return [root, *root.children(recursive=True)]
+        try:
+            root = psutil.Process(self.process.pid)
+            return [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:  # the server has exited
+            return []
 
     def cpu_seconds(self) -> float:
         total = 0.0
@@ -63,7 +66,7 @@ class Server:
             with contextlib.suppress(psutil.Error):
                 sizes.append(process.memory_info().rss / 2**20)
         workers = sizes[1:] if len(sizes) > 1 else sizes  # with workers, the first process only supervises
-        return statistics.mean(workers)
+        return statistics.mean(workers) if workers else 0.0
 
 
 @contextmanager

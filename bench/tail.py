@@ -73,10 +73,12 @@ def measure(workers: int, args: argparse.Namespace, images: np.ndarray) -> dict[
         ]
         for process in processes:
             process.start()
-        results = [queue.get() for _ in processes]
+        results = [queue.get(timeout=args.warmup + args.seconds + 60) for _ in processes]
         for process in processes:
             process.join()
     latencies = sorted(x for lat, _ in results for x in lat)
+    if not latencies:
+        raise SystemExit(f"no request answered in {args.seconds:g} s ({sum(f for _, f in results)} failures)")
     p50, p99 = latencies[len(latencies) // 2], latencies[int(len(latencies) * 0.99)]
     return {
         "rps": len(latencies) / args.seconds,

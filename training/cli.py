@@ -51,8 +51,8 @@ def _add_train(commands: argparse._SubParsersAction[argparse.ArgumentParser], pr
     train.add_argument("--ema", type=float, help="validate and keep an exponential moving average of the weights")
     train.add_argument("--erase", type=float, default=0.0, help="share of images with a random rectangle erased")
     train.add_argument("--teacher", type=Path, help="a trained checkpoint to distill from (its answers, softened)")
-    train.add_argument("--distill-alpha", type=float, default=0.5, help="--teacher: the weight of its part of the loss")
-    train.add_argument("--distill-temperature", type=float, default=4.0, help="--teacher: the softening temperature")
+    train.add_argument("--distill-alpha", type=float, help="--teacher: the weight of its part of the loss (0.5)")
+    train.add_argument("--distill-temperature", type=float, help="--teacher: the softening temperature (4)")
     train.add_argument("--seed", type=int, default=DEFAULT_SEED)
     train.add_argument(
         "--preset", choices=sorted(PRESETS), help="the recipe of a bundled checkpoint (other options override it)"

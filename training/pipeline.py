@@ -198,20 +198,27 @@ def _training_record(
 def _teacher(
     args: argparse.Namespace, preprocess: PreprocessConfig, device: torch.device
 ) -> tuple[Teacher, str] | None:
-    """`--teacher`: the checkpoint to distill from, frozen, and its file's SHA-256 (recorded)."""
+    """`--teacher`: the checkpoint to distill from, frozen, and the SHA-256 of the bytes loaded."""
     if args.teacher is None:
+        if args.distill_alpha is not None or args.distill_temperature is not None:
+            raise SystemExit("--distill-alpha and --distill-temperature apply with --teacher only")
         return None
+    alpha = 0.5 if args.distill_alpha is None else args.distill_alpha
+    temperature = 4.0 if args.distill_temperature is None else args.distill_temperature
+    if not 0.0 <= alpha <= 1.0 or not temperature > 0:
+        raise SystemExit("--distill-alpha must be in [0, 1] and --distill-temperature above 0")
     try:
-        loaded = load_checkpoint(args.teacher, device=device)
-    except CheckpointError as exc:
+        data = Path(args.teacher).read_bytes()
+        loaded = load_checkpoint(args.teacher, device=device, data=data)
+    except (OSError, CheckpointError) as exc:
         raise SystemExit(f"cannot load the teacher: {exc}") from None
-    if loaded.preprocess != preprocess or len(loaded.class_names) != len(FASHION_MNIST_CLASSES):
+    if loaded.preprocess != preprocess or list(loaded.class_names) != list(FASHION_MNIST_CLASSES):
         raise SystemExit(f"the teacher {args.teacher} was trained on other inputs or classes than this model")
     model = loaded.model.eval().requires_grad_(False)
     if loaded.architecture.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    digest = hashlib.sha256(Path(args.teacher).read_bytes()).hexdigest()
-    return Teacher(model, args.distill_alpha, args.distill_temperature), digest
+    args.distill_alpha, args.distill_temperature = alpha, temperature  # recorded with the recipe
+    return Teacher(model, alpha, temperature), hashlib.sha256(data).hexdigest()
 
 
 def parameters_sha256(model: nn.Module) -> str:

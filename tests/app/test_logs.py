@@ -102,3 +102,23 @@ def test_a_worker_on_its_way_out_writes_every_line_at_once(monkeypatch: pytest.M
     logging.getLogger("app.access").info("GET /held-again 200")
     assert "GET /held-again 200" not in stream.getvalue()
     flush_logs()
+
+
+def test_a_failed_write_keeps_the_lines_and_never_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A signal handler that logs while the main thread is mid-write gets a re-entrant call error
+    from the stream: the lines wait for the next write, and the handler goes on."""
+    stream = _capture(monkeypatch)
+    failing = [True]
+    write = stream.write
+
+    def flaky(text: str) -> int:
+        if failing[0]:
+            failing[0] = False
+            raise RuntimeError("reentrant call inside <_io.BufferedWriter name='<stderr>'>")
+        return write(text)
+
+    monkeypatch.setattr(stream, "write", flaky)
+    logging.getLogger("app").warning("first")  # written at once: the write fails, nothing raised
+    assert stream.getvalue() == ""
+    logging.getLogger("app").warning("second")
+    assert [line.rsplit("] ", 1)[1] for line in stream.getvalue().splitlines()] == ["first", "second"]

@@ -362,3 +362,7 @@ def test_a_student_learns_from_a_teacher_and_records_it(synthetic_data: Path, tm
     assert report["metrics"]["test_accuracy"] > 0.5, "the student learned from the labels and the teacher"
     with pytest.raises(SystemExit, match="cannot load the teacher"):
         main([*args, "--teacher", str(tmp_path / "missing.pt"), *common])
+    with pytest.raises(SystemExit, match="--distill-alpha must be in"):
+        main([*args, "--teacher", str(teacher), "--distill-temperature", "0", *common])
+    with pytest.raises(SystemExit, match="apply with --teacher only"):
+        main([*args, "--distill-alpha", "0.3", *common])

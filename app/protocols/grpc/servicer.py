@@ -4,6 +4,7 @@ following readiness. Each RPC runs through `_Call`: request id, API key, status 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -226,7 +227,8 @@ async def health_service(health: Health) -> health_aio.HealthServicer:
             updates.add(task)
             task.add_done_callback(updates.discard)
 
-        loop.call_soon_threadsafe(start)
+        with contextlib.suppress(RuntimeError):  # the server's loop is closed: nobody to tell
+            loop.call_soon_threadsafe(start)
 
     await publish()
     health.listeners.append(changed)
