@@ -113,7 +113,7 @@ class Shadows:
             if done:
                 flagged = [answer.flagged for _, answer in done]
                 both = Scored(
-                    ModelInput.of(np.concatenate([answer.input.inputs for _, answer in done])),  # type: ignore[misc]
+                    ModelInput.of(np.concatenate([answer.input.inputs for _, answer in done])),
                     np.concatenate([answer.probabilities for _, answer in done]),
                     flagged=None if any(f is None for f in flagged) else np.concatenate(flagged),  # type: ignore[arg-type]
                 )

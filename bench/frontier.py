@@ -18,11 +18,20 @@ import http.client
 import json
 import statistics
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.run import drive, fashion_pngs, started, write_bodies
 
 ACCURACY_CLIENTS = 8
+
+
+@dataclass
+class Row:
+    accuracy: float  # served, on the whole test set
+    form: str  # the served form `/model` names
+    ready_s: float
+    rps: list[float] = field(default_factory=list)  # /predict c=32, one per round
 
 
 def served_accuracy(port: int, pngs: list[bytes], labels: list[int]) -> float:
@@ -78,29 +87,28 @@ def main(argv: list[str] | None = None) -> int:
 
     test = load_fashion_mnist().test
     pngs, labels = fashion_pngs(len(test.labels)), [int(y) for y in test.labels]
-    rows: dict[Path, dict[str, object]] = {}
+    rows: dict[Path, Row] = {}
     for path in args.checkpoints:
         with started("service", path, args.workers) as server:
-            accuracy = served_accuracy(server.port, pngs, labels)
-            rows[path] = {"accuracy": accuracy, "form": _form(server.port), "ready": server.ready_s, "rps": []}
-        print(f"{path.name}: served accuracy {100 * accuracy:.2f}% ({rows[path]['form']})", flush=True)
+            rows[path] = Row(served_accuracy(server.port, pngs, labels), _form(server.port), server.ready_s)
+        print(f"{path.name}: served accuracy {100 * rows[path].accuracy:.2f}% ({rows[path].form})", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         content_type = write_bodies(Path(tmp), pngs[:256], 1)
         for _ in range(args.rounds):
             for path in args.checkpoints:
                 with started("service", path, args.workers) as server:
-                    row = drive(server, Path(tmp), content_type, 32, args.seconds, args.warmup)
-                rows[path]["rps"].append(row["rps"])  # type: ignore[union-attr]
-                print(f"  {path.name:<28} {row['rps']:8.0f} req/s  p99 {row['p99']:6.2f} ms", flush=True)
-    first = statistics.median(rows[args.checkpoints[0]]["rps"])  # type: ignore[arg-type]
+                    measured = drive(server, Path(tmp), content_type, 32, args.seconds, args.warmup)
+                rows[path].rps.append(measured["rps"])
+                print(f"  {path.name:<28} {measured['rps']:8.0f} req/s  p99 {measured['p99']:6.2f} ms", flush=True)
+    first = statistics.median(rows[args.checkpoints[0]].rps)
     print(
         f"{'checkpoint':<28} {'MB':>5} {'form':<10} {'served acc':>10} {'req/s c=32':>10} {'ratio':>6} {'ready s':>7}"
     )
     for path, row in rows.items():
-        rps = statistics.median(row["rps"])  # type: ignore[arg-type]
+        rps = statistics.median(row.rps)
         print(
-            f"{path.name:<28} {path.stat().st_size / 2**20:5.2f} {row['form']!s:<10} {100 * row['accuracy']:9.2f}% "  # type: ignore[operator]
-            f"{rps:10.0f} {rps / first:6.3f} {row['ready']:7.2f}"
+            f"{path.name:<28} {path.stat().st_size / 2**20:5.2f} {row.form:<10} {100 * row.accuracy:9.2f}% "
+            f"{rps:10.0f} {rps / first:6.3f} {row.ready_s:7.2f}"
         )
     return 0
 
