@@ -8,7 +8,7 @@ The map, from the core outwards:
   renders its errors in one place;
 - `http/`: the HTTP transport (ASGI messages, multipart, head limits, request context, routing);
 - `routes/`: probes, /metrics, /model, /docs and the page;
-- processes: `__main__` and `server` (the gunicorn supervisor), `lifecycle` (one worker's life),
+- processes: `__main__` and `server` (the gunicorn supervisor), `worker` (one worker process: its parts and its life),
   `reload/` (SIGHUP: supervisor and worker halves);
 - `main`: `create_app` composes all of it.
 """

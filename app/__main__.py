@@ -9,12 +9,15 @@ in milliseconds. Each worker loads the model itself, after the fork.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from app.settings import Settings
@@ -57,28 +60,44 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.port == 0 and args.workers > 1:
         parser.error("--port 0 (any free port) would give each worker a different port; name a port")
-    metrics_dir = None
-    if args.workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
-        # Each worker counts its own requests; this directory lets /metrics add them up. It must
-        # be set before prometheus_client is imported (below), which reads it once.
-        metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="fashion-serve-metrics-")
-    # The workers bind gRPC on the same host as HTTP; they read it from their Settings.
-    os.environ["FASHION_SERVE_HOST"] = args.host
-    supervisor = os.getpid()
-    try:
-        return _serve(settings, args.host, args.port, args.workers)
-    finally:
-        # Workers are forked from inside _serve and unwind through here when they exit: only the
-        # supervisor, at its own exit, removes the directory.
-        if metrics_dir and os.getpid() == supervisor:
-            shutil.rmtree(metrics_dir, ignore_errors=True)
+    # The options win over the environment; from here on the settings travel explicitly.
+    settings = settings.model_copy(update={"host": args.host, "port": args.port, "workers": args.workers})
+    with _SupervisorExit() as at_exit:
+        if args.workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+            # Each worker counts its own requests; this directory lets /metrics add them up.
+            # prometheus_client reads this variable once, at import (below): the one setting
+            # that must travel through the environment.
+            metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="fashion-serve-metrics-")
+            at_exit.callback(shutil.rmtree, metrics_dir, ignore_errors=True)
+        status = _serve(settings, at_exit)
+    return status
 
 
-def _serve(settings: Settings, host: str, port: int, workers: int) -> int:
+class _SupervisorExit(contextlib.ExitStack):
+    """The supervisor's clean-up. The workers are forked deep inside `serve` and unwind through
+    the same frames when they exit: they skip it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pid = os.getpid()
+
+    def __exit__(self, *exc: object) -> bool:
+        if os.getpid() != self.pid:
+            self.pop_all()
+            return False
+        return bool(super().__exit__(*exc))  # type: ignore[arg-type]
+
+
+def _serve(settings: Settings, at_exit: contextlib.ExitStack) -> int:
+    """Configure logging (once: the workers inherit it), check the keys, prepare what the workers
+    are handed (a checked copy of the checkpoint, or the repository's shared state), and supervise."""
     from app.auth import ApiKeyError, load_api_keys
     from app.logs import configure_logging
-    from app.reload.snapshot import SNAPSHOT_ENV
+    from app.main import create_app
     from app.reload.supervisor import CheckpointSource
+    from app.repository.shared import SharedState
+    from app.server import AddressInUse, serve
+    from app.worker import Handoff
     from models import CheckpointError
 
     configure_logging(settings.log_format, settings.log_level)
@@ -88,57 +107,37 @@ def _serve(settings: Settings, host: str, port: int, workers: int) -> int:
     except ApiKeyError as exc:
         log.critical("cannot start: %s", exc)
         return 1
+    source: CheckpointSource | None = None
+    on_hup: Callable[[], None] | None = None
     if settings.model_repository is not None:
-        return _serve_repository(settings, host, port, workers)
-    # The workers serve a private copy of the checkpoint, checked here before any worker starts
-    # (a broken one then fails once, with one line and exit 1), never the path itself: a worker
-    # that replaces a dead one serves the same model. SIGHUP replaces the copy (app/reload).
-    # torch stays imported for the workers.
-    source = CheckpointSource.create(settings.checkpoint, settings.device)
-    supervisor = os.getpid()
-    try:
+        # The workers share one state directory (app.repository.shared); SIGHUP asks a worker to
+        # reconcile with the disk.
+        root = settings.model_repository
+        if not root.is_dir():
+            log.critical("cannot start: FASHION_SERVE_MODEL_REPOSITORY %s is not a directory", root)
+            return 1
+        shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+        shared = SharedState(Path(tempfile.mkdtemp(prefix="fashion-serve-repository-", dir=shm)))
+        at_exit.callback(shutil.rmtree, shared.directory, ignore_errors=True)
+        handoff, on_hup = Handoff(repository_state=shared.directory), shared.request_reconcile
+    else:
+        # The workers serve a private copy of the checkpoint, checked here before any worker
+        # starts (a broken one then fails once, with one line and exit 1), never the path
+        # itself: a worker that replaces a dead one serves the same model. SIGHUP replaces the
+        # copy (app/reload). torch stays imported for the workers.
+        source = CheckpointSource.create(settings.checkpoint, settings.device)
+        at_exit.callback(source.remove)
         try:
             source.install()
         except CheckpointError as exc:
             log.critical("cannot start: checkpoint %s: %s", settings.checkpoint, exc)
             return 1
-        os.environ[SNAPSHOT_ENV] = str(source.snapshot)
-
-        from app.server import AddressInUse, serve
-
-        try:
-            return serve(settings, host, port, workers, source=source)
-        except AddressInUse as exc:
-            log.critical("cannot start: %s", exc)
-            return 1
-    finally:
-        if os.getpid() == supervisor:  # workers unwind through here too
-            source.remove()
-
-
-def _serve_repository(settings: Settings, host: str, port: int, workers: int) -> int:
-    """Serve a model repository: the workers share one state directory (app.repository.shared),
-    which this process creates and removes; SIGHUP asks a worker to reconcile with the disk."""
-    from app.repository.shared import STATE_DIR_ENV, SharedState
-    from app.server import AddressInUse, serve
-
-    log = logging.getLogger("app")
-    root = settings.model_repository
-    if root is None or not root.is_dir():
-        log.critical("cannot start: FASHION_SERVE_MODEL_REPOSITORY %s is not a directory", root)
-        return 1
-    shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
-    shared = SharedState(Path(tempfile.mkdtemp(prefix="fashion-serve-repository-", dir=shm)))
-    os.environ[STATE_DIR_ENV] = str(shared.directory)
-    supervisor = os.getpid()
+        handoff = Handoff(snapshot=source.snapshot)
     try:
-        return serve(settings, host, port, workers, on_hup=shared.request_reconcile)
+        return serve(settings, partial(create_app, settings, handoff), source=source, on_hup=on_hup)
     except AddressInUse as exc:
         log.critical("cannot start: %s", exc)
         return 1
-    finally:
-        if os.getpid() == supervisor:
-            shutil.rmtree(shared.directory, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -10,13 +10,13 @@ from app.dataplane import DataPlane
 
 async def get_plane(request: Request) -> DataPlane:
     # async: FastAPI would run a plain `def` dependency in the threadpool, a hand-off per request.
-    plane: DataPlane = request.app.state.plane
+    plane: DataPlane = request.app.state.worker.plane
     return plane
 
 
 async def authorized_plane(request: Request) -> DataPlane:
     """The data plane, once the request's API key (if keys are configured) is accepted."""
-    plane: DataPlane = request.app.state.plane
+    plane: DataPlane = request.app.state.worker.plane
     plane.authorize(bearer_key(request.headers.get("authorization", "").encode("latin-1")))
     return plane
 

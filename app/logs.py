@@ -50,17 +50,19 @@ class _BufferedStderrHandler(logging.Handler):
     def flush(self) -> None:
         """Write the lines held. If the write fails (stderr closed at exit; or a signal handler
         logging while the main thread was mid-write: a re-entrant call), the lines stay held for
-        the next flush; never raised into the caller."""
+        the next flush; never raised into the caller. The lines are taken out before the write:
+        a flush that interrupts another (a signal handler's, on the same thread: the lock is
+        re-entrant) writes only the lines that came after, never the same line twice."""
         with self.lock:  # type: ignore[union-attr]  # Handler.createLock made it
             if not self._lines:
                 return
-            data = "\n".join(self._lines) + "\n"
+            taken = self._lines[:]
+            self._lines.clear()  # the same list: a fork in the child clears it (`__init__`)
             try:
-                sys.stderr.write(data)
+                sys.stderr.write("\n".join(taken) + "\n")
                 sys.stderr.flush()
             except Exception:
-                return
-            self._lines.clear()
+                self._lines[:0] = taken
 
     def _flush_every(self, seconds: float) -> None:
         while True:
@@ -87,12 +89,19 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
 FLUSH_LINES = 256
 FLUSH_S = 0.5
 _handler: _BufferedStderrHandler | None = None
+_configured: tuple[str, str] | None = None  # the (format, level) this process's loggers have
 
 
 def configure_logging(log_format: str, level: str) -> None:
     """Route our loggers and uvicorn's and gunicorn's through one handler (one per process, kept
-    across calls and forks) with the request id on every line."""
-    global _handler
+    across forks) with the request id on every line. Once per process: `python -m app` configures
+    before it forks, and a worker's lifespan then finds it done; called again with another format
+    or level (tests), it reconfigures."""
+    global _handler, _configured
+    if _configured == (log_format, level) and _handler is not None:
+        _handler.holding = True  # a new app in this process (tests) holds lines again
+        return
+    _configured = (log_format, level)
     handler = _handler = _handler or _BufferedStderrHandler()
     handler.holding = True
     handler.filters.clear()
@@ -108,6 +117,13 @@ def configure_logging(log_format: str, level: str) -> None:
     logging.getLogger("uvicorn.access").disabled = True
     # The parser warns about every malformed body; the 400 it turns into is logged already.
     logging.getLogger("python_multipart").setLevel(logging.ERROR)
+
+
+def use_service_handler(logger: logging.Logger) -> None:
+    """Send `logger` (gunicorn's error log, which gunicorn sets up itself) through the configured handler."""
+    if _handler is not None:
+        logger.handlers = [_handler]
+        logger.propagate = False
 
 
 def flush_logs() -> None:

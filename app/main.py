@@ -1,9 +1,10 @@
 """The application factory: `create_app(settings)` composes the service; `app` is what uvicorn serves.
 
-Composition only: the data plane (`app.dataplane`), the worker's lifecycle (`app.lifecycle`),
-the protocols' endpoints and routers (`app.protocols`, `app.routes`), and how HTTP reaches
-them (`app.http.routing`). Nothing here runs at import but building the app; the model loads
-in the lifespan.
+Composition only: the data plane (`app.dataplane`), the worker that owns it and runs its life
+(`app.worker`), the protocols' endpoints and routers (`app.protocols`, `app.routes`), and how
+HTTP reaches them (`app.http.routing`). Nothing here runs at import but building the app; the
+model loads in the lifespan. `python -m app` calls `create_app` with what its supervisor hands
+the workers; a lone process for development is `uvicorn --factory app.main:create_app`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.routing import Route
 
-from app import __version__, lifecycle
+from app import __version__
 from app.auth import load_admin_keys, load_api_keys
 from app.dataplane import DataPlane
 from app.errors import ServeError
@@ -26,9 +27,10 @@ from app.protocols.v2 import metadata as v2_metadata
 from app.protocols.v2 import openapi as v2_openapi
 from app.protocols.v2 import repository as v2_repository
 from app.protocols.v2.response import render_error as v2_render_error
-from app.reload.snapshot import last_reload, reload_counts, snapshot_path
+from app.reload.snapshot import last_reload, reload_counts
 from app.routes import docs, health, metrics, model, page
 from app.settings import STATIC_DIR, Settings
+from app.worker import Handoff, Worker
 
 
 def _served(plane: DataPlane) -> tuple[str, ...] | None:
@@ -52,14 +54,17 @@ async def _render_detail(request: Request, exc: Exception) -> Response:
     return Response(reply.body, reply.status, dict(reply.headers), reply.content_type.decode())
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """Build the service; the model loads when the app starts (its lifespan), never at import."""
+def create_app(settings: Settings | None = None, handoff: Handoff | None = None) -> FastAPI:
+    """Build the service; the model loads when the app starts (its lifespan), never at import.
+    `handoff`: what a supervisor gives its workers (`python -m app`)."""
     settings = settings or Settings()
     plane = DataPlane(settings, api_key_digests=load_api_keys(settings), admin_key_digests=load_admin_keys(settings))
+    worker = Worker(plane, handoff)
+    snapshot = worker.handoff.snapshot
     collector = ModelCollector(
         partial(_served, plane),
-        lambda: reload_counts(snapshot_path()),
-        lambda: last_reload(snapshot_path()),
+        lambda: reload_counts(snapshot),
+        lambda: last_reload(snapshot),
         partial(_ood_baseline, plane),
     )
     plane.metrics.add_live(collector)
@@ -80,12 +85,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="fashion-serve",
         summary="Fashion-MNIST image classification over HTTP",
         version=__version__,
-        lifespan=lifecycle.lifespan(plane),
+        lifespan=worker.lifespan,
         docs_url=None,
         redoc_url=None,
     )
-    app.state.plane = plane
-    app.state.repository = None  # the lifespan opens it when FASHION_SERVE_MODEL_REPOSITORY is set
+    app.state.worker = worker  # routes reach the data plane and the repository through it
     app.add_exception_handler(ServeError, _render_detail)
     for router in (model.router, health.router, metrics.router, docs.router, explain.router, page.router):
         app.include_router(router)
@@ -93,6 +97,3 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(v2_repository.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
-
-
-app = create_app()

@@ -1,8 +1,8 @@
 """gunicorn as the process supervisor, uvicorn (uvloop + httptools, heads bounded) in each worker.
 
-`serve` imports the application in this process (`preload_app`), then gunicorn forks the
-workers from it. Nothing here touches a GPU or starts a thread before the fork: the model
-is loaded by each worker's lifespan.
+`serve` makes the application in this process (`preload_app`) from the settings it is given,
+then gunicorn forks the workers from it. Nothing here touches a GPU or starts a thread before
+the fork: the model is loaded by each worker's lifespan.
 """
 
 from __future__ import annotations
@@ -18,11 +18,10 @@ from typing import Any
 from gunicorn import glogging
 from gunicorn.app.base import BaseApplication
 from gunicorn.arbiter import Arbiter
-from uvicorn.importer import import_from_string as import_app
 from uvicorn_worker import UvicornWorker
 
 from app.http.protocol import service_protocol
-from app.logs import configure_logging
+from app.logs import use_service_handler
 from app.reload.supervisor import CheckpointSource
 from app.settings import Settings
 
@@ -37,20 +36,26 @@ def _worker_class(settings: Settings) -> type[UvicornWorker]:
             "access_log": False,  # the request middleware logs each request with its id
         }
 
+        def run(self) -> None:
+            # The service's app has a worker (app.worker) whose protocol also holds connections
+            # while it is busy; any other app (bench's references) gets the head limits alone.
+            worker = getattr(getattr(self.wsgi, "state", None), "worker", None)
+            if worker is not None:
+                self.config.http = worker.http_protocol()
+            super().run()
+
     return Worker
 
 
-def _logger_class(settings: Settings) -> type[glogging.Logger]:
-    class Logs(glogging.Logger):
-        """gunicorn's own messages through the service's handler and format (text or JSON)."""
+class _Logs(glogging.Logger):
+    """gunicorn's own messages through the service's handler and format (text or JSON), which
+    `python -m app` configured before it made the supervisor."""
 
-        def setup(self, cfg: Any) -> None:
-            super().setup(cfg)
-            configure_logging(settings.log_format, settings.log_level)
-            # At a worker's exit gunicorn closes the listening socket uvicorn has already closed.
-            self.error_log.addFilter(lambda record: not record.getMessage().startswith("Error while closing socket"))
-
-    return Logs
+    def setup(self, cfg: Any) -> None:
+        super().setup(cfg)
+        use_service_handler(self.error_log)
+        # At a worker's exit gunicorn closes the listening socket uvicorn has already closed.
+        self.error_log.addFilter(lambda record: not record.getMessage().startswith("Error while closing socket"))
 
 
 class _Arbiter(Arbiter):
@@ -85,9 +90,11 @@ class _Arbiter(Arbiter):
 
 
 class _Supervisor(BaseApplication):
+    """gunicorn's application: its options and the app, made once here and forked into every worker."""
+
     def __init__(
         self,
-        application: str,
+        application: Callable[[], Any],
         options: dict[str, Any],
         source: CheckpointSource | None,
         on_hup: Callable[[], None] | None = None,
@@ -109,7 +116,7 @@ class _Supervisor(BaseApplication):
             self.cfg.set(key, value)
 
     def load(self) -> Any:
-        return import_app(self.application)
+        return self.application()
 
 
 class AddressInUse(Exception):
@@ -155,18 +162,17 @@ def _allow_descriptors(wanted: int) -> None:
 
 def serve(
     settings: Settings,
-    host: str,
-    port: int,
-    workers: int,
-    application: str = "app.main:app",
+    application: Callable[[], Any],
     source: CheckpointSource | None = None,
     on_hup: Callable[[], None] | None = None,
 ) -> int:
-    """Serve `application` until SIGTERM, SIGINT or SIGQUIT, then drain and return 0; SIGHUP
-    reloads the model from `source`, or calls `on_hup` (a model repository's reconcile).
+    """Serve the app `application` makes on `settings.host`, `.port` with `settings.workers`
+    processes until SIGTERM, SIGINT or SIGQUIT, then drain and return 0; SIGHUP reloads the model
+    from `source`, or calls `on_hup` (a model repository's reconcile).
 
     Raises AddressInUse before starting; gunicorn itself exits 3 if a worker cannot boot.
     """
+    host, port, workers = settings.host, settings.port, settings.workers or 1
     claim = claim_address(host, port)
     # gRPC's port too: a plain socket, no grpc object (the workers create their gRPC servers).
     grpc_claim: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
@@ -192,7 +198,7 @@ def serve(
         "graceful_timeout": settings.shutdown_grace_s + 1,
         # Heartbeat files: /dev/shm is a tmpfs even where the root filesystem is read-only.
         "worker_tmp_dir": "/dev/shm" if os.access("/dev/shm", os.W_OK) else None,
-        "logger_class": _logger_class(settings),
+        "logger_class": _Logs,
         "loglevel": settings.log_level,
         "accesslog": None,
         "errorlog": "-",
@@ -200,9 +206,7 @@ def serve(
         "control_socket_disable": True,  # no runtime control socket in $HOME or $XDG_RUNTIME_DIR
     }
     grpc_note = f", gRPC on port {settings.grpc_port}" if settings.grpc_port else ""
-    logging.getLogger("app").info(
-        "serving %s on http://%s%s with %d workers", application, options["bind"], grpc_note, workers
-    )
+    logging.getLogger("app").info("serving on http://%s%s with %d workers", options["bind"], grpc_note, workers)
     with claim, grpc_claim:
         _Supervisor(application, options, source, on_hup).run()
     return 0

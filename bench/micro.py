@@ -159,7 +159,7 @@ async def _event_loop_share(bodies: list[bytes], content_type: str) -> float:
     task = asyncio.create_task(app({"type": "lifespan", "asgi": {"version": "3.0"}}, lifespan.get, lifespan_send))
     await lifespan.put({"type": "lifespan.startup"})
     await started.wait()
-    service = app.state.plane.model
+    service = app.state.worker.plane.model
     first = partial(decode_body, bodies[0], content_type, service.loaded.preprocess, service.settings)
     answer = service.run_batch([first])[0]
 

@@ -63,9 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args(argv)
-    settings = Settings()
+    settings = Settings().model_copy(update={"host": args.host, "port": args.port, "workers": args.workers})
     configure_logging(settings.log_format, settings.log_level)
-    return serve(settings, args.host, args.port, args.workers, application=f"bench.references:{args.name}")
+    return serve(settings, lambda: {"naive": naive, "empty": empty}[args.name])
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ RESUME_PER_TICK = 16  # connections resumed per tick while the queue has room
 
 
 class Backpressure:
-    """One worker's held connections, and the rule that holds them (`busy`, set by the lifespan)."""
+    """One worker's held connections, and the rule that holds them (`busy`, set once the worker is
+    ready: `app.worker.Worker`)."""
 
     def __init__(self, max_hold_s: float = 0.4) -> None:
         self.busy: Callable[[], bool] | None = None
@@ -56,13 +57,13 @@ class Backpressure:
             self._timer = loop.call_later(TICK_S, self._tick, loop)
 
 
-BACKPRESSURE = Backpressure()  # this process's; a worker's lifespan sets its `busy`
-
-
 class HeldAfterAnswerProtocol(HttpToolsProtocol):
     """HttpToolsProtocol that, once an inference request is answered while the worker is busy,
-    stops reading the connection until `BACKPRESSURE` resumes it (no pipelined request waiting,
-    no head being refused on it)."""
+    stops reading the connection until its worker's `backpressure` resumes it (no pipelined
+    request waiting, no head being refused on it). Without one (a class made for another app),
+    nothing is held."""
+
+    backpressure: Backpressure | None = None  # set on the class the worker makes (`service_protocol`)
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -72,7 +73,8 @@ class HeldAfterAnswerProtocol(HttpToolsProtocol):
             and not self.transport.is_closing()
             and not getattr(self, "refusing", False)
             and is_inference_path(self.cycle.scope["path"])
-            and BACKPRESSURE.hold(self.loop, self._resume_reading)
+            and self.backpressure is not None
+            and self.backpressure.hold(self.loop, self._resume_reading)
         ):
             self.flow.pause_reading()  # the next request waits in the socket while the queue is long
 

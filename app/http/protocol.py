@@ -5,7 +5,7 @@ checked against the installed uvicorn, in tests/app/test_internals.py."""
 
 from __future__ import annotations
 
-from app.http.backpressure import HeldAfterAnswerProtocol
+from app.http.backpressure import Backpressure, HeldAfterAnswerProtocol
 from app.http.limits import BoundedHeadProtocol
 
 
@@ -14,8 +14,10 @@ class ServiceProtocol(HeldAfterAnswerProtocol, BoundedHeadProtocol):
     the connection be held."""
 
 
-def service_protocol(max_head_bytes: int, head_timeout_s: float) -> type[ServiceProtocol]:
-    """The protocol class with these head limits, for uvicorn's `http` setting."""
-    return type(
-        "ServiceProtocol", (ServiceProtocol,), {"max_head_bytes": max_head_bytes, "head_timeout_s": head_timeout_s}
-    )
+def service_protocol(
+    max_head_bytes: int, head_timeout_s: float, backpressure: Backpressure | None = None
+) -> type[ServiceProtocol]:
+    """The protocol class with these head limits and this worker's hold (None: no hold), for
+    uvicorn's `http` setting."""
+    attributes = {"max_head_bytes": max_head_bytes, "head_timeout_s": head_timeout_s, "backpressure": backpressure}
+    return type("ServiceProtocol", (ServiceProtocol,), attributes)

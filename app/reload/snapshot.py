@@ -1,24 +1,16 @@
-"""What the supervisor and its workers share about reloads: where the validated snapshot lies
-(an environment variable the supervisor sets for its workers), the reload counts beside it,
-and the validation's verdict line."""
+"""What the supervisor and its workers share about reloads: the reload counts beside the validated
+snapshot (whose path the supervisor hands its workers: `app.worker.Handoff`), and the
+validation's verdict line."""
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-SNAPSHOT_ENV = "FASHION_SERVE_MODEL_SNAPSHOT"  # set by the supervisor for its workers; internal
 COUNTS_FILE = "reloads.json"
 VALID = "valid"  # the last line app.reload.validate prints for a checkpoint that serves
-
-
-def snapshot_path() -> Path | None:
-    """The validated checkpoint this worker serves, when run under `python -m app`."""
-    value = os.environ.get(SNAPSHOT_ENV)
-    return Path(value) if value else None
 
 
 def _record(snapshot: Path | None) -> dict[str, Any]:

@@ -28,8 +28,6 @@ from typing import Any
 
 from app.errors import ServeError
 
-STATE_DIR_ENV = "FASHION_SERVE_REPOSITORY_STATE"  # set by the supervisor for its workers; internal
-
 
 @dataclass
 class VersionState:

@@ -2,16 +2,16 @@
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
 from app.deps import AuthorizedPlaneDep
-from app.reload.snapshot import last_reload, snapshot_path
+from app.reload.snapshot import last_reload
 
 router = APIRouter(tags=["model"])
 
 
 @router.get("/model")
-def describe_model(plane: AuthorizedPlaneDep) -> dict[str, Any]:
+def describe_model(plane: AuthorizedPlaneDep, request: Request) -> dict[str, Any]:
     """The default model's default version (architecture, state_dict keys and shapes, classes,
     preprocessing, metrics and checkpoint facts), every model version served (`served`, with its
     state and resident memory), that model's `rollout` (its canary and shadow, null without one),
@@ -24,5 +24,5 @@ def describe_model(plane: AuthorizedPlaneDep) -> dict[str, Any]:
         "rollout": None if rollout is None else vars(rollout),
         "generation": plane.registry.generation,
         "served": [version.row() for version in plane.registry],
-        "last_reload": last_reload(snapshot_path()),
+        "last_reload": last_reload(request.app.state.worker.handoff.snapshot),
     }

@@ -81,7 +81,7 @@ def _images(*seeds: int) -> tuple[bytes, str]:
 
 
 def test_batched_results_equal_unbatched_and_keep_request_order(client: object) -> None:
-    service = client.app.state.plane.model  # type: ignore[attr-defined]
+    service = client.app.state.worker.plane.model  # type: ignore[attr-defined]
     items = [
         _pending(service, *_images(1, 2)),
         _pending(service, b"garbage", "image/png"),
@@ -188,7 +188,7 @@ def test_admission_refuses_when_the_work_ahead_would_take_longer_than_the_queue_
 
 
 def test_a_held_refusal_is_answered_after_its_hold(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
-    plane = client.app.state.plane  # type: ignore[attr-defined]
+    plane = client.app.state.worker.plane  # type: ignore[attr-defined]
     monkeypatch.setattr(plane.model.batcher, "seconds_per_item", 10.0)  # any work ahead takes too long
     plane.in_flight = 1
     try:
@@ -303,9 +303,9 @@ def test_the_inference_thread_runs_at_a_lower_priority_than_its_callers() -> Non
 
 @pytest.mark.skipif(sys.platform != "linux", reason="per-thread nice values are Linux behaviour")
 def test_the_service_starts_its_inference_thread_lowered(client: object) -> None:
-    from app.lifecycle import INFERENCE_NICE
+    from app.worker import INFERENCE_NICE
 
-    thread = client.app.state.plane.model.batcher._thread  # type: ignore[attr-defined]
+    thread = client.app.state.worker.plane.model.batcher._thread  # type: ignore[attr-defined]
     assert thread.name == "inference" and thread.native_id is not None
     mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     assert os.getpriority(os.PRIO_PROCESS, thread.native_id) == min(mine + INFERENCE_NICE, 19)

@@ -55,7 +55,7 @@ def test_not_ready_before_the_model_is_loaded_and_warmed_up(settings: Settings) 
 
 
 def test_not_ready_while_draining(client: TestClient) -> None:
-    runtime = client.app.state.plane  # type: ignore[attr-defined]
+    runtime = client.app.state.worker.plane  # type: ignore[attr-defined]
     runtime.health.start_draining("draining: SIGTERM received")
     response = client.get("/health/ready")
     assert response.status_code == 503
@@ -67,7 +67,7 @@ def test_readiness_turns_off_after_shutdown(settings: Settings) -> None:
     app = create_app(settings)
     with TestClient(app) as client:
         assert client.get("/health/ready").status_code == 200
-    assert not app.state.plane.health.is_ready
+    assert not app.state.worker.plane.health.is_ready
 
 
 def test_startup_fails_on_a_missing_checkpoint(tmp_path: Path) -> None:
@@ -113,7 +113,7 @@ def test_docs_work_offline(client: TestClient) -> None:
 
 
 def test_out_of_accelerator_memory_is_503_and_recovers(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
-    service = client.app.state.plane.model  # type: ignore[attr-defined]
+    service = client.app.state.worker.plane.model  # type: ignore[attr-defined]
     model = service.forward.model  # the torch form: the tiny checkpoint has no other
     calls = {"n": 0}
     real_forward = model.forward
@@ -163,7 +163,7 @@ def test_settings_refuse_an_empty_checkpoint_and_a_bad_device(monkeypatch: pytes
 def test_every_protocol_takes_one_admission_rule_while_draining(client: TestClient) -> None:
     """Readiness turns off on SIGTERM, but a request that still arrives is answered by every
     protocol alike (they used to disagree: v2 refused, /predict served)."""
-    client.app.state.plane.health.start_draining("draining: SIGTERM received")  # type: ignore[attr-defined]
+    client.app.state.worker.plane.health.start_draining("draining: SIGTERM received")  # type: ignore[attr-defined]
     assert client.get("/health/ready").status_code == 503
     assert client.get("/v2/health/ready").status_code == 503
     assert client.post("/predict", files={"file": ("a.png", png())}).status_code == 200

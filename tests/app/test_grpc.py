@@ -176,7 +176,7 @@ def test_metadata_config_health_and_metrics(served: tuple[TestClient, grpc.Chann
     assert _code(health.Check, health_pb2.HealthCheckRequest(service="nope")) is grpc.StatusCode.NOT_FOUND
     watch = health.Watch(health_pb2.HealthCheckRequest(service="inference.GRPCInferenceService"), timeout=10)
     assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
-    client.app.state.plane.health.start_draining()  # type: ignore[attr-defined]
+    client.app.state.worker.plane.health.start_draining()  # type: ignore[attr-defined]
     assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING, "the change is pushed to a watcher"
     watch.cancel()
     assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.NOT_SERVING
@@ -191,7 +191,7 @@ def test_metadata_config_health_and_metrics(served: tuple[TestClient, grpc.Chann
 
 def _batches(client: TestClient) -> tuple[float, float]:
     """Forward passes so far and the images they held (fashion_serve_batch_images)."""
-    histogram = client.app.state.plane.metrics.batch_size  # type: ignore[attr-defined]
+    histogram = client.app.state.worker.plane.metrics.batch_size  # type: ignore[attr-defined]
     samples = {s.name: s.value for s in histogram.collect()[0].samples if not s.labels}
     return samples["fashion_serve_batch_images_count"], samples["fashion_serve_batch_images_sum"]
 

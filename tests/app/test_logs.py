@@ -122,3 +122,24 @@ def test_a_failed_write_keeps_the_lines_and_never_raises(monkeypatch: pytest.Mon
     assert stream.getvalue() == ""
     logging.getLogger("app").warning("second")
     assert [line.rsplit("] ", 1)[1] for line in stream.getvalue().splitlines()] == ["first", "second"]
+
+
+def test_a_flush_that_interrupts_another_never_writes_a_line_twice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SIGTERM handler logs (and flushes) while the main thread's flush is inside the write: the
+    handler's lock is re-entrant, so the inner flush runs. Found by a worker's shutdown log, which
+    showed one worker's "SIGTERM" line twice: the inner flush wrote the outer one's lines again."""
+    stream = _capture(monkeypatch)
+    write = stream.write
+    interrupted = [False]
+
+    def interrupting(text: str) -> int:
+        if not interrupted[0]:
+            interrupted[0] = True
+            logging.getLogger("app").warning("from the signal handler")  # flushes at once, inside this write
+        return write(text)
+
+    monkeypatch.setattr(stream, "write", interrupting)
+    logging.getLogger("app.access").info("GET /held 200")
+    flush_logs()
+    lines = [line.rsplit("] ", 1)[1] for line in stream.getvalue().splitlines()]
+    assert sorted(lines) == ["GET /held 200", "from the signal handler"], lines

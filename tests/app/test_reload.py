@@ -20,10 +20,11 @@ from app.decoding import ModelInput
 from app.errors import ServeError
 from app.inference import Call, Parsed, Parser
 from app.main import create_app
-from app.reload.snapshot import SNAPSHOT_ENV, last_reload, reload_counts
+from app.reload.snapshot import last_reload, reload_counts
 from app.reload.supervisor import CheckpointSource
 from app.served_model import ServedModel
 from app.settings import Settings
+from app.worker import Handoff
 from tests.helpers import png, wait_for, write_tiny_checkpoint
 
 
@@ -31,11 +32,10 @@ def test_a_new_snapshot_is_swapped_in_and_the_old_model_is_freed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     snapshot = write_tiny_checkpoint(tmp_path / "current.pt", seed=1)
-    monkeypatch.setenv(SNAPSHOT_ENV, str(snapshot))
     monkeypatch.setattr(app.reload.worker, "SNAPSHOT_POLL_S", 0.05)
     settings = Settings(checkpoint=tmp_path / "configured.pt", device="cpu", body_timeout_s=0.2)
-    with TestClient(create_app(settings)) as client:
-        runtime = client.app.state.plane  # type: ignore[attr-defined]
+    with TestClient(create_app(settings, Handoff(snapshot=snapshot))) as client:
+        runtime = client.app.state.worker.plane  # type: ignore[attr-defined]
         first = client.get("/model").json()["checkpoint"]
         assert first["path"] == str(tmp_path / "configured.pt"), "/model names the configured path"
         old = weakref.ref(runtime.model)
@@ -57,7 +57,7 @@ def _parsed(model_input: ModelInput) -> Parser[None]:
 
 
 def test_a_closed_batcher_refuses_new_items_and_the_runtime_answers_503(client: TestClient) -> None:
-    runtime = client.app.state.plane  # type: ignore[attr-defined]
+    runtime = client.app.state.worker.plane  # type: ignore[attr-defined]
     service = runtime.model
     batcher: MicroBatcher[object, object] = MicroBatcher(lambda items: list(items), max_batch_size=2)
     batcher.start()

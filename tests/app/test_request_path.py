@@ -57,7 +57,7 @@ def test_every_route_holds_its_refusal(
     route: str, served: tuple[TestClient, grpc.Channel], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     client, _ = served
-    plane = client.app.state.plane  # type: ignore[attr-defined]
+    plane = client.app.state.worker.plane  # type: ignore[attr-defined]
     _busy(plane, monkeypatch)
     try:
         began = time.monotonic()
@@ -74,7 +74,7 @@ def test_the_grpc_inference_call_holds_its_refusal(
     served: tuple[TestClient, grpc.Channel], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     client, channel = served
-    plane = client.app.state.plane  # type: ignore[attr-defined]
+    plane = client.app.state.worker.plane  # type: ignore[attr-defined]
     stub = pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
     message = pb.ModelInferRequest(model_name=MODEL)
     message.inputs.add(name="input", datatype="FP32", shape=[1, 1, 28, 28])
@@ -110,7 +110,7 @@ def test_the_grpc_inference_call_holds_its_refusal(
 def test_a_malformed_request_is_refused_before_admission(
     path: str, kwargs: dict[str, object], status: int, client: TestClient
 ) -> None:
-    plane = client.app.state.plane  # type: ignore[attr-defined]
+    plane = client.app.state.worker.plane  # type: ignore[attr-defined]
     plane.in_flight = plane.settings.max_concurrency  # admission would refuse anything (503)
     try:
         response = client.post(path, **kwargs)  # type: ignore[arg-type]

@@ -317,7 +317,7 @@ def test_predict_and_v2_requests_share_forward_passes(client: TestClient) -> Non
     """Both protocols hand the same batcher model input: one step runs them in one pass."""
     from app.decoding import ModelInput
 
-    service = client.app.state.plane.model  # type: ignore[attr-defined]
+    service = client.app.state.worker.plane.model  # type: ignore[attr-defined]
     passes: list[int] = []
     observe, service.observe_batch = service.observe_batch, lambda images, seconds: passes.append(images)
     try:

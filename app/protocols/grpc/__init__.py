@@ -8,6 +8,6 @@ the same data plane, plus `grpc.health.v1.Health` for probes.
 - `servicer`: the RPCs (keys, request ids, metrics and logs per call) and the health service;
 - `server`: one `grpc.aio` server per worker, started after the fork in the worker's lifespan.
 
-Nothing outside this package imports grpc, and `app.lifecycle` imports this package only inside
+Nothing outside this package imports grpc, and `app.worker` imports this package only inside
 the worker: grpc is not fork-safe, and the supervisor forks the workers.
 """

@@ -59,7 +59,7 @@ def _version(parameters: dict[str, Any]) -> str | None:
 
 
 def _repository(request: Request) -> Repository:
-    repository: Repository | None = request.app.state.repository
+    repository: Repository | None = request.app.state.worker.repository
     if repository is None:
         raise ServeError(400, "no model repository is configured (FASHION_SERVE_MODEL_REPOSITORY)")
     return repository
@@ -76,20 +76,20 @@ def index_rows(plane: DataPlane, repository: Repository | None, ready_only: bool
 async def repository_index(request: Request, response: Response) -> list[dict[str, object]]:
     """Every model version on disk and served, with its state (READY, LOADING, UNLOADING,
     UNAVAILABLE), the reason, and the resident memory it takes in this worker."""
-    plane: DataPlane = request.app.state.plane
+    plane: DataPlane = request.app.state.worker.plane
     plane.authorize(_key(request))
     ready = (await _body(request)).get("ready", False)
     if not isinstance(ready, bool):
         raise ServeError(400, "'ready' must be true or false")
     response.headers[GENERATION_HEADER] = str(plane.registry.generation)
-    return index_rows(plane, request.app.state.repository, ready)
+    return index_rows(plane, request.app.state.worker.repository, ready)
 
 
 @router.post("/models/{name}/load")
 async def load_model(name: str, request: Request, response: Response) -> dict[str, object]:
     """Load the model's policy versions (or `parameters.version` beside those loaded) on every
     worker, each validated before it serves; answered once every worker serves them."""
-    plane: DataPlane = request.app.state.plane
+    plane: DataPlane = request.app.state.worker.plane
     plane.authorize_admin(_key(request))
     check_name(name)
     parameters = _parameters(await _body(request))
@@ -107,7 +107,7 @@ async def load_model(name: str, request: Request, response: Response) -> dict[st
 async def unload_model(name: str, request: Request, response: Response) -> dict[str, object]:
     """Unload every version of the model (or `parameters.version`): new requests for it are
     refused at once, those admitted finish, then its memory is freed, on every worker."""
-    plane: DataPlane = request.app.state.plane
+    plane: DataPlane = request.app.state.worker.plane
     plane.authorize_admin(_key(request))
     check_name(name)
     parameters = _parameters(await _body(request))
@@ -137,7 +137,7 @@ async def get_rollout(name: str, request: Request) -> dict[str, Any]:
     """The model's default version, canary and shadow, and per version how it has answered so far
     (summed over the workers): requests, images, OOD-flagged share, mean confidence and latency,
     and for a shadow its top-1 `agreement` with the default version on the same inputs."""
-    plane: DataPlane = request.app.state.plane
+    plane: DataPlane = request.app.state.worker.plane
     plane.authorize(_key(request))
     check_name(name)
     return _repository(request).rollout(name)
@@ -148,7 +148,7 @@ async def put_rollout(name: str, request: Request, response: Response) -> dict[s
     """Set `default_version` (promote, or roll back; null: the highest loaded), `canary` and
     `shadow` (each null or `{"version", "percent"}`; a field left out keeps its value): on every
     worker before it answers."""
-    plane: DataPlane = request.app.state.plane
+    plane: DataPlane = request.app.state.worker.plane
     plane.authorize_admin(_key(request))
     check_name(name)
     body = await _body(request)
