@@ -53,6 +53,9 @@ def _add_train(commands: argparse._SubParsersAction[argparse.ArgumentParser], pr
     train.add_argument("--teacher", type=Path, help="a trained checkpoint to distill from (its answers, softened)")
     train.add_argument("--distill-alpha", type=float, help="--teacher: the weight of its part of the loss (0.5)")
     train.add_argument("--distill-temperature", type=float, help="--teacher: the softening temperature (4)")
+    train.add_argument(
+        "--distill-mirror", action="store_true", help="--teacher: it answers each image and its mirror, averaged"
+    )
     train.add_argument("--seed", type=int, default=DEFAULT_SEED)
     train.add_argument(
         "--preset", choices=sorted(PRESETS), help="the recipe of a bundled checkpoint (other options override it)"

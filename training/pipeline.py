@@ -172,6 +172,7 @@ def _training_record(
                 "teacher_sha256": teacher_sha256,
                 "distill_alpha": args.distill_alpha,
                 "distill_temperature": args.distill_temperature,
+                "distill_mirror": args.distill_mirror,
             }
         ),
         "preset": args.preset,
@@ -190,8 +191,8 @@ def _teacher(
 ) -> tuple[Teacher, str] | None:
     """`--teacher`: the checkpoint to distill from, frozen, and the SHA-256 of the bytes loaded."""
     if args.teacher is None:
-        if args.distill_alpha is not None or args.distill_temperature is not None:
-            raise SystemExit("--distill-alpha and --distill-temperature apply with --teacher only")
+        if args.distill_alpha is not None or args.distill_temperature is not None or args.distill_mirror:
+            raise SystemExit("--distill-alpha, --distill-temperature and --distill-mirror apply with --teacher only")
         return None
     alpha = 0.5 if args.distill_alpha is None else args.distill_alpha
     temperature = 4.0 if args.distill_temperature is None else args.distill_temperature
@@ -208,7 +209,7 @@ def _teacher(
     if loaded.architecture.channels_last:
         model = model.to(memory_format=torch.channels_last)
     args.distill_alpha, args.distill_temperature = alpha, temperature  # recorded with the recipe
-    return Teacher(model, alpha, temperature), hashlib.sha256(data).hexdigest()
+    return Teacher(model, alpha, temperature, args.distill_mirror), hashlib.sha256(data).hexdigest()
 
 
 def parameters_sha256(model: nn.Module) -> str:
@@ -362,6 +363,7 @@ RECIPE_KEYS = (
     "teacher_sha256",
     "distill_alpha",
     "distill_temperature",
+    "distill_mirror",
     "seed",
     "val_size",
     "duration_s",

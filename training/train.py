@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import sys
@@ -232,11 +233,15 @@ class Teacher:
     model: nn.Module  # eval mode, on the student's device; its weights are never updated
     alpha: float = 0.5
     temperature: float = 4.0
+    mirror: bool = False  # the teacher answers each image and its mirror image, averaged
 
     def blend(self, label_loss: torch.Tensor, log_ps: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The batch's loss (summed over examples, as `label_loss` is) with the teacher's part."""
         with torch.no_grad():
             target = F.log_softmax(self.model(x) / self.temperature, dim=1)
+            if self.mirror:  # the mean of the two softened distributions, as log-probabilities
+                mirrored = F.log_softmax(self.model(x.flip(-1)) / self.temperature, dim=1)
+                target = torch.logaddexp(target, mirrored) - math.log(2)
         student = F.log_softmax(log_ps / self.temperature, dim=1)  # log-probabilities / T: logits / T
         soft = F.kl_div(student, target, log_target=True, reduction="sum") * self.temperature**2
         return (1 - self.alpha) * label_loss + self.alpha * soft
