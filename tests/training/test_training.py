@@ -348,16 +348,36 @@ def test_the_teacher_part_of_the_loss_is_the_softened_kl_divergence() -> None:
     assert teacher.blend(label_loss, same, x).item() == pytest.approx(0.75 * label_loss.item(), rel=1e-5)
 
 
+def test_a_mirrored_teacher_answers_with_the_mean_of_an_image_and_its_mirror() -> None:
+    from training.train import Teacher
+
+    torch.manual_seed(0)
+    teacher_model = build_model("classifier", {}).eval()
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    student = torch.log_softmax(torch.randn(8, 10), dim=1)
+    label_loss = torch.nn.functional.nll_loss(student, y, reduction="sum")
+    blended = Teacher(teacher_model, alpha=1.0, temperature=2.0, mirror=True).blend(label_loss, student, x)
+    with torch.no_grad():
+        p_teacher = (
+            torch.softmax(teacher_model(x) / 2, dim=1) + torch.softmax(teacher_model(x.flip(-1)) / 2, dim=1)
+        ) / 2
+    q_student = torch.softmax(student / 2.0, dim=1)
+    kl = (p_teacher * (p_teacher.log() - q_student.log())).sum() * 4.0
+    assert blended.item() == pytest.approx(kl.item(), rel=1e-5)
+    plain = Teacher(teacher_model, alpha=1.0, temperature=2.0).blend(label_loss, student, x)
+    assert plain.item() != pytest.approx(blended.item(), rel=1e-3), "the mirror changes the teacher's answer"
+
+
 def test_a_student_learns_from_a_teacher_and_records_it(synthetic_data: Path, tmp_path: Path) -> None:
     common = ["--data-dir", str(synthetic_data), "--limit", "600", "--device", "cpu", "--batch-size", "64"]
     teacher = tmp_path / "teacher.pt"
     assert main(["train", "--arch", "classifier", "--epochs", "3", "--out", str(teacher), *common]) == 0
     student = tmp_path / "student.pt"
     args = ["train", "--arch", "cnn", "--channels", "4", "8", "--hidden", "16", "--epochs", "3", "--out", str(student)]
-    assert main([*args, "--teacher", str(teacher), "--distill-alpha", "0.7", *common]) == 0
+    assert main([*args, "--teacher", str(teacher), "--distill-alpha", "0.7", "--distill-mirror", *common]) == 0
     training = load_checkpoint(student).training
     assert training["teacher_sha256"] == hashlib.sha256(teacher.read_bytes()).hexdigest()
-    assert (training["distill_alpha"], training["distill_temperature"]) == (0.7, 4.0)
+    assert (training["distill_alpha"], training["distill_temperature"], training["distill_mirror"]) == (0.7, 4.0, True)
     report = json.loads((tmp_path / "student.metrics.json").read_text())
     assert report["metrics"]["test_accuracy"] > 0.5, "the student learned from the labels and the teacher"
     with pytest.raises(SystemExit, match="cannot load the teacher"):
