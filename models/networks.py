@@ -66,7 +66,10 @@ class FashionCNN(nn.Module):
     """The default model: conv stages (each two 3x3 convs, then 2x2 max-pool) and a small head.
 
     `channels` names one width per stage: two stages, (32, 64), is the first bundled CNN; a
-    third stage works on the 7x7 maps (floored to 3x3 by its pool).
+    third stage works on the 7x7 maps (floored to 3x3 by its pool). `mirror`: it answers each
+    image and its mirror image (flipped left to right) together, their penultimate features
+    averaged (so their logits too, and the OOD score reads the averaged features): twice the
+    convolutions, for the accuracy of test-time mirroring (docs/trust.md).
     """
 
     def __init__(
@@ -75,8 +78,10 @@ class FashionCNN(nn.Module):
         hidden: int = 128,
         num_classes: int = 10,
         drop_p: float = 0.3,
+        mirror: bool = False,
     ) -> None:
         super().__init__()
+        self.mirror = mirror
         layers: list[nn.Module] = []
         side, c_in = 28, 1
         for width in channels:
@@ -93,7 +98,12 @@ class FashionCNN(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.log_softmax(self.head(self.features(x.reshape(-1, 1, 28, 28))), dim=1)
+        x = x.reshape(-1, 1, 28, 28)
+        if not self.mirror:
+            return F.log_softmax(self.head(self.features(x)), dim=1)
+        n = x.shape[0]
+        hidden = self.head[:-1](self.features(torch.cat([x, x.flip(-1)])))
+        return F.log_softmax(self.head[-1]((hidden[:n] + hidden[n:]) / 2), dim=1)
 
 
 def last_linear(model: nn.Module) -> nn.Linear:
@@ -193,6 +203,8 @@ def _check_cnn(args: Mapping[str, Any]) -> None:
     _int_in(args, "hidden", 1, MAX_WIDTH)
     _int_in(args, "num_classes", 2, MAX_CLASSES)
     _probability(args, "drop_p")
+    if not isinstance(args["mirror"], bool):
+        raise ValueError(f"mirror must be true or false, got {args['mirror']!r}")
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -204,7 +216,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     "classifier": Architecture(Classifier, {"drop_p": 0.2}, _check_classifier),
     "cnn": Architecture(
         FashionCNN,
-        {"channels": [32, 64], "hidden": 128, "num_classes": 10, "drop_p": 0.3},
+        {"channels": [32, 64], "hidden": 128, "num_classes": 10, "drop_p": 0.3, "mirror": False},
         _check_cnn,
         channels_last=True,
         fold_batchnorm=True,

@@ -94,6 +94,11 @@ def _add_trust_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     )
     calibrate.add_argument("checkpoint", type=Path)
     calibrate.add_argument("--out", type=Path, help="where to write it (default: over CHECKPOINT)")
+    calibrate.add_argument(
+        "--mirror",
+        action="store_true",
+        help="--arch cnn: from now on the model answers each image and its mirror together (fitted so)",
+    )
     calibrate.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     _add_data_options(calibrate)
     calibrate.set_defaults(run=_with_device_and_data(run_calibrate))

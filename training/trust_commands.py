@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from sklearn.metrics import roc_auc_score
 
-from models import CheckpointError, LoadedModel, for_inference, load_checkpoint, save_checkpoint
+from models import CheckpointError, FashionCNN, LoadedModel, for_inference, load_checkpoint, save_checkpoint
 from models.preprocessing import normalize_tensor
 from models.trust import Trust
 from training.data import FashionMNIST
@@ -41,6 +41,12 @@ def training_split(loaded: LoadedModel, num_train: int) -> tuple[torch.Tensor, t
 
 def run_calibrate(args: argparse.Namespace, device: torch.device, data: FashionMNIST) -> int:
     loaded = _load(args, device)
+    model_args = loaded.model_args
+    if getattr(args, "mirror", False):
+        if not isinstance(loaded.model, FashionCNN):
+            raise SystemExit(f"--mirror: the {loaded.arch} architecture has no mirrored form (the cnn has)")
+        model_args = {**model_args, "mirror": True}
+        loaded.model.mirror = True  # what follows is fitted on the mirrored answers
     train_idx, val_idx = training_split(loaded, len(data.train.labels))
     if not loaded.training:
         plan = SplitPlan()
@@ -61,7 +67,7 @@ def run_calibrate(args: argparse.Namespace, device: torch.device, data: FashionM
         args.out or args.checkpoint,
         loaded.model,
         loaded.arch,
-        loaded.model_args,
+        model_args,
         loaded.preprocess,
         loaded.class_names,
         metrics=metrics,

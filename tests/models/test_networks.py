@@ -64,6 +64,25 @@ def test_the_cnn_takes_two_or_three_stages() -> None:
             model_args_for("cnn", {"channels": channels})
 
 
+def test_a_mirrored_cnn_answers_with_the_mean_of_an_image_and_its_mirror() -> None:
+    """Its logits (and the penultimate features the OOD score reads) are the means of the plain
+    model's on the image and on the image flipped left to right; folding keeps that."""
+    torch.manual_seed(1)
+    plain = _trained_looking(FashionCNN((4, 8, 16), hidden=8))
+    mirrored = FashionCNN((4, 8, 16), hidden=8, mirror=True).eval()
+    mirrored.load_state_dict(plain.state_dict())
+    x = torch.randn(5, 1, 28, 28)
+    with torch.inference_mode():
+        logits = [plain.head(plain.features(v)) for v in (x, x.flip(-1))]
+        expected = torch.log_softmax((logits[0] + logits[1]) / 2, dim=1)
+        assert torch.allclose(mirrored(x), expected, atol=1e-5)
+        assert not torch.allclose(mirrored(x), plain(x), atol=1e-6), "the mirror changes the answer"
+        served = for_inference(mirrored, ARCHITECTURES["cnn"])
+        assert torch.allclose(served(x), expected, atol=1e-4)
+    with pytest.raises(ValueError, match="mirror must be true or false"):
+        model_args_for("cnn", {"mirror": 1})
+
+
 def test_models_without_convolutions_are_served_as_an_unchanged_copy() -> None:
     """Always a copy: saliency runs the original while the inference thread hooks the copy."""
     for arch, model in (("network", Network(784, 10, [32, 16])), ("classifier", Classifier())):

@@ -73,6 +73,27 @@ def _save(loaded: LoadedModel, path: Path, record: FormRecord | None, model: tor
     )  # fmt: skip
 
 
+def test_a_mirrored_cnn_exports_one_graph_with_both_halves(tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    model = small_model("cnn")
+    model.mirror = True
+    calibration, ood = records(model)
+    path = save_checkpoint(
+        tmp_path / "m.pt", model, "cnn", {**ARCHS["cnn"], "mirror": True}, PreprocessConfig(),
+        calibration=calibration, ood=ood,
+    )  # fmt: skip
+    loaded = load_checkpoint(path)
+    assert loaded.model_args["mirror"] is True and loaded.model.mirror
+    session = ort.InferenceSession(export_onnx(loaded), providers=["CPUExecutionProvider"])
+    _, x = _inputs(loaded, 5)
+    log_ps, features = session.run(None, {"input": x.numpy()})
+    want_log_ps, want_features = loaded.forward(TORCH_FP32)(x)
+    assert want_features is not None and features.shape == tuple(want_features.shape)
+    np.testing.assert_allclose(log_ps, want_log_ps.detach().numpy(), atol=1e-4)
+    np.testing.assert_allclose(features, want_features.detach().numpy(), atol=1e-4)
+
+
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_the_exported_graph_gives_the_torch_models_log_probabilities_and_features(tmp_path: Path, arch: str) -> None:
     import onnxruntime as ort

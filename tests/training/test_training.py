@@ -327,6 +327,30 @@ def test_calibrate_holds_out_what_training_held_out_under_limit(
     assert rows(fitted["train"]) == rows(train_x), "the Gaussians are fitted on what the model trained on"
 
 
+def test_calibrate_mirror_fits_the_mirrored_cnn_and_refuses_other_architectures(
+    synthetic_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mirrored_when_fitted: list[bool] = []
+
+    def spy_fit_trust(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        mirrored_when_fitted.append(model.mirror)
+        return fit_trust(model, *args, **kwargs)
+
+    options = ["--data-dir", str(synthetic_data), "--device", "cpu"]
+    cnn = tmp_path / "cnn.pt"
+    common = ["--epochs", "1", "--limit", "300", *options]
+    assert main(["train", "--arch", "cnn", "--channels", "4", "8", "--hidden", "8", *common, "--out", str(cnn)]) == 0
+    monkeypatch.setattr(training.trust_commands, "fit_trust", spy_fit_trust)
+    assert main(["calibrate", str(cnn), "--mirror", "--out", str(tmp_path / "mirrored.pt"), *options]) == 0
+    assert mirrored_when_fitted == [True], "the temperature and the OOD statistics are fitted on the mirrored answers"
+    assert load_checkpoint(tmp_path / "mirrored.pt").model_args["mirror"] is True
+    assert load_checkpoint(cnn).model_args["mirror"] is False
+    mlp = tmp_path / "mlp.pt"
+    assert main(["train", "--arch", "network", "--hidden-layers", "16", *common, "--out", str(mlp)]) == 0
+    with pytest.raises(SystemExit, match="--mirror: the network architecture has no mirrored form"):
+        main(["calibrate", str(mlp), "--mirror", *options])
+
+
 def test_the_teacher_part_of_the_loss_is_the_softened_kl_divergence() -> None:
     from training.train import Teacher
 
