@@ -258,8 +258,8 @@ class DataPlane:
                 {
                     "fashion_serve.model.name": model.name,
                     "fashion_serve.model.version": model.version,
-                    "fashion_serve.model.backend": model.forward.name,
-                    "fashion_serve.model.precision": model.forward.precision,
+                    "fashion_serve.model.served_form": model.form.name,
+                    "fashion_serve.model.precision": model.form.precision,
                     "fashion_serve.images": len(scored.input.names),
                     "fashion_serve.ood.flagged": flagged,
                 }

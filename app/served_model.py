@@ -91,7 +91,7 @@ class ServedModel:
         self.device = loaded.device  # asked once: it walks the model's parameters
         self.trust = loaded.trust()  # calibration and OOD statistics, when the checkpoint has them
         try:  # the fp32 copy or the checkpoint's faster form; /model shows the original
-            self.forward = loaded.forward(settings.backend, settings.torch_threads)
+            self.form = loaded.form(settings.served_form, settings.torch_threads)
         except FormError as exc:
             raise CheckpointError(str(exc)) from None
         self.batcher: MicroBatcher[Pending, Scored] | None = None  # this model's inference thread, once started
@@ -163,7 +163,7 @@ class ServedModel:
             x = torch.from_numpy(batch)
             if self.device.type != "cpu":
                 x = x.to(self.device, non_blocking=True)
-            probabilities, scores = self.trust.apply(*self.forward(x))
+            probabilities, scores = self.trust.apply(*self.form(x))
             return probabilities.cpu().numpy(), None if scores is None else scores.cpu().numpy()
 
     def saliency(self, inputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -227,14 +227,14 @@ class ServedModel:
 
     def summary(self) -> str:
         """One line for the logs: name, architecture, checkpoint hash, device, served form."""
-        where = f"on {self.device} as {self.forward.name}"
+        where = f"on {self.device} as {self.form.name}"
         return f"{self.name} ({self.loaded.arch}, {self.checkpoint.sha256[:12]}) {where}"
 
-    def backend(self) -> dict[str, Any]:
+    def form_description(self) -> dict[str, Any]:
         """Which form serves (`models.served_form`), its precision, and what `optimize` recorded of it."""
         record = self.loaded.served_form
-        recorded = record.describe() if record is not None and record.name == self.forward.name else {}
-        return {**recorded, "name": self.forward.name, "precision": self.forward.precision}
+        recorded = record.describe() if record is not None and record.name == self.form.name else {}
+        return {**recorded, "name": self.form.name, "precision": self.form.precision}
 
     def describe(self) -> dict[str, Any]:
         model = self.loaded.model
@@ -251,7 +251,7 @@ class ServedModel:
             "classes": list(self.class_names),
             "input_shape": [1, self.input_size, self.input_size],
             "device": str(self.device),
-            "backend": self.backend(),
+            "served_form": self.form_description(),
             "preprocess": self.loaded.preprocess.to_dict(),
             "metrics": self.loaded.metrics,
             "training": self.loaded.training,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 BUNDLED_CHECKPOINT = Path(__file__).resolve().parent.parent / "models" / "fashion_cnn.pt"
@@ -15,11 +15,14 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"  # Swagger UI and the pa
 class Settings(BaseSettings):
     """Every knob of the service; the README's configuration table lists them with their defaults."""
 
-    model_config = SettingsConfigDict(env_prefix="FASHION_SERVE_", frozen=True)
+    model_config = SettingsConfigDict(env_prefix="FASHION_SERVE_", frozen=True, populate_by_name=True)
 
     checkpoint: Path = BUNDLED_CHECKPOINT
     device: str = "auto"
-    backend: Literal["auto", "torch-fp32", "onnx-int8"] = "auto"  # auto: the checkpoint's int8 form where sound
+    # auto: the checkpoint's int8 form where sound. FASHION_SERVE_BACKEND, its name before, still works.
+    served_form: Literal["auto", "torch-fp32", "onnx-int8"] = Field(
+        "auto", validation_alias=AliasChoices("FASHION_SERVE_SERVED_FORM", "FASHION_SERVE_BACKEND")
+    )
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     max_files: int = Field(16, ge=1, le=1024)
     max_image_pixels: int = Field(16_777_216, ge=1024, le=89_478_485)

@@ -237,7 +237,7 @@ def forward(images: int) -> contextlib.AbstractContextManager[Any]:
 
 
 def describe(attributes: Mapping[str, Any]) -> None:
-    """Attributes for the current (server) span: model, version, backend, images, OOD flags."""
+    """Attributes for the current (server) span: model, version, served form, images, OOD flags."""
     if _tracer is None:
         return
     span = _api.get_current_span()

@@ -24,7 +24,7 @@ import torch
 from bench.micro import best_us
 from bench.server import ROOT
 from models import LoadedModel, for_inference, load_checkpoint
-from models.served_form import ONNX_INT8, TORCH_FP32, OnnxForward
+from models.served_form import ONNX_INT8, TORCH_FP32, OnnxForm
 from models.trust import forward_with_features
 
 BATCHES = (1, 16, 32)
@@ -62,7 +62,7 @@ def _torch_forms(loaded: LoadedModel, compile_too: bool) -> dict[str, Run]:
 def _onnx_forms(loaded: LoadedModel) -> dict[str, Run]:
     from training.optimize import export_onnx, make_record
 
-    forms: dict[str, Run] = {"onnxruntime fp32": OnnxForward(export_onnx(loaded), threads=1)}
+    forms: dict[str, Run] = {"onnxruntime fp32": OnnxForm(export_onnx(loaded), threads=1)}
     record = loaded.served_form
     if record is None:
         shape = loaded.architecture.input_shape
@@ -70,7 +70,7 @@ def _onnx_forms(loaded: LoadedModel) -> dict[str, Run]:
         calibration = rng.standard_normal((256, *shape)).astype(np.float32)
         record = make_record(loaded, calibration, np.zeros((1, *shape[1:]), np.uint8))
         print("no served_form in the checkpoint: int8 calibrated on random inputs here (speed only)")
-    forms[ONNX_INT8] = OnnxForward(record.graph, threads=1)
+    forms[ONNX_INT8] = OnnxForm(record.graph, threads=1)
     return forms
 
 

@@ -72,7 +72,7 @@ def _form(port: int) -> str:
         described = json.loads(connection.getresponse().read())
     finally:
         connection.close()
-    return str(described.get("backend", {}).get("name", "?"))
+    return str(described.get("served_form", {}).get("name", "?"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,6 @@
 """Per-stage costs of /predict, in-process, best of 7 runs: where a request's time goes.
 
-    python -m bench.micro [--checkpoint models/fashion_cnn.pt] [--backend torch-fp32]
+    python -m bench.micro [--checkpoint models/fashion_cnn.pt] [--served-form torch-fp32]
 
 Stages: the multipart split, decoding one upload to model input, the forward pass at batch
 1 and 16, the inference thread's whole step (decode + forward) for 1 and for 16 requests,
@@ -43,7 +43,7 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.micro", description=__doc__)
     parser.add_argument("--checkpoint", type=Path, default=ROOT / "models" / "course_network.pt")
     parser.add_argument(
-        "--backend", default="auto", help="the served form: auto, torch-fp32 or onnx-int8 (FASHION_SERVE_BACKEND)"
+        "--served-form", default="auto", help="auto, torch-fp32 or onnx-int8 (FASHION_SERVE_SERVED_FORM)"
     )
     return parser.parse_args(argv)
 
@@ -126,13 +126,13 @@ def main(argv: list[str] | None = None) -> int:
         FASHION_SERVE_CHECKPOINT=str(args.checkpoint),
         FASHION_SERVE_DEVICE="cpu",
         FASHION_SERVE_LOG_LEVEL="warning",
-        FASHION_SERVE_BACKEND=args.backend,
+        FASHION_SERVE_SERVED_FORM=args.served_form,
     )
     import torch
 
     torch.set_num_threads(1)
     requests = _Requests.load()
-    form = requests.service.forward.name
+    form = requests.service.form.name
     print(f"checkpoint: {args.checkpoint.name} as {form}; torch {torch.__version__}, 1 thread; microseconds, best of 7")
     rows = _inference_rows(requests)
     share = asyncio.run(_event_loop_share(requests.bodies, requests.content_type))

@@ -74,16 +74,17 @@ def started(
     name: str,
     checkpoint: Path,
     workers: int,
-    backend: str = "auto",
+    served_form: str = "auto",
     extra_env: dict[str, str] | None = None,
     log: Path | None = None,
 ) -> Iterator[Server]:
-    """The service (serving the `backend` form, logging warnings only, with `extra_env` on top), or
+    """The service (serving the `served_form`, logging warnings only, with `extra_env` on top), or
     a reference app (naive, empty), ready on a loopback port, its output to this process's or to
     the file `log`; stopped at the end."""
     env = {
         "FASHION_SERVE_CHECKPOINT": str(checkpoint),
-        "FASHION_SERVE_BACKEND": backend,
+        "FASHION_SERVE_SERVED_FORM": served_form,
+        "FASHION_SERVE_BACKEND": served_form,  # its name before: what a base commit reads
         "FASHION_SERVE_LOG_LEVEL": "warning",
         "BENCH_CHECKPOINT": str(checkpoint),
         "OMP_NUM_THREADS": "1",
@@ -275,11 +276,11 @@ class Case:
     concurrency: tuple[int, ...]
     # predict; v2 with binary FP32 or BYTES (encoded PNG) input: v2-fp32, v2-bytes; grpc-fp32: v2 over gRPC, raw FP32
     api: str = "predict"
-    backend: str = "auto"  # the service's FASHION_SERVE_BACKEND: auto serves the checkpoint's fastest sound form
+    served_form: str = "auto"  # FASHION_SERVE_SERVED_FORM: auto serves the checkpoint's fastest sound form
 
     @property
     def key(self) -> Key:
-        return (self.server, self.model, self.per_request, self.api, self.backend)
+        return (self.server, self.model, self.per_request, self.api, self.served_form)
 
 
 HEADER = (
@@ -314,8 +315,8 @@ def _cases(args: argparse.Namespace) -> list[Case]:
         Case("naive", "cnn", 1, 1, (32,)),
         Case("service", "cnn", w, 1, levels),
         Case("service", "cnn", w, 8, (8, 32)),
-        Case("service", "cnn", w, 1, levels, backend=TORCH_FP32),
-        Case("service", "cnn", w, 8, (8, 32), backend=TORCH_FP32),
+        Case("service", "cnn", w, 1, levels, served_form=TORCH_FP32),
+        Case("service", "cnn", w, 8, (8, 32), served_form=TORCH_FP32),
         Case("service", "mlp", w, 1, (32,), "v2-fp32"),
         Case("service", "mlp", w, 32, (32,), "v2-fp32"),
         Case("service", "mlp", w, 1, (32,), "v2-bytes"),
@@ -354,7 +355,7 @@ def _run_case(
     """Start the case's server, drive each concurrency level, print its rows; rows by level."""
     path = "/predict?k=3" if case.api == "predict" else f"/v2/models/{checkpoint.stem}/infer"
     rows = {}
-    with started(case.server, checkpoint, case.workers, case.backend) as server:
+    with started(case.server, checkpoint, case.workers, case.served_form) as server:
         for c in case.concurrency:
             probe = None
             if case.api == "predict" and case.per_request == 1 and c == 32 and case.model == "mlp":
@@ -417,7 +418,7 @@ def _print_grpc_ratios(results: dict[tuple[Key, int], dict]) -> None:
 
 
 def _form(case: Case) -> str:
-    return "" if case.server != "service" or case.model != "cnn" else case.backend
+    return "" if case.server != "service" or case.model != "cnn" else case.served_form
 
 
 def _print_ratios(results: dict[tuple[Key, int], dict], health: Health, quick: bool) -> None:

@@ -2,7 +2,7 @@
 
     python -m bench.trust [--checkpoint models/fashion_cnn.pt ...] [--device cpu]
 
-For batches of 1 and 32, on the served model (the fp32 form `LoadedModel.forward` builds, as
+For batches of 1 and 32, on the served model (the fp32 form `LoadedModel.form` builds, as
 `ServedModel` runs it) under inference mode: a plain step (`model(x).exp()`) and the served
 step (the form's forward pass, which also returns the penultimate features, then
 `Trust.apply`: calibrated probabilities and OOD scores), interleaved, best of 7 rounds; and the
@@ -20,14 +20,14 @@ import torch
 
 from bench.micro import ROOT, best_us
 from models import for_inference, load_checkpoint
-from models.served_form import TORCH_FP32, Forward
+from models.served_form import TORCH_FP32, ServedForm
 from models.trust import Trust, ood_scores
 
 ROUNDS = 7
 
 
 def measure(
-    model: torch.nn.Module, forward: Forward, trust: Trust, x: torch.Tensor, sync: Callable[[], None]
+    model: torch.nn.Module, forward: ServedForm, trust: Trust, x: torch.Tensor, sync: Callable[[], None]
 ) -> tuple[float, ...]:
     """(plain forward us, the served step us, extra math alone us) for one batch."""
     assert trust.ood is not None
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         if loaded.ood is None or loaded.calibration is None:
             raise SystemExit(f"{path} has no trust records: run `python -m training calibrate {path}`")
         model, trust = for_inference(loaded.model, loaded.architecture), loaded.trust()
-        forward = loaded.forward(TORCH_FP32)
+        forward = loaded.form(TORCH_FP32)
         for batch in (1, 32):
             with torch.inference_mode():
                 x = torch.randn(batch, 1, 28, 28, device=loaded.device)

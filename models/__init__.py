@@ -9,7 +9,7 @@ The package map:
 - `trust`: calibrated probabilities and the out-of-distribution score and verdict.
 - `saliency`: SmoothGrad saliency maps, on the checkpoint's own model.
 - `served_form`: the form a checkpoint is served in (fp32 torch, or its int8 ONNX graph made by
-  `python -m training optimize`), chosen and checked at load (`LoadedModel.forward`).
+  `python -m training optimize`), chosen and checked at load (`LoadedModel.form`).
 - `devices`, `fashion_mnist`: the device rule and the class names.
 
 **Adding a network**: write the nn.Module in `networks.py` (input (N, C, H, W), output

@@ -27,7 +27,7 @@ from models.devices import resolve_device
 from models.fashion_mnist import FASHION_MNIST_CLASSES
 from models.networks import ARCHITECTURES, Architecture, build_model, for_inference, model_args_for
 from models.preprocessing import PreprocessConfig, normalize
-from models.served_form import RECORD_KEY, FormRecord, Forward, build_forward
+from models.served_form import RECORD_KEY, FormRecord, ServedForm, build_form
 from models.trust import Calibration, OODStats, RecordError, Trust
 
 FORMAT_VERSION = 1
@@ -71,16 +71,16 @@ class LoadedModel:
         """What serves this checkpoint's calibration and OOD records (either may be absent)."""
         return Trust(self.calibration, self.ood, self.device, self.architecture.output_layer)
 
-    def forward(self, backend: str = "auto", threads: int = 1) -> Forward:
-        """The form to serve (`models.served_form.build_forward`; raises FormError): the fp32 copy
-        from `for_inference`, or the record's faster form where it is sound and `backend` allows."""
+    def form(self, choice: str = "auto", threads: int = 1) -> ServedForm:
+        """The form to serve (`models.served_form.build_form`; raises FormError): the fp32 copy
+        from `for_inference`, or the record's faster form where it is sound and `choice` allows."""
         served = for_inference(self.model, self.architecture)
         layer = self.architecture.output_layer(served) if self.ood is not None else None
         record = self.served_form
         reference = None
         if record is not None:
             reference = torch.from_numpy(normalize(record.reference, self.preprocess)).unsqueeze(1)
-        return build_forward(served, self.model, layer, record, reference, backend, threads)
+        return build_form(served, self.model, layer, record, reference, choice, threads)
 
 
 def save_checkpoint(

@@ -7,10 +7,15 @@ graph in the checkpoint as the optional `served_form` record (docs/performance.m
 comparison that chose it). The record carries its own hashes: the graph's, and that of the
 weights it was made from, so a graph left beside other weights is never served.
 
-At load, `build_forward` turns a checkpoint and the requested backend into a `Forward`: a callable
+One name for one thing: the *served form* is what runs a model's forward passes in the service
+(`ServedForm`: `TorchForm` or `OnnxForm`), chosen by FASHION_SERVE_SERVED_FORM, reported as
+`served_form` by /model, as the span attribute `fashion_serve.model.served_form`, and as the OIP v2
+metadata's `platform` and Triton config's `backend` (those fields' own vocabulary).
+
+At load, `build_form` turns a checkpoint and the requested form into a `ServedForm`: a callable
 from a normalized (N, 1, H, W) batch to (log-probabilities, features or None). `auto` serves the
 record's graph when it is sound and agrees with the fp32 model on the record's reference images,
-else the torch model with one WARNING saying why; an explicit backend that cannot serve raises
+else the torch model with one WARNING saying why; an explicit form that cannot serve raises
 FormError. Calibration and the OOD score are applied to either form's outputs by `models.trust`.
 """
 
@@ -32,7 +37,7 @@ log = logging.getLogger(__name__)
 
 TORCH_FP32 = "torch-fp32"
 ONNX_INT8 = "onnx-int8"
-BACKENDS = ("auto", TORCH_FP32, ONNX_INT8)
+FORMS = ("auto", TORCH_FP32, ONNX_INT8)
 RECORD_KEY = "served_form"
 # At load, the graph must give the fp32 model's top class on this share of the reference images.
 MIN_AGREEMENT = 0.98
@@ -41,7 +46,7 @@ MAX_REFERENCE_IMAGES = 1024
 
 
 class FormError(ValueError):
-    """The requested backend cannot serve this checkpoint; the message says why."""
+    """The requested form cannot serve this checkpoint; the message says why."""
 
 
 def weights_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
@@ -76,7 +81,7 @@ class FormRecord:
 
     @classmethod
     def from_record(cls, record: Any) -> FormRecord:
-        """Check the record's structure (RecordError); whether it can serve is `build_forward`'s call."""
+        """Check the record's structure (RecordError); whether it can serve is `build_form`'s call."""
         if not isinstance(record, Mapping) or record.get("name") != ONNX_INT8:
             raise RecordError(f"served_form must be a dict with name {ONNX_INT8!r}")
         graph, reference = record.get("graph"), record.get("reference")
@@ -104,7 +109,7 @@ class FormRecord:
         return {**self.info, "name": self.name, "graph_sha256": self.graph_sha256, "graph_bytes": len(self.graph)}
 
 
-class Forward(Protocol):
+class ServedForm(Protocol):
     """A served form: normalized inputs -> (log-probabilities (N, C), penultimate features (N, D) or None)."""
 
     name: str
@@ -113,7 +118,7 @@ class Forward(Protocol):
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]: ...
 
 
-class TorchForward:
+class TorchForm:
     """The checkpoint's own torch model (the served copy from `for_inference`)."""
 
     precision = "fp32"
@@ -129,7 +134,7 @@ class TorchForward:
         return forward_with_features(self.model, x, self.output_layer)
 
 
-class OnnxForward:
+class OnnxForm:
     """The record's graph run by ONNX Runtime on the CPU, `threads` threads, no spinning."""
 
     precision = "int8"
@@ -150,33 +155,33 @@ class OnnxForward:
         return torch.from_numpy(log_ps), torch.from_numpy(features)
 
 
-def build_forward(
+def build_form(
     served: nn.Module,
     original: nn.Module,
     output_layer: nn.Linear | None,
     record: FormRecord | None,
     reference_inputs: torch.Tensor | None,
-    backend: str = "auto",
+    choice: str = "auto",
     threads: int = 1,
-) -> Forward:
+) -> ServedForm:
     """The form to serve: `served` is the torch model as served, `original` the checkpoint's (its
     weights are what the record's hash must match), `reference_inputs` the record's reference
-    images normalized. Raises FormError when `backend` names a form that cannot serve."""
-    if backend not in BACKENDS:
-        raise FormError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    torch_form = TorchForward(served, output_layer)
-    if backend == TORCH_FP32:
+    images normalized. Raises FormError when `choice` names a form that cannot serve."""
+    if choice not in FORMS:
+        raise FormError(f"unknown served form {choice!r}; choose one of {', '.join(FORMS)}")
+    torch_form = TorchForm(served, output_layer)
+    if choice == TORCH_FP32:
         return torch_form
     device = next(original.parameters()).device
     if record is None or device.type != "cpu":
         reason = "the checkpoint has no served_form record" if record is None else f"it runs on the CPU, not {device}"
-        if backend == ONNX_INT8:
-            raise FormError(f"backend {ONNX_INT8} cannot serve: {reason} (`python -m training optimize` makes one)")
+        if choice == ONNX_INT8:
+            raise FormError(f"served form {ONNX_INT8} cannot serve: {reason} (`python -m training optimize` makes one)")
         return torch_form
     try:
         form = _checked_onnx(record, original, torch_form, reference_inputs, threads)
     except FormError as exc:
-        if backend == ONNX_INT8:
+        if choice == ONNX_INT8:
             raise
         log.warning("serving %s instead of the checkpoint's %s form: %s", TORCH_FP32, ONNX_INT8, exc)
         return torch_form
@@ -184,15 +189,15 @@ def build_forward(
 
 
 def _checked_onnx(
-    record: FormRecord, original: nn.Module, reference: TorchForward, inputs: torch.Tensor | None, threads: int
-) -> OnnxForward:
+    record: FormRecord, original: nn.Module, reference: TorchForm, inputs: torch.Tensor | None, threads: int
+) -> OnnxForm:
     """The record's graph, once its hashes match and it agrees with the fp32 model (FormError otherwise)."""
     if hashlib.sha256(record.graph).hexdigest() != record.graph_sha256:
         raise FormError("its graph does not match its graph_sha256 (corrupt)")
     if weights_sha256(original.state_dict()) != record.weights_sha256:
         raise FormError("it was made from other weights (stale): run `python -m training optimize` again")
     try:
-        form = OnnxForward(record.graph, threads)
+        form = OnnxForm(record.graph, threads)
     except ImportError:
         raise FormError("onnxruntime is not installed") from None
     except Exception as exc:  # onnxruntime raises its own types for graphs it cannot run
@@ -208,7 +213,7 @@ def _checked_onnx(
 
 
 @torch.inference_mode()
-def _agreement(form: Forward, reference: Forward, inputs: torch.Tensor) -> float:
+def _agreement(form: ServedForm, reference: ServedForm, inputs: torch.Tensor) -> float:
     try:
         got, features = form(inputs)
     except Exception as exc:  # a graph that loads but fails on real input

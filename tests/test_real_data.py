@@ -52,11 +52,11 @@ def test_the_served_int8_form_passes_its_quality_gates_on_the_test_set(
 ) -> None:
     """What `python -m training optimize` checked before storing the form holds where the tests run."""
     loaded = load_checkpoint(path)  # type: ignore[arg-type]
-    form = loaded.forward()
+    form = loaded.form()
     assert form.name == ONNX_INT8 and loaded.served_form is not None
     test = (normalize_tensor(fmnist.test.images, loaded.preprocess).unsqueeze(1), fmnist.test.labels)
     ood = ood_inputs(loaded.preprocess, 300, seed=0)
-    fp32 = measure(loaded.forward(TORCH_FP32), loaded.trust(), test, ood)
+    fp32 = measure(loaded.form(TORCH_FP32), loaded.trust(), test, ood)
     int8 = measure(form, loaded.trust(), test, ood)
     assert gate_failures(fp32, int8) == [], (fp32, int8)
     recorded = loaded.served_form.info["measured"]["int8"]
@@ -74,7 +74,7 @@ def test_served_predictions_match_the_model_on_real_images(fmnist: FashionMNIST)
     loaded = load_checkpoint(BUNDLED_CHECKPOINT)
     images, labels = fmnist.test.images[:64], fmnist.test.labels[:64]
     with torch.inference_mode():  # the form the service serves (its int8 graph)
-        direct = loaded.forward()(normalize_tensor(images, loaded.preprocess).unsqueeze(1))[0].argmax(dim=1).tolist()
+        direct = loaded.form()(normalize_tensor(images, loaded.preprocess).unsqueeze(1))[0].argmax(dim=1).tolist()
     files = [("file", (f"{i}.png", encode(Image.fromarray(a.numpy())), "image/png")) for i, a in enumerate(images)]
     settings = Settings(device="cpu", max_files=64)
     with TestClient(create_app(settings)) as client:
@@ -126,7 +126,7 @@ def test_the_service_serves_calibrated_probabilities_and_the_ood_verdict(fmnist:
     # Calibrated: softmax(log_probs / T) of the served form's output, not its plain exp().
     x = normalize_tensor(fmnist.test.images[:8], loaded.preprocess).unsqueeze(1)
     with torch.inference_mode():
-        calibrated = torch.softmax(loaded.forward()(x)[0] / loaded.calibration.temperature, dim=1)
+        calibrated = torch.softmax(loaded.form()(x)[0] / loaded.calibration.temperature, dim=1)
     served = np.asarray(outputs["probabilities"]["data"], np.float32).reshape(12, 10)[:8]
     np.testing.assert_allclose(served, calibrated.numpy(), atol=1e-5)
     top = [p["top_k"][0]["probability"] for p in predictions[:8]]

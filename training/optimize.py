@@ -23,7 +23,7 @@ from torch import nn
 
 from models import CheckpointError, LoadedModel, for_inference, load_checkpoint, save_checkpoint
 from models.preprocessing import normalize_tensor
-from models.served_form import ONNX_INT8, TORCH_FP32, FormRecord, Forward, weights_sha256
+from models.served_form import ONNX_INT8, TORCH_FP32, FormRecord, ServedForm, weights_sha256
 from models.trust import Trust, forward_with_features
 from training.data import FashionMNIST
 from training.fit_trust import expected_calibration_error, flagged_share
@@ -101,7 +101,7 @@ def quantize_int8(graph: bytes, calibration: np.ndarray, batch: int = 32) -> byt
 
 @torch.inference_mode()
 def measure(
-    form: Forward, trust: Trust, test: tuple[torch.Tensor, torch.Tensor], ood: dict[str, np.ndarray]
+    form: ServedForm, trust: Trust, test: tuple[torch.Tensor, torch.Tensor], ood: dict[str, np.ndarray]
 ) -> dict[str, float]:
     """What the gates read, for one form: test accuracy (%), calibrated ECE, OOD AUROC, share flagged (%)."""
 
@@ -174,11 +174,11 @@ def run_optimize(args: argparse.Namespace, data: FashionMNIST) -> int:
         raise SystemExit(f"cannot load checkpoint: {exc}") from None
     record = make_record(loaded, *_images(loaded, data))
     with_record = LoadedModel(**{**vars(loaded), "served_form": record})
-    form = with_record.forward(ONNX_INT8, threads=args.threads or 1)
+    form = with_record.form(ONNX_INT8, threads=args.threads or 1)
     trust = loaded.trust()
     test = (normalize_tensor(data.test.images, loaded.preprocess).unsqueeze(1), data.test.labels)
     ood = ood_inputs(loaded.preprocess, args.per_kind, seed=0)
-    fp32_form = loaded.forward(TORCH_FP32)
+    fp32_form = loaded.form(TORCH_FP32)
     figures = {"fp32": measure(fp32_form, trust, test, ood), "int8": measure(form, trust, test, ood)}
     _print(figures)
     failures = gate_failures(figures["fp32"], figures["int8"])

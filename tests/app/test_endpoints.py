@@ -114,7 +114,7 @@ def test_docs_work_offline(client: TestClient) -> None:
 
 def test_out_of_accelerator_memory_is_503_and_recovers(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
     service = client.app.state.worker.plane.model  # type: ignore[attr-defined]
-    model = service.forward.model  # the torch form: the tiny checkpoint has no other
+    model = service.form.model  # the torch form: the tiny checkpoint has no other
     calls = {"n": 0}
     real_forward = model.forward
 

@@ -61,7 +61,7 @@ def test_a_traced_request_has_its_stages_and_a_linked_batch(
     assert server.parent is not None and f"{server.parent.span_id:016x}" == PARENT_ID
     assert server.attributes is not None
     assert server.attributes["http.route"] == "/predict" and server.attributes["http.response.status_code"] == 200
-    assert server.attributes["fashion_serve.model.backend"] == "torch-fp32"
+    assert server.attributes["fashion_serve.model.served_form"] == "torch-fp32"
     assert server.attributes["fashion_serve.images"] == 1
     for stage in ("receive", "queue", "decode", "encode"):
         parent = spans[stage].parent

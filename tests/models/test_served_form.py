@@ -16,7 +16,7 @@ from app.settings import Settings
 from models import CheckpointError, LoadedModel, PreprocessConfig, load_checkpoint, save_checkpoint
 from models import served_form as sf
 from models.preprocessing import normalize
-from models.served_form import ONNX_INT8, TORCH_FP32, FormError, FormRecord, OnnxForward
+from models.served_form import ONNX_INT8, TORCH_FP32, FormError, FormRecord, OnnxForm
 from tests.models.test_trust import ARCHS, records, small_model, write
 from training.optimize import GATES, export_onnx, gate_failures, make_record, measure
 
@@ -88,7 +88,7 @@ def test_a_mirrored_cnn_exports_one_graph_with_both_halves(tmp_path: Path) -> No
     session = ort.InferenceSession(export_onnx(loaded), providers=["CPUExecutionProvider"])
     _, x = _inputs(loaded, 5)
     log_ps, features = session.run(None, {"input": x.numpy()})
-    want_log_ps, want_features = loaded.forward(TORCH_FP32)(x)
+    want_log_ps, want_features = loaded.form(TORCH_FP32)(x)
     assert want_features is not None and features.shape == tuple(want_features.shape)
     np.testing.assert_allclose(log_ps, want_log_ps.detach().numpy(), atol=1e-4)
     np.testing.assert_allclose(features, want_features.detach().numpy(), atol=1e-4)
@@ -103,7 +103,7 @@ def test_the_exported_graph_gives_the_torch_models_log_probabilities_and_feature
     session = ort.InferenceSession(export_onnx(loaded), providers=["CPUExecutionProvider"])
     _, x = _inputs(loaded, 5)
     log_ps, features = session.run(None, {"input": x.numpy()})
-    want_log_ps, want_features = loaded.forward(TORCH_FP32)(x)
+    want_log_ps, want_features = loaded.form(TORCH_FP32)(x)
     assert want_features is not None
     np.testing.assert_allclose(log_ps, want_log_ps.detach().numpy(), atol=1e-4)
     np.testing.assert_allclose(features, want_features.detach().numpy(), atol=1e-4)
@@ -114,12 +114,12 @@ def test_the_int8_form_round_trips_and_serves_the_fp32_models_classes(optimized:
     raw = torch.load(path, map_location="cpu", weights_only=True)  # still a weights-only checkpoint
     assert raw["served_form"]["name"] == ONNX_INT8 and raw["served_form"]["graph"].dtype == torch.uint8
     loaded = load_checkpoint(path)
-    form = loaded.forward()
-    assert isinstance(form, OnnxForward) and (form.name, form.precision) == (ONNX_INT8, "int8")
+    form = loaded.form()
+    assert isinstance(form, OnnxForm) and (form.name, form.precision) == (ONNX_INT8, "int8")
     _, x = _inputs(loaded, 64, seed=1000)
     with torch.inference_mode():
         got, features = form(x)
-        want, want_features = loaded.forward(TORCH_FP32)(x)
+        want, want_features = loaded.form(TORCH_FP32)(x)
     assert features is not None and want_features is not None and features.shape == want_features.shape
     assert float((got.argmax(1) == want.argmax(1)).double().mean()) >= 0.95
     assert torch.allclose(got.exp().sum(1), torch.ones(64), atol=1e-3)
@@ -127,30 +127,41 @@ def test_the_int8_form_round_trips_and_serves_the_fp32_models_classes(optimized:
     assert probabilities.shape == (64, 10) and scores is not None and scores.shape == (64,)
 
 
-def test_the_backend_setting_chooses_and_an_impossible_choice_is_refused(
+def test_the_served_form_setting_chooses_and_an_impossible_choice_is_refused(
     optimized: tuple[Path, str], tiny_checkpoint: Path
 ) -> None:
     path, _ = optimized
-    assert load_checkpoint(path).forward(TORCH_FP32).name == TORCH_FP32
-    assert ServedModel.load(Settings(checkpoint=path, device="cpu")).forward.name == ONNX_INT8
-    torch_served = ServedModel.load(Settings(checkpoint=path, device="cpu", backend=TORCH_FP32))
-    assert torch_served.backend() == {"name": TORCH_FP32, "precision": "fp32"}
+    assert load_checkpoint(path).form(TORCH_FP32).name == TORCH_FP32
+    assert ServedModel.load(Settings(checkpoint=path, device="cpu")).form.name == ONNX_INT8
+    torch_served = ServedModel.load(Settings(checkpoint=path, device="cpu", served_form=TORCH_FP32))
+    assert torch_served.form_description() == {"name": TORCH_FP32, "precision": "fp32"}
     # A checkpoint without the form: auto serves torch quietly; asking for int8 refuses to start.
-    assert load_checkpoint(tiny_checkpoint).forward().name == TORCH_FP32
+    assert load_checkpoint(tiny_checkpoint).form().name == TORCH_FP32
     with pytest.raises(CheckpointError, match="no served_form record"):
-        ServedModel.load(Settings(checkpoint=tiny_checkpoint, device="cpu", backend=ONNX_INT8))
-    with pytest.raises(FormError, match="unknown backend"):
-        load_checkpoint(path).forward("openvino")
+        ServedModel.load(Settings(checkpoint=tiny_checkpoint, device="cpu", served_form=ONNX_INT8))
+    with pytest.raises(FormError, match="unknown served form"):
+        load_checkpoint(path).form("openvino")
+
+
+def test_the_served_form_is_read_from_its_variable_or_the_name_it_had_before(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings().served_form == "auto"
+    monkeypatch.setenv("FASHION_SERVE_BACKEND", TORCH_FP32)  # deployments configured before the rename
+    assert Settings().served_form == TORCH_FP32
+    monkeypatch.setenv("FASHION_SERVE_SERVED_FORM", ONNX_INT8)  # the new name wins
+    assert Settings().served_form == ONNX_INT8
+    monkeypatch.setenv("FASHION_SERVE_SERVED_FORM", "openvino")
+    with pytest.raises(ValueError, match=r"FASHION_SERVE_SERVED_FORM|served_form"):
+        Settings()
 
 
 def _one_warning(caplog: pytest.LogCaptureFixture, loaded: LoadedModel, words: str) -> None:
     with caplog.at_level(logging.WARNING, logger="models.served_form"):
         caplog.clear()
-        assert loaded.forward().name == TORCH_FP32
+        assert loaded.form().name == TORCH_FP32
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and words in warnings[0], warnings
     with pytest.raises(FormError, match=words):
-        loaded.forward(ONNX_INT8)
+        loaded.form(ONNX_INT8)
 
 
 def test_a_form_made_from_other_weights_is_never_served(
@@ -206,7 +217,7 @@ def test_measure_and_the_gates(optimized: tuple[Path, str]) -> None:
     _, x = _inputs(loaded, 40)
     labels = torch.arange(40) % 10
     ood = {"noise": np.random.default_rng(0).standard_normal((20, 1, 28, 28)).astype(np.float32)}
-    figures = measure(loaded.forward(TORCH_FP32), loaded.trust(), (x, labels), ood)
+    figures = measure(loaded.form(TORCH_FP32), loaded.trust(), (x, labels), ood)
     assert set(figures) == {"accuracy", "calibrated_ece", "ood_auroc", "test_flagged"}
     assert 0 <= figures["accuracy"] <= 100 and 0 <= figures["ood_auroc"] <= 1
     base = {"accuracy": 94.0, "calibrated_ece": 0.005, "ood_auroc": 0.98, "test_flagged": 5.0}

@@ -74,8 +74,8 @@ def _outputs(model: ServedModel) -> list[tuple[str, int]]:
 
 
 def _platform(model: ServedModel) -> str:
-    """Triton's platform names: which runtime serves the model."""
-    return "onnxruntime_onnx" if model.forward.name == ONNX_INT8 else "pytorch_libtorch"
+    """The served form in Triton's platform names (its `backend` field: the same, in its words)."""
+    return "onnxruntime_onnx" if model.form.name == ONNX_INT8 else "pytorch_libtorch"
 
 
 def _versions(plane: DataPlane, model: ServedModel) -> list[str]:
@@ -107,8 +107,8 @@ def model_config(plane: DataPlane, name: str, version: str | None) -> dict[str, 
     return {
         "name": model.name,
         "platform": _platform(model),
-        "backend": "onnxruntime" if model.forward.name == ONNX_INT8 else "pytorch",
-        "parameters": {"precision": {"string_value": model.forward.precision}},
+        "backend": "onnxruntime" if model.form.name == ONNX_INT8 else "pytorch",
+        "parameters": {"precision": {"string_value": model.form.precision}},
         "max_batch_size": model.settings.v2_max_images,
         "input": [{"name": INPUT, "data_type": "TYPE_FP32", "format": "FORMAT_NCHW", "dims": [1, side, side]}],
         "output": [{"name": n, "data_type": "TYPE_FP32", "dims": [width]} for n, width in _outputs(model)],
