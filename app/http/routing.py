@@ -110,7 +110,10 @@ class ServiceApp(FastAPI):
     wraps everything, and the hot-path endpoints (`fast_routes`) are routed and answered as
     plain ASGI before FastAPI's exception middleware and router. Every other path is ordinary
     FastAPI. So middleware added to this app does not apply to the fast routes: a layer every
-    request must pass belongs in `build_middleware_stack` below.
+    request must pass belongs in `build_middleware_stack` below. FastAPI's own OpenTelemetry
+    (its `telemetry`, on whenever a global provider is set) is off: the service traces and counts
+    its requests itself (`app.tracing`, `app.observability`), and FastAPI's check that it is
+    unconfigured cost every request three environment lookups.
     """
 
     def __init__(
@@ -120,7 +123,7 @@ class ServiceApp(FastAPI):
         openapi_extras: list[Callable[[dict[str, Any]], dict[str, Any]]],
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
+        super().__init__(telemetry={"tracing": False, "metrics": False, "logs": False}, **kwargs)
         self.metrics = metrics
         self.fast_routes = fast_routes
         self.openapi_extras = openapi_extras  # the fast routes' operations, which FastAPI does not see

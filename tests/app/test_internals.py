@@ -9,10 +9,16 @@ from __future__ import annotations
 import inspect
 
 import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
 from gunicorn import glogging
 from gunicorn.arbiter import Arbiter
 from starlette.routing import Route
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from app.main import create_app
+from app.settings import Settings
+from tests.helpers import png
 
 # What app/http/limits.py and app/http/backpressure.py (composed in app/http/protocol.py) read or
 # override on uvicorn's httptools protocol.
@@ -61,3 +67,39 @@ def test_gunicorn_arbiter_still_has_the_overridden_hooks(name: str) -> None:
 def test_gunicorn_logger_still_has_setup_and_error_log() -> None:
     assert callable(getattr(glogging.Logger, "setup", None))
     assert "self.error_log" in inspect.getsource(glogging.Logger), "app/server.py filters gunicorn's error_log"
+
+
+def test_uvicorn_worker_reads_its_config_when_it_serves() -> None:
+    """app/server.py's worker class sets `self.config.http` in `run`, before uvicorn reads it."""
+    from uvicorn_worker import UvicornWorker
+
+    source = inspect.getsource(UvicornWorker)
+    assert "self.config = Config(" in source and "Server(config=self.config)" in source, (
+        "uvicorn-worker no longer builds its Config in __init__ and serves it later: app/server.py's "
+        "Worker.run sets the protocol class on it in between"
+    )
+
+
+def test_fastapis_own_telemetry_stays_off_even_with_a_global_provider(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FastAPI (>= 0.142) traces every request itself once a global OpenTelemetry provider is set;
+    the service traces its own (app.tracing), so its app turns FastAPI's off (app.http.routing)."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    monkeypatch.setattr(trace, "get_tracer_provider", lambda: provider)
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/model").status_code == 200
+        assert client.post("/predict", files={"file": ("a.png", png())}).status_code == 200
+    assert exporter.get_finished_spans() == (), "FastAPI traced requests itself"
+    plain = FastAPI()
+    plain.get("/ping")(lambda: {})
+    with TestClient(plain) as client:
+        client.get("/ping")
+    assert exporter.get_finished_spans(), "the check itself: a plain FastAPI app does trace with this provider"
