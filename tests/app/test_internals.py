@@ -1,6 +1,7 @@
 """The framework internals the service relies on, checked against the installed versions.
 
-constraints.txt pins uvicorn, starlette, gunicorn and python-multipart; when a pin moves, these
+constraints.txt pins uvicorn, uvicorn-worker, starlette, fastapi, gunicorn and prometheus-client;
+pyproject.toml bounds them; when a pin moves, these
 fail with a message naming the internal that moved and the module of ours that uses it.
 """
 
@@ -103,3 +104,18 @@ def test_fastapis_own_telemetry_stays_off_even_with_a_global_provider(
     with TestClient(plain) as client:
         client.get("/ping")
     assert exporter.get_finished_spans(), "the check itself: a plain FastAPI app does trace with this provider"
+
+
+# What app/observability.py's `observe_many` writes directly on prometheus_client's Histogram
+# (test_metrics.py checks the result against `observe` itself).
+PROMETHEUS_HISTOGRAM_ATTRIBUTES = ("_upper_bounds", "_sum", "_buckets")
+
+
+@pytest.mark.parametrize("name", PROMETHEUS_HISTOGRAM_ATTRIBUTES)
+def test_prometheus_histograms_still_keep_what_observe_many_writes(name: str) -> None:
+    from prometheus_client import CollectorRegistry, Histogram
+
+    histogram = Histogram("h", "h", registry=CollectorRegistry())
+    assert hasattr(histogram, name), (
+        f"prometheus_client's Histogram no longer has {name}: app/observability.py observe_many writes it"
+    )
