@@ -265,3 +265,19 @@ def test_every_query_error_is_reported_at_once_as_fastapi_does(client: TestClien
     errors = {e["loc"][1]: e for e in response.json()["detail"]}
     assert errors["k"]["type"] == "greater_than_equal" and errors["k"]["ctx"] == {"ge": 1}
     assert errors["invert"]["type"] == "literal_error" and errors["invert"]["input"] == "bad"
+
+
+def test_kept_query_answers_equal_fresh_ones_and_refusals_are_raised_every_time() -> None:
+    from app.errors import ServeError
+
+    for query in (b"", b"k=3", b"k=2&invert=auto", b"x=1&k=5"):
+        assert predict.parse_query(query, 3, 10) == predict._parse_query(query, 3, 10)
+        assert predict.parse_query(query, 3, 10) == predict._parse_query(query, 3, 10)  # now kept
+    assert predict.parse_query(b"", 3, 10) == (3, None) and predict.parse_query(b"", 4, 10) == (4, None)
+    assert predict.parse_query(b"", 3, 2) == (2, None), "the settings are part of what is kept"
+    for _ in range(2):
+        with pytest.raises(ServeError) as refused:
+            predict.parse_query(b"k=0", 3, 10)
+        assert refused.value.status == 422
+    long = b"k=4&" + b"pad=" + b"x" * predict.MAX_KEPT_QUERY
+    assert predict.parse_query(long, 3, 10) == (4, None)
