@@ -48,6 +48,12 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 # The same recipe on a CNN with a third stage.
 PRESETS["fashion-cnn-v3"] = {**PRESETS["fashion-cnn-v2"], "channels": [32, 64, 128]}
+# The same again, distilled from the bundled fashion-cnn-v3 answering each image and its mirror.
+PRESETS["fashion-cnn-v4"] = {
+    **PRESETS["fashion-cnn-v3"],
+    "teacher": Path(__file__).resolve().parent.parent / "models" / "fashion_cnn_v3.pt",
+    "distill_mirror": True,
+}
 
 
 def _model_args(args: argparse.Namespace) -> dict[str, Any]:

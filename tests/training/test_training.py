@@ -239,6 +239,9 @@ def test_a_preset_sets_the_recipe_and_the_command_line_wins() -> None:
         ["train", "--preset", "fashion-cnn-v3", "--channels", "8", "16", "32"]
     )
     assert wider.channels == [8, 16, 32]
+    four = build_parser("fashion-cnn-v4").parse_args(["train", "--preset", "fashion-cnn-v4"])
+    assert four.channels == [32, 64, 128] and four.distill_mirror and four.teacher.name == "fashion_cnn_v3.pt"
+    assert four.teacher.is_file(), "the teacher is bundled"
 
 
 def test_evaluate_reads_course_checkpoints(
