@@ -354,20 +354,30 @@ def test_calibrate_mirror_fits_the_mirrored_cnn_and_refuses_other_architectures(
         main(["calibrate", str(mlp), "--mirror", *options])
 
 
-def test_the_teacher_part_of_the_loss_is_the_softened_kl_divergence() -> None:
-    from training.train import Teacher
-
+def _distillation_case() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A teacher, a batch, a student's log-probabilities and their summed labels' loss."""
     torch.manual_seed(0)
     teacher_model = build_model("classifier", {}).eval()
     x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
     student = torch.log_softmax(torch.randn(8, 10), dim=1)
-    label_loss = torch.nn.functional.nll_loss(student, y, reduction="sum")
+    return teacher_model, x, student, torch.nn.functional.nll_loss(student, y, reduction="sum")
+
+
+def _softened_kl(p_teacher: torch.Tensor, student: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 x KL(teacher || student), the student's log-probabilities softened by T."""
+    q_student = torch.softmax(student / temperature, dim=1)
+    return (p_teacher * (p_teacher.log() - q_student.log())).sum() * temperature**2
+
+
+def test_the_teacher_part_of_the_loss_is_the_softened_kl_divergence() -> None:
+    from training.train import Teacher
+
+    teacher_model, x, student, label_loss = _distillation_case()
     teacher = Teacher(teacher_model, alpha=0.25, temperature=3.0)
     blended = teacher.blend(label_loss, student, x)
     with torch.no_grad():
         p_teacher = torch.softmax(teacher_model(x) / 3.0, dim=1)  # its log-probabilities / T: logits / T
-    q_student = torch.softmax(student / 3.0, dim=1)
-    kl = (p_teacher * (p_teacher.log() - q_student.log())).sum() * 9.0
+    kl = _softened_kl(p_teacher, student, 3.0)
     assert blended.item() == pytest.approx((0.75 * label_loss + 0.25 * kl).item(), rel=1e-5)
     # A student that already answers as the teacher does pays only for the labels.
     with torch.no_grad():
@@ -378,18 +388,13 @@ def test_the_teacher_part_of_the_loss_is_the_softened_kl_divergence() -> None:
 def test_a_mirrored_teacher_answers_with_the_mean_of_an_image_and_its_mirror() -> None:
     from training.train import Teacher
 
-    torch.manual_seed(0)
-    teacher_model = build_model("classifier", {}).eval()
-    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
-    student = torch.log_softmax(torch.randn(8, 10), dim=1)
-    label_loss = torch.nn.functional.nll_loss(student, y, reduction="sum")
+    teacher_model, x, student, label_loss = _distillation_case()
     blended = Teacher(teacher_model, alpha=1.0, temperature=2.0, mirror=True).blend(label_loss, student, x)
     with torch.no_grad():
         p_teacher = (
             torch.softmax(teacher_model(x) / 2, dim=1) + torch.softmax(teacher_model(x.flip(-1)) / 2, dim=1)
         ) / 2
-    q_student = torch.softmax(student / 2.0, dim=1)
-    kl = (p_teacher * (p_teacher.log() - q_student.log())).sum() * 4.0
+    kl = _softened_kl(p_teacher, student, 2.0)
     assert blended.item() == pytest.approx(kl.item(), rel=1e-5)
     plain = Teacher(teacher_model, alpha=1.0, temperature=2.0).blend(label_loss, student, x)
     assert plain.item() != pytest.approx(blended.item(), rel=1e-3), "the mirror changes the teacher's answer"
