@@ -69,7 +69,9 @@ class FashionCNN(nn.Module):
     third stage works on the 7x7 maps (floored to 3x3 by its pool). `mirror`: it answers each
     image and its mirror image (flipped left to right) together, their penultimate features
     averaged (so their logits too, and the OOD score reads the averaged features): twice the
-    convolutions, for the accuracy of test-time mirroring (docs/trust.md).
+    convolutions, for the accuracy of test-time mirroring (docs/trust.md). `mirror_below`, with
+    `mirror`: only the images whose plain answer's top probability is below it are answered
+    again mirrored, so the second pass costs only where the first one was in doubt.
     """
 
     def __init__(
@@ -79,9 +81,11 @@ class FashionCNN(nn.Module):
         num_classes: int = 10,
         drop_p: float = 0.3,
         mirror: bool = False,
+        mirror_below: float | None = None,
     ) -> None:
         super().__init__()
         self.mirror = mirror
+        self.mirror_below = mirror_below
         layers: list[nn.Module] = []
         side, c_in = 28, 1
         for width in channels:
@@ -101,9 +105,17 @@ class FashionCNN(nn.Module):
         x = x.reshape(-1, 1, 28, 28)
         if not self.mirror:
             return F.log_softmax(self.head(self.features(x)), dim=1)
-        n = x.shape[0]
-        hidden = self.head[:-1](self.features(torch.cat([x, x.flip(-1)])))
-        return F.log_softmax(self.head[-1]((hidden[:n] + hidden[n:]) / 2), dim=1)
+        if self.mirror_below is None:
+            n = x.shape[0]
+            hidden = self.head[:-1](self.features(torch.cat([x, x.flip(-1)])))
+            return F.log_softmax(self.head[-1]((hidden[:n] + hidden[n:]) / 2), dim=1)
+        hidden = self.head[:-1](self.features(x))
+        if x.is_meta:  # shapes only (the checkpoint loader's probe): no values to be in doubt about
+            return F.log_softmax(self.head[-1](hidden), dim=1)
+        doubt = (self.head[-1](hidden).softmax(dim=1).amax(dim=1) < self.mirror_below).nonzero().squeeze(1)
+        mirrored = self.head[:-1](self.features(x.index_select(0, doubt).flip(-1)))
+        hidden = hidden.index_add(0, doubt, (mirrored - hidden.index_select(0, doubt)) / 2)
+        return F.log_softmax(self.head[-1](hidden), dim=1)
 
 
 def last_linear(model: nn.Module) -> nn.Linear:
@@ -205,6 +217,11 @@ def _check_cnn(args: Mapping[str, Any]) -> None:
     _probability(args, "drop_p")
     if not isinstance(args["mirror"], bool):
         raise ValueError(f"mirror must be true or false, got {args['mirror']!r}")
+    below = args["mirror_below"]
+    if below is not None and (isinstance(below, bool) or not isinstance(below, int | float) or not 0 < below <= 1):
+        raise ValueError(f"mirror_below must be a number in (0, 1] or null, got {below!r}")
+    if below is not None and not args["mirror"]:
+        raise ValueError("mirror_below applies with mirror only")
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -216,7 +233,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     "classifier": Architecture(Classifier, {"drop_p": 0.2}, _check_classifier),
     "cnn": Architecture(
         FashionCNN,
-        {"channels": [32, 64], "hidden": 128, "num_classes": 10, "drop_p": 0.3, "mirror": False},
+        {"channels": [32, 64], "hidden": 128, "num_classes": 10, "drop_p": 0.3, "mirror": False, "mirror_below": None},
         _check_cnn,
         channels_last=True,
         fold_batchnorm=True,

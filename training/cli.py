@@ -99,6 +99,12 @@ def _add_trust_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
         action="store_true",
         help="--arch cnn: from now on the model answers each image and its mirror together (fitted so)",
     )
+    calibrate.add_argument(
+        "--mirror-below",
+        type=float,
+        metavar="P",
+        help="--mirror: only for images whose plain answer's top probability is below P (0 < P <= 1)",
+    )
     calibrate.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     _add_data_options(calibrate)
     calibrate.set_defaults(run=_with_device_and_data(run_calibrate))

@@ -83,6 +83,34 @@ def test_a_mirrored_cnn_answers_with_the_mean_of_an_image_and_its_mirror() -> No
         model_args_for("cnn", {"mirror": 1})
 
 
+def test_a_cnn_mirrored_below_a_probability_answers_again_only_the_images_in_doubt() -> None:
+    """With `mirror_below`, an image whose plain top probability is below it gets the mirrored
+    answer, every other image the plain one, in the same batch; folding keeps that."""
+    torch.manual_seed(1)
+    plain = _trained_looking(FashionCNN((4, 8, 16), hidden=8))
+    always = FashionCNN((4, 8, 16), hidden=8, mirror=True).eval()
+    always.load_state_dict(plain.state_dict())
+    x = torch.randn(64, 1, 28, 28)
+    with torch.inference_mode():
+        top = plain(x).exp().amax(dim=1)
+        below = float(top.median())  # half the batch in doubt
+        gated = FashionCNN((4, 8, 16), hidden=8, mirror=True, mirror_below=below).eval()
+        gated.load_state_dict(plain.state_dict())
+        doubt = top < below
+        assert 0 < int(doubt.sum()) < len(x)
+        out = gated(x)
+        assert torch.allclose(out[doubt], always(x)[doubt], atol=1e-5)
+        assert torch.allclose(out[~doubt], plain(x)[~doubt], atol=1e-5)
+        assert torch.allclose(for_inference(gated, ARCHITECTURES["cnn"])(x), out, atol=1e-4)
+        gated.mirror_below = 1e-6  # no image in doubt: the plain answers, and no empty pass fails
+        assert torch.allclose(gated(x), plain(x), atol=1e-6)
+    for bad in (0, 1.5, True, "0.8"):
+        with pytest.raises(ValueError, match=r"mirror_below must be a number in \(0, 1\]"):
+            model_args_for("cnn", {"mirror": True, "mirror_below": bad})
+    with pytest.raises(ValueError, match="mirror_below applies with mirror only"):
+        model_args_for("cnn", {"mirror_below": 0.8})
+
+
 def test_models_without_convolutions_are_served_as_an_unchanged_copy() -> None:
     """Always a copy: saliency runs the original while the inference thread hooks the copy."""
     for arch, model in (("network", Network(784, 10, [32, 16])), ("classifier", Classifier())):

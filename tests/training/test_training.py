@@ -348,6 +348,14 @@ def test_calibrate_mirror_fits_the_mirrored_cnn_and_refuses_other_architectures(
     assert mirrored_when_fitted == [True], "the temperature and the OOD statistics are fitted on the mirrored answers"
     assert load_checkpoint(tmp_path / "mirrored.pt").model_args["mirror"] is True
     assert load_checkpoint(cnn).model_args["mirror"] is False
+    gated = tmp_path / "gated.pt"
+    assert main(["calibrate", str(cnn), "--mirror", "--mirror-below", "0.8", "--out", str(gated), *options]) == 0
+    assert load_checkpoint(gated).model_args["mirror_below"] == 0.8
+    assert load_checkpoint(gated).model.mirror_below == 0.8
+    with pytest.raises(SystemExit, match="--mirror-below applies with --mirror only"):
+        main(["calibrate", str(cnn), "--mirror-below", "0.8", *options])
+    with pytest.raises(SystemExit, match=r"--mirror-below: mirror_below must be a number in \(0, 1\]"):
+        main(["calibrate", str(cnn), "--mirror", "--mirror-below", "1.5", *options])
     mlp = tmp_path / "mlp.pt"
     assert main(["train", "--arch", "network", "--hidden-layers", "16", *common, "--out", str(mlp)]) == 0
     with pytest.raises(SystemExit, match="--mirror: the network architecture has no mirrored form"):
