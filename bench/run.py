@@ -241,16 +241,23 @@ def drive(
 
 
 def drive_grpc(
-    server: Server, bodies: Path, model: str, per_request: int, connections: int, seconds: float, warmup: float
+    server: Server,
+    bodies: Path,
+    model: str,
+    per_request: int,
+    connections: int,
+    seconds: float,
+    warmup: float,
+    h2load: bool | None = None,
 ) -> dict:
     """`drive`'s row for ModelInfer over gRPC with the v2 bodies' raw FP32 tensors: h2load where it is
-    installed (mean latency in the p50 column, no p90/p99), else bench.grpc_load's Python client;
-    the load generator's CPU goes in the `wrk cpu%` column."""
+    installed (mean latency in the p50 column, no p90/p99), else bench.grpc_load's Python client
+    (`h2load` True or False chooses); the load generator's CPU goes in the `wrk cpu%` column."""
     from bench import grpc_load
 
     messages = grpc_load.requests_from_v2_bodies(bodies, model, per_request)
     cpu_before = server.cpu_seconds()
-    if shutil.which("h2load"):  # a C client, as wrk is for the REST rows
+    if h2load if h2load is not None else shutil.which("h2load"):  # a C client, as wrk is for the REST rows
         result = grpc_load.load_h2(server.grpc_port, messages[0], connections, seconds, warmup)
     else:
         result = grpc_load.load(server.grpc_port, messages, connections, seconds, warmup)
