@@ -242,6 +242,8 @@ def test_a_preset_sets_the_recipe_and_the_command_line_wins() -> None:
     four = build_parser("fashion-cnn-v4").parse_args(["train", "--preset", "fashion-cnn-v4"])
     assert four.channels == [32, 64, 128] and four.distill_mirror and four.teacher.name == "fashion_cnn_v3.pt"
     assert four.teacher.is_file(), "the teacher is bundled"
+    five = build_parser("fashion-cnn-v5").parse_args(["train", "--preset", "fashion-cnn-v5"])
+    assert (five.channels, five.epochs, five.erase, five.teacher) == ([32, 64, 128], 80, 0.5, None)
 
 
 def test_evaluate_reads_course_checkpoints(
