@@ -64,13 +64,19 @@ def test_the_cnn_takes_two_or_three_stages() -> None:
             model_args_for("cnn", {"channels": channels})
 
 
+def _plain_and_mirrored(mirror_below: float | None = None) -> tuple[FashionCNN, FashionCNN]:
+    """A small CNN and the same weights mirrored (`mirror_below` as given)."""
+    torch.manual_seed(1)
+    plain = _trained_looking(FashionCNN((4, 8, 16), hidden=8))
+    mirrored = FashionCNN((4, 8, 16), hidden=8, mirror=True, mirror_below=mirror_below).eval()
+    mirrored.load_state_dict(plain.state_dict())
+    return plain, mirrored
+
+
 def test_a_mirrored_cnn_answers_with_the_mean_of_an_image_and_its_mirror() -> None:
     """Its logits (and the penultimate features the OOD score reads) are the means of the plain
     model's on the image and on the image flipped left to right; folding keeps that."""
-    torch.manual_seed(1)
-    plain = _trained_looking(FashionCNN((4, 8, 16), hidden=8))
-    mirrored = FashionCNN((4, 8, 16), hidden=8, mirror=True).eval()
-    mirrored.load_state_dict(plain.state_dict())
+    plain, mirrored = _plain_and_mirrored()
     x = torch.randn(5, 1, 28, 28)
     with torch.inference_mode():
         logits = [plain.head(plain.features(v)) for v in (x, x.flip(-1))]
@@ -86,16 +92,12 @@ def test_a_mirrored_cnn_answers_with_the_mean_of_an_image_and_its_mirror() -> No
 def test_a_cnn_mirrored_below_a_probability_answers_again_only_the_images_in_doubt() -> None:
     """With `mirror_below`, an image whose plain top probability is below it gets the mirrored
     answer, every other image the plain one, in the same batch; folding keeps that."""
-    torch.manual_seed(1)
-    plain = _trained_looking(FashionCNN((4, 8, 16), hidden=8))
-    always = FashionCNN((4, 8, 16), hidden=8, mirror=True).eval()
-    always.load_state_dict(plain.state_dict())
+    plain, always = _plain_and_mirrored()
     x = torch.randn(64, 1, 28, 28)
     with torch.inference_mode():
         top = plain(x).exp().amax(dim=1)
         below = float(top.median())  # half the batch in doubt
-        gated = FashionCNN((4, 8, 16), hidden=8, mirror=True, mirror_below=below).eval()
-        gated.load_state_dict(plain.state_dict())
+        gated = _plain_and_mirrored(mirror_below=below)[1]
         doubt = top < below
         assert 0 < int(doubt.sum()) < len(x)
         out = gated(x)
