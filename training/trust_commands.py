@@ -18,8 +18,10 @@ from models.trust import Trust
 from training.data import FashionMNIST
 from training.fit_trust import calibrated, expected_calibration_error, fit_trust, flagged_share
 from training.ood_data import ood_inputs
+from training.pipeline import test_metrics
 from training.report import artifact_paths, write_json
 from training.split import SplitPlan
+from training.train import evaluate
 
 
 def _load(args: argparse.Namespace, device: torch.device) -> LoadedModel:
@@ -70,6 +72,12 @@ def run_calibrate(args: argparse.Namespace, device: torch.device, data: FashionM
         architecture=loaded.architecture,
     )
     metrics = {**loaded.metrics, **fit.metrics}
+    confusion = None
+    if model_args != loaded.model_args:  # mirrored: it answers otherwise now, so its test figures are measured again
+        x, labels = split(data.test.images, data.test.labels)
+        result = evaluate(loaded.model, x.to(loaded.device), labels.to(loaded.device))
+        metrics |= test_metrics(result, loaded.class_names)
+        confusion = result.confusion.tolist()
     out = save_checkpoint(
         args.out or args.checkpoint,
         loaded.model,
@@ -87,6 +95,8 @@ def run_calibrate(args: argparse.Namespace, device: torch.device, data: FashionM
     if metrics_json.is_file():
         record = json.loads(metrics_json.read_text())
         record["metrics"] = metrics
+        if confusion is not None:
+            record["confusion_matrix"] = confusion
         write_json(record, metrics_json)
     print(
         f"temperature {fit.calibration.temperature:.4f}: test ECE {fit.metrics['test_ece_uncalibrated']:.4f} -> "

@@ -333,7 +333,7 @@ def test_calibrate_holds_out_what_training_held_out_under_limit(
 
 
 def test_calibrate_mirror_fits_the_mirrored_cnn_and_refuses_other_architectures(
-    synthetic_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    synthetic_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     mirrored_when_fitted: list[bool] = []
 
@@ -352,6 +352,12 @@ def test_calibrate_mirror_fits_the_mirrored_cnn_and_refuses_other_architectures(
     assert load_checkpoint(cnn).model_args["mirror"] is False
     gated = tmp_path / "gated.pt"
     assert main(["calibrate", str(cnn), "--mirror", "--mirror-below", "0.8", "--out", str(gated), *options]) == 0
+    for path in (tmp_path / "mirrored.pt", gated):  # its recorded test figures are its own, not the plain model's
+        capsys.readouterr()
+        assert main(["evaluate", str(path), "--json", *options]) == 0
+        measured = json.loads(capsys.readouterr().out)
+        recorded = load_checkpoint(path).metrics
+        assert (recorded["test_accuracy"], recorded["test_loss"]) == (measured["test_accuracy"], measured["test_loss"])
     assert load_checkpoint(gated).model_args["mirror_below"] == 0.8
     assert load_checkpoint(gated).model.mirror_below == 0.8
     with pytest.raises(SystemExit, match="--mirror-below applies with --mirror only"):
