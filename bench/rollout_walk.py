@@ -1,8 +1,9 @@
 """A rollout walked end to end against `python -m app` (2 workers), printing each call and its
-answer: a repository `fashion` with the bundled CNN as version 1 and CANDIDATE as version 2
-(policy: version 1 only), then load version 2, shadow it at 100 %, read the agreement, canary it
-at 10 %, promote it, roll back, unload it. Requests: Fashion-MNIST test images sent one at a
-time to `/predict`, each answer's `X-Model-Version` counted.
+answer: a repository `fashion` with the first CNN (models/fashion_cnn_v1.pt) as version 1 and
+CANDIDATE (default: the bundled default) as version 2 (policy: version 1 only), then load
+version 2, shadow it at 100 %, read the agreement, canary it at 10 %, promote it, roll back,
+unload it. Requests: Fashion-MNIST test images sent one at a time to `/predict`, each answer's
+`X-Model-Version` counted.
 
     python -m bench.rollout_walk [CANDIDATE] [--images 1000]
 
@@ -58,13 +59,13 @@ def _step(title: str, answer: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.rollout_walk", description=__doc__)
-    parser.add_argument("candidate", type=Path, nargs="?", default=ROOT / "models" / "fashion_cnn_v3.pt")
+    parser.add_argument("candidate", type=Path, nargs="?", default=ROOT / "models" / "fashion_cnn.pt")
     parser.add_argument("--images", type=int, default=1000)
     args = parser.parse_args(argv)
     pngs = fashion_pngs(args.images)
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(tmp) / "repo" / "fashion"
-        for version, checkpoint in (("1", ROOT / "models" / "fashion_cnn.pt"), ("2", args.candidate)):
+        for version, checkpoint in (("1", ROOT / "models" / "fashion_cnn_v1.pt"), ("2", args.candidate)):
             (model / version).mkdir(parents=True)
             shutil.copy(checkpoint, model / version / "model.pt")
         (model / "config.json").write_text(json.dumps({"version_policy": {"specific": {"versions": [1]}}}))
