@@ -41,21 +41,28 @@ def training_split(loaded: LoadedModel, num_train: int) -> tuple[torch.Tensor, t
         raise SystemExit(f"cannot rebuild the training split: {exc}") from None
 
 
-def run_calibrate(args: argparse.Namespace, device: torch.device, data: FashionMNIST) -> int:
-    loaded = _load(args, device)
-    model_args = loaded.model_args
+def _mirrored(args: argparse.Namespace, loaded: LoadedModel) -> dict[str, Any]:
+    """The model arguments to save: with --mirror (and --mirror-below), the CNN's mirrored form,
+    set on the loaded model too, so that what follows is fitted on its answers."""
     below = getattr(args, "mirror_below", None)
     if below is not None and not args.mirror:
         raise SystemExit("--mirror-below applies with --mirror only")
-    if getattr(args, "mirror", False):
-        if not isinstance(loaded.model, FashionCNN):
-            raise SystemExit(f"--mirror: the {loaded.arch} architecture has no mirrored form (the cnn has)")
-        model_args = {**model_args, "mirror": True, "mirror_below": below}
-        try:
-            loaded.architecture.check(model_args)
-        except ValueError as exc:
-            raise SystemExit(f"--mirror-below: {exc}") from None
-        loaded.model.mirror, loaded.model.mirror_below = True, below  # what follows is fitted on these answers
+    if not getattr(args, "mirror", False):
+        return loaded.model_args
+    if not isinstance(loaded.model, FashionCNN):
+        raise SystemExit(f"--mirror: the {loaded.arch} architecture has no mirrored form (the cnn has)")
+    model_args = {**loaded.model_args, "mirror": True, "mirror_below": below}
+    try:
+        loaded.architecture.check(model_args)
+    except ValueError as exc:
+        raise SystemExit(f"--mirror-below: {exc}") from None
+    loaded.model.mirror, loaded.model.mirror_below = True, below
+    return model_args
+
+
+def run_calibrate(args: argparse.Namespace, device: torch.device, data: FashionMNIST) -> int:
+    loaded = _load(args, device)
+    model_args = _mirrored(args, loaded)
     train_idx, val_idx = training_split(loaded, len(data.train.labels))
     if not loaded.training:
         plan = SplitPlan()
