@@ -66,7 +66,9 @@ class FashionCNN(nn.Module):
     """The default model: conv stages (each two 3x3 convs, then 2x2 max-pool) and a small head.
 
     `channels` names one width per stage: two stages, (32, 64), is the first bundled CNN; a
-    third stage works on the 7x7 maps (floored to 3x3 by its pool). `mirror`: it answers each
+    third stage works on the 7x7 maps (floored to 3x3 by its pool). `depths`: how many convs
+    each stage has before its pool (two each when None); one convolution in the first stage
+    saves the costliest convolution of the network, the one at full 28x28 resolution. `mirror`: it answers each
     image and its mirror image (flipped left to right) together, their penultimate features
     averaged (so their logits too, and the OOD score reads the averaged features): twice the
     convolutions, for the accuracy of test-time mirroring (docs/trust.md). `mirror_below`, with
@@ -82,14 +84,16 @@ class FashionCNN(nn.Module):
         drop_p: float = 0.3,
         mirror: bool = False,
         mirror_below: float | None = None,
+        depths: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         self.mirror = mirror
         self.mirror_below = mirror_below
         layers: list[nn.Module] = []
         side, c_in = 28, 1
-        for width in channels:
-            layers += [_conv_block(c_in, width), _conv_block(width, width), nn.MaxPool2d(2)]
+        for width, depth in zip(channels, depths or [2] * len(channels), strict=True):
+            layers += [_conv_block(c_in if i == 0 else width, width) for i in range(depth)]
+            layers.append(nn.MaxPool2d(2))
             side, c_in = side // 2, width
         self.features = nn.Sequential(*layers)
         self.head = nn.Sequential(
@@ -222,6 +226,10 @@ def _check_cnn(args: Mapping[str, Any]) -> None:
         raise ValueError(f"mirror_below must be a number in (0, 1] or null, got {below!r}")
     if below is not None and not args["mirror"]:
         raise ValueError("mirror_below applies with mirror only")
+    if args["depths"] is not None:
+        _int_list(args, "depths", (len(args["channels"]), len(args["channels"])))
+        if max(args["depths"]) > 3:
+            raise ValueError(f"depths must be 1 to 3 convolutions per stage, got {args['depths']!r}")
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -233,7 +241,15 @@ ARCHITECTURES: dict[str, Architecture] = {
     "classifier": Architecture(Classifier, {"drop_p": 0.2}, _check_classifier),
     "cnn": Architecture(
         FashionCNN,
-        {"channels": [32, 64], "hidden": 128, "num_classes": 10, "drop_p": 0.3, "mirror": False, "mirror_below": None},
+        {
+            "channels": [32, 64],
+            "hidden": 128,
+            "num_classes": 10,
+            "drop_p": 0.3,
+            "mirror": False,
+            "mirror_below": None,
+            "depths": None,
+        },
         _check_cnn,
         channels_last=True,
         fold_batchnorm=True,

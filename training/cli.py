@@ -41,6 +41,9 @@ def _add_train(commands: argparse._SubParsersAction[argparse.ArgumentParser], pr
     train.add_argument("--hidden-layers", type=int, nargs="+", help="hidden sizes for --arch network")
     train.add_argument("--channels", type=int, nargs="+", help="--arch cnn: the width of each stage (two or three)")
     train.add_argument("--hidden", type=int, help="--arch cnn: width of its hidden layer")
+    train.add_argument(
+        "--depths", type=int, nargs="+", help="--arch cnn: convolutions in each stage, one number per stage (1-3)"
+    )
     train.add_argument("--drop-p", type=float, help="dropout probability (default: the architecture's)")
     train.add_argument("--epochs", type=int, default=15)
     train.add_argument(

@@ -64,6 +64,21 @@ def test_the_cnn_takes_two_or_three_stages() -> None:
             model_args_for("cnn", {"channels": channels})
 
 
+def test_a_cnn_stage_can_have_one_to_three_convolutions_and_is_folded_alike() -> None:
+    shallow = _trained_looking(FashionCNN((4, 8, 16), hidden=8, depths=(1, 2, 3)))
+    convs = [m for m in shallow.features.modules() if isinstance(m, nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [(1, 4), (4, 8), (8, 8), (8, 16), (16, 16), (16, 16)]
+    assert shallow.head[2].in_features == 16 * 3 * 3
+    served = for_inference(shallow, ARCHITECTURES["cnn"])
+    x = torch.randn(5, 1, 28, 28)
+    with torch.inference_mode():
+        assert torch.allclose(served(x), shallow(x), atol=1e-4)
+    assert model_args_for("cnn", {})["depths"] is None  # two per stage, as every bundled CNN has
+    for depths, message in (([1, 2], "depths must be a list of 3 to 3"), ([1, 2, 4], "1 to 3 convolutions")):
+        with pytest.raises(ValueError, match=message):
+            model_args_for("cnn", {"channels": [4, 8, 16], "depths": depths})
+
+
 def _plain_and_mirrored(mirror_below: float | None = None) -> tuple[FashionCNN, FashionCNN]:
     """A small CNN and the same weights mirrored (`mirror_below` as given)."""
     torch.manual_seed(1)

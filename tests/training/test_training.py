@@ -244,6 +244,8 @@ def test_a_preset_sets_the_recipe_and_the_command_line_wins() -> None:
     assert four.teacher.is_file(), "the teacher is bundled"
     five = build_parser("fashion-cnn-v5").parse_args(["train", "--preset", "fashion-cnn-v5"])
     assert (five.channels, five.epochs, five.erase, five.teacher) == ([32, 64, 128], 80, 0.5, None)
+    six = build_parser("fashion-cnn-v6").parse_args(["train", "--preset", "fashion-cnn-v6"])
+    assert (six.channels, six.depths, six.epochs) == ([32, 64, 128], [1, 2, 2], 80)
 
 
 def test_evaluate_reads_course_checkpoints(
@@ -344,7 +346,8 @@ def test_calibrate_mirror_fits_the_mirrored_cnn_and_refuses_other_architectures(
     options = ["--data-dir", str(synthetic_data), "--device", "cpu"]
     cnn = tmp_path / "cnn.pt"
     common = ["--epochs", "1", "--limit", "300", *options]
-    assert main(["train", "--arch", "cnn", "--channels", "4", "8", "--hidden", "8", *common, "--out", str(cnn)]) == 0
+    shape = ["--channels", "4", "8", "--depths", "1", "2", "--hidden", "8"]
+    assert main(["train", "--arch", "cnn", *shape, *common, "--out", str(cnn)]) == 0
     monkeypatch.setattr(training.trust_commands, "fit_trust", spy_fit_trust)
     assert main(["calibrate", str(cnn), "--mirror", "--out", str(tmp_path / "mirrored.pt"), *options]) == 0
     assert mirrored_when_fitted == [True], "the temperature and the OOD statistics are fitted on the mirrored answers"
@@ -359,6 +362,7 @@ def test_calibrate_mirror_fits_the_mirrored_cnn_and_refuses_other_architectures(
         recorded = load_checkpoint(path).metrics
         assert (recorded["test_accuracy"], recorded["test_loss"]) == (measured["test_accuracy"], measured["test_loss"])
     assert load_checkpoint(gated).model_args["mirror_below"] == 0.8
+    assert load_checkpoint(gated).model_args["depths"] == [1, 2]
     assert load_checkpoint(gated).model.mirror_below == 0.8
     with pytest.raises(SystemExit, match="--mirror-below applies with --mirror only"):
         main(["calibrate", str(cnn), "--mirror-below", "0.8", *options])
