@@ -3,6 +3,8 @@ request the adapter can refuse by itself is refused before it reaches the queue.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -129,3 +131,57 @@ def test_answers_say_which_version_produced_them(client: TestClient) -> None:
     assert unknown.status_code == 404 and "'tiny'" in unknown.json()["detail"]
     missing = client.post(f"/models/{MODEL}/versions/7/predict", files={"file": ("a.png", png())})
     assert missing.status_code == 404 and "it has 1" in missing.json()["detail"]
+
+
+def test_only_a_large_json_part_or_typed_contents_is_parsed_in_a_thread(
+    served: tuple[TestClient, grpc.Channel], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Binary tensor data is only sliced: 32 raw FP32 images (100 KB) are parsed on the event loop,
+    over REST and gRPC, with no thread hand-off; the same images as JSON numbers or typed contents
+    are parsed in a thread, where a long parse holds up no other request."""
+    import app.protocols.grpc.infer as grpc_infer
+    import app.protocols.v2.infer as v2_infer
+
+    on_loop: list[bool] = []
+
+    def spy(parse: Callable[..., object]) -> Callable[..., object]:
+        def parse_and_note(*args: object) -> object:
+            on_loop.append(asyncio_loop_running())
+            return parse(*args)
+
+        return parse_and_note
+
+    monkeypatch.setattr(v2_infer, "_parse", spy(v2_infer._parse))
+    monkeypatch.setattr(grpc_infer, "parse", spy(grpc_infer.parse))
+    client, channel = served
+    images = np.random.default_rng(0).random((32, 1, 28, 28), dtype=np.float32)
+    shape = list(images.shape)
+    header = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": shape,
+                                     "parameters": {"binary_data_size": images.nbytes}}]}).encode()  # fmt: skip
+    binary = client.post(
+        f"/v2/models/{MODEL}/infer",
+        content=header + images.tobytes(),
+        headers={"inference-header-content-length": str(len(header))},
+    )
+    as_json = client.post(
+        f"/v2/models/{MODEL}/infer",
+        json={"inputs": [{"name": "input", "datatype": "FP32", "shape": shape, "data": images.ravel().tolist()}]},
+    )
+    assert (binary.status_code, as_json.status_code) == (200, 200), (binary.text, as_json.text)
+    stub = pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
+    raw = pb.ModelInferRequest(model_name=MODEL)
+    raw.inputs.add(name="input", datatype="FP32", shape=shape)
+    raw.raw_input_contents.append(images.tobytes())
+    typed = pb.ModelInferRequest(model_name=MODEL)
+    typed.inputs.add(name="input", datatype="FP32", shape=shape).contents.fp32_contents.extend(images.ravel())
+    assert stub.ModelInfer(raw).raw_output_contents == stub.ModelInfer(typed).raw_output_contents
+    assert on_loop == [True, False, True, False]
+
+
+def asyncio_loop_running() -> bool:
+    """Whether the caller runs on an event loop's thread."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True

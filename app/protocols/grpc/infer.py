@@ -85,7 +85,9 @@ async def model_infer(plane: DataPlane, message: Any, key: bytes | None, time_re
 
     async def parse_message(model: ServedModel) -> Parsed[InferRequest]:
         size = message.ByteSize()
-        if size <= INLINE_DECODE_BYTES:
+        # Typed contents are parsed number by number: a large message of them goes to a thread.
+        # Raw contents are taken as they are, at any size (no thread hand-off).
+        if size - sum(map(len, message.raw_input_contents)) <= INLINE_DECODE_BYTES:
             request, pending = parse(message, model, plane.settings)
         else:
             request, pending = await asyncio.to_thread(parse, message, model, plane.settings)

@@ -12,7 +12,14 @@ from app.dataplane import INLINE_DECODE_BYTES, DataPlane
 from app.http.messages import Reply, earliest, header, receive_body, timeout_header
 from app.inference import Parsed
 from app.protocols.calls import call_of
-from app.protocols.v2.request import HEADER_LENGTH, InferRequest, model_input, output_names, parse_infer_request
+from app.protocols.v2.request import (
+    HEADER_LENGTH,
+    InferRequest,
+    json_length,
+    model_input,
+    output_names,
+    parse_infer_request,
+)
 from app.protocols.v2.response import encode
 from app.served_model import Pending, ServedModel
 from app.settings import Settings
@@ -35,9 +42,10 @@ async def infer(plane: DataPlane, scope: Scope, receive: Receive) -> Reply:
         body = await receive_body(
             receive, header(scope, b"content-length"), settings.max_upload_bytes, settings.body_timeout_s
         )
-        # Parsing a large body (JSON numbers, many BYTES elements) takes the event loop for
-        # too long: like decoding, it moves to a thread.
-        if len(body) <= INLINE_DECODE_BYTES:
+        # Parsing a large JSON part (numbers, many BYTES elements) takes the event loop for too
+        # long: like decoding, it moves to a thread. Binary data after it is only sliced, at
+        # any size, so a binary request never pays for the hand-off.
+        if json_length(body, header(scope, HEADER_LENGTH)) <= INLINE_DECODE_BYTES:
             request, pending = _parse(scope, body, model, settings)
         else:
             request, pending = await asyncio.to_thread(_parse, scope, body, model, settings)

@@ -87,6 +87,13 @@ def _split_binary(body: bytes, header_length: bytes | None) -> tuple[bytes, byte
     return body[:length], body[length:]
 
 
+def json_length(body: bytes, header_length: bytes | None) -> int:
+    """How much of a body is JSON, what parsing costs: binary tensor data after it is only sliced."""
+    if header_length is not None and header_length.isdigit() and len(header_length) <= 18:
+        return min(int(header_length), len(body))
+    return len(body)
+
+
 def parse_infer_request(
     body: bytes, header_length: bytes | None, outputs: Sequence[str], num_classes: int, max_images: int
 ) -> InferRequest:
