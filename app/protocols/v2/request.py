@@ -81,17 +81,23 @@ def _split_binary(body: bytes, header_length: bytes | None) -> tuple[bytes, byte
     """The JSON header and the binary section after it (binary tensor data extension)."""
     if header_length is None:
         return body, b""
-    if not header_length.isdigit() or len(header_length) > 18 or int(header_length) > len(body):
+    length = _length_within(header_length, body)
+    if length is None:
         raise _bad("Inference-Header-Content-Length must be the length of the JSON header within the body")
-    length = int(header_length)
     return body[:length], body[length:]
+
+
+def _length_within(header_length: bytes, body: bytes) -> int | None:
+    """Inference-Header-Content-Length's value if it is a length within `body`, else None."""
+    if header_length.isdigit() and len(header_length) <= 18 and int(header_length) <= len(body):
+        return int(header_length)
+    return None
 
 
 def json_length(body: bytes, header_length: bytes | None) -> int:
     """How much of a body is JSON, what parsing costs: binary tensor data after it is only sliced."""
-    if header_length is not None and header_length.isdigit() and len(header_length) <= 18:
-        return min(int(header_length), len(body))
-    return len(body)
+    length = None if header_length is None else _length_within(header_length, body)
+    return len(body) if length is None else length
 
 
 def parse_infer_request(
