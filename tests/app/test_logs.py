@@ -53,10 +53,14 @@ def test_lines_are_written_together_and_a_warning_at_once_after_them(monkeypatch
 def test_a_full_batch_is_written_without_waiting(monkeypatch: pytest.MonkeyPatch) -> None:
     stream = _capture(monkeypatch)
     access = logging.getLogger("app.access")
-    for i in range(logs.FLUSH_LINES * 2 + 1):
+    total = logs.FLUSH_LINES * 2 + 1
+    for i in range(total):
         access.info("GET /line/%d 200", i)
-    assert len(stream.getvalue().splitlines()) == logs.FLUSH_LINES * 2
-    assert stream.writes == 2
+    written = len(stream.getvalue().splitlines())
+    # The half-second flusher may also write once while the loop runs (a loaded CI machine did):
+    # whichever way, fewer than one batch is ever held back.
+    assert total - logs.FLUSH_LINES < written < total, written
+    assert stream.writes in (2, 3)
     flush_logs()
     assert len(stream.getvalue().splitlines()) == logs.FLUSH_LINES * 2 + 1
 
