@@ -42,8 +42,8 @@ class _Job(Generic[Item, Result]):
     future: asyncio.Future[Result]
     loop: asyncio.AbstractEventLoop
     deadline: float | None  # time.monotonic() past which nobody wants the result
-    trace: Any = None  # the request's trace context (app.tracing), None when untraced
-    submitted_ns: int = 0  # time.time_ns() at submit, where traced: the start of its `queue` span
+    trace: Any = None  # the request's server span (app.tracing.current()), None when untraced
+    submitted_ns: int = 0  # time.perf_counter_ns() at submit, where traced: the start of its queue stage
 
 
 def _resolve(future: asyncio.Future[Result], outcome: Result | BaseException) -> None:
@@ -98,12 +98,12 @@ class MicroBatcher(Generic[Item, Result]):
         """Queue one item and wait for its result (or its exception); BatcherClosed once closed.
         Past `deadline` (a `time.monotonic()` value) an item still waiting is dropped with
         DeadlineExpired; one whose caller was cancelled is dropped too. `trace`: the request's
-        trace context (`app.tracing.current()`), for its `queue` span and its batch's links."""
+        server span (`app.tracing.current()`), for its queue time and its batch's links."""
         if self._closed or not self._thread.is_alive():
             raise BatcherClosed("the inference thread is not running")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Result] = loop.create_future()
-        self._queue.put(_Job(item, future, loop, deadline, trace, time.time_ns() if trace is not None else 0))
+        self._queue.put(_Job(item, future, loop, deadline, trace, time.perf_counter_ns() if trace is not None else 0))
         return await future
 
     def _drop_abandoned(self, jobs: list[_Job[Item, Result]]) -> list[_Job[Item, Result]]:

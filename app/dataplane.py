@@ -240,7 +240,7 @@ class DataPlane:
             raise unavailable(self.health.reason)
         trace = tracing.current()
         if callable(request):
-            request = tracing.in_context(request, trace)
+            request = tracing.timed(request, trace)
         if callable(request) and encoded_bytes > INLINE_DECODE_BYTES:
             request = await asyncio.to_thread(request)
         try:

@@ -8,10 +8,13 @@ and the OTLP exporter's `OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT`, `_HEADERS`, `_TI
 configuration that cannot work logs one WARNING and the service serves untraced.
 
 What a traced inference request gives (probes, /metrics and static files are not traced): a
-server span (HTTP, or gRPC's ModelInfer), child of the caller's W3C `traceparent`; its children
-`receive` (the body), `queue` (submitted until its batch starts), `decode` (where the inference thread decodes it) and
-`encode`; and, in a trace of its own, the batch's `batch` span linked to every request it
-serves, with the `forward` passes under it. With tracing off, every hook is one `is None` test.
+server span (HTTP, or gRPC's ModelInfer), child of the caller's W3C `traceparent`, whose
+attributes time its stages (`fashion_serve.receive_ms`: the body; `queue_ms`: submitted until its
+batch starts; `decode_ms`; `encode_ms`); and, in a trace of its own, the batch's `batch` span
+linked to every request it serves, with the `forward` passes under it. The stages are attributes,
+not child spans, because each span costs the Python SDK tens of microseconds to make and as many
+to export (docs/performance.md); their order is fixed, so durations say what child spans would.
+With tracing off, every hook is one `is None` test.
 """
 
 from __future__ import annotations
@@ -26,7 +29,6 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 from app.paths import is_inference_path
 
 if TYPE_CHECKING:
-    from opentelemetry.context import Context
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.trace import Span, Tracer
 
@@ -38,7 +40,6 @@ class _API(NamedTuple):
     """The OpenTelemetry calls the hooks make, looked up once when tracing starts (not per request)."""
 
     get_current_span: Any
-    get_current: Any
     attach: Any
     detach: Any
     set_span_in_context: Any
@@ -83,7 +84,7 @@ def install(provider: TracerProvider) -> Tracer:
     from opentelemetry.propagate import extract
 
     _api = _API(
-        trace.get_current_span, context.get_current, context.attach, context.detach, trace.set_span_in_context,
+        trace.get_current_span, context.attach, context.detach, trace.set_span_in_context,
         extract, trace.Link, trace.Status, trace.StatusCode.ERROR, trace.SpanKind.SERVER,
     )  # fmt: skip
     _provider, _tracer = provider, provider.get_tracer("fashion-serve")
@@ -179,53 +180,69 @@ def trace_id(span: Span | None) -> str | None:
     return None if span is None else f"{span.get_span_context().trace_id:032x}"
 
 
-def child(name: str) -> contextlib.AbstractContextManager[Any]:
-    """A child span of the current one (`receive`, `encode`); nothing when off or untraced."""
-    if _tracer is None or not _recording():
+def stage(name: str) -> contextlib.AbstractContextManager[Any]:
+    """Time a stage of the current request (`receive`, `encode`) into its server span's attribute
+    `fashion_serve.<name>_ms`; nothing when off or untraced."""
+    if _tracer is None or not (span := _api.get_current_span()).is_recording():
         return _OFF
-    return _tracer.start_span(name)  # a leaf: ended on exit, never made current
+    return _Stage(span, name)
+
+
+class _Stage:
+    """`stage`'s timer: the attribute is set on exit, whatever the outcome."""
+
+    __slots__ = ("attribute", "span", "started")
+
+    def __init__(self, span: Span, name: str) -> None:
+        self.span, self.attribute, self.started = span, f"fashion_serve.{name}_ms", 0
+
+    def __enter__(self) -> None:
+        self.started = time.perf_counter_ns()
+
+    def __exit__(self, *exc: object) -> None:
+        self.span.set_attribute(self.attribute, (time.perf_counter_ns() - self.started) / 1e6)
 
 
 def _recording() -> bool:
     return bool(_api.get_current_span().is_recording())
 
 
-def current() -> Context | None:
-    """The current context, to carry across the thread hand-off; None when off or untraced."""
-    if _tracer is None or not _recording():
+def current() -> Span | None:
+    """The request's server span, to carry across the thread hand-off; None when off or untraced."""
+    if _tracer is None or not (span := _api.get_current_span()).is_recording():
         return None
-    return _api.get_current()
+    return span
 
 
-def in_context(work: Callable[[], T], context: Context | None, name: str = "decode") -> Callable[[], T]:
-    """`work` run as a span `name` under `context`, on whatever thread calls it."""
-    if context is None or _tracer is None:
+def timed(work: Callable[[], T], span: Span | None, name: str = "decode") -> Callable[[], T]:
+    """`work`, timed into `span`'s attribute `fashion_serve.<name>_ms` on whatever thread runs it."""
+    if span is None or _tracer is None:
         return work
-    tracer_ = _tracer
 
-    def traced() -> T:
-        with tracer_.start_span(name, context=context):
+    def timing() -> T:
+        with _Stage(span, name):
             return work()
 
-    return traced
+    return timing
 
 
-def queued(contexts: Sequence[tuple[Context | None, int]]) -> None:
-    """Each request's `queue` span: from when it was submitted (`time.time_ns()`) until now."""
+def queued(spans: Sequence[tuple[Span | None, int]]) -> None:
+    """Each traced request's `fashion_serve.queue_ms`: from when it was submitted
+    (`time.perf_counter_ns()`) until now, when its batch starts."""
     if _tracer is None:
         return
-    now = time.time_ns()
-    for context, submitted_ns in contexts:
-        if context is not None:
-            _tracer.start_span("queue", context=context, start_time=submitted_ns).end(end_time=now)
+    now = time.perf_counter_ns()
+    for span, submitted_ns in spans:
+        if span is not None:
+            span.set_attribute("fashion_serve.queue_ms", (now - submitted_ns) / 1e6)
 
 
-def batch(contexts: Sequence[Context | None]) -> contextlib.AbstractContextManager[Any]:
+def batch(spans: Sequence[Span | None]) -> contextlib.AbstractContextManager[Any]:
     """The batch's span, linked to every traced request it serves; current for its forward passes."""
-    if _tracer is None or all(c is None for c in contexts):
+    if _tracer is None or all(s is None for s in spans):
         return _OFF
-    links = [_api.Link(_api.get_current_span(c).get_span_context()) for c in contexts if c is not None]
-    attributes = {"fashion_serve.batch.requests": len(contexts)}
+    links = [_api.Link(s.get_span_context()) for s in spans if s is not None]
+    attributes = {"fashion_serve.batch.requests": len(spans)}
     return _tracer.start_as_current_span("batch", links=links, attributes=attributes)
 
 

@@ -57,8 +57,8 @@ def earliest(*timeouts_s: float | None) -> float | None:
 
 
 async def receive_body(receive: Receive, content_length: bytes | None, max_bytes: int, timeout_s: float) -> bytes:
-    """`_receive_body`, as the request's `receive` span where the request is traced."""
-    with tracing.child("receive"):
+    """`_receive_body`, timed as the request's `receive` stage where the request is traced."""
+    with tracing.stage("receive"):
         return await _receive_body(receive, content_length, max_bytes, timeout_s)
 
 

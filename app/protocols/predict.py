@@ -188,7 +188,7 @@ async def predict(plane: DataPlane, scope: Scope, receive: Receive) -> Reply:
     model, scored = answer.model, answer.scored
     if scored.input.inputs is None:
         raise none_classified(scored.input)
-    with tracing.child("encode"):
+    with tracing.stage("encode"):
         predictions = encode(scored, answer.request, model.class_names)
     body = {"model": model.name, "model_version": model.version, "predictions": predictions}
     return Reply(200, dump_json(body), headers=answered_by(model))

@@ -95,5 +95,5 @@ async def model_infer(plane: DataPlane, message: Any, key: bytes | None, time_re
 
     call = Call(key, time_remaining_s, message.model_name, message.model_version or None)
     answer = await plane.run(call, parse_message)
-    with tracing.child("encode"):
+    with tracing.stage("encode"):
         return encode(answer.request, answer.scored, answer.model)

@@ -52,5 +52,5 @@ async def infer(plane: DataPlane, scope: Scope, receive: Receive) -> Reply:
         return Parsed(pending, request, len(body), earliest(header_timeout_s, request.timeout_s))
 
     answer = await plane.run(call_of(scope), parse)
-    with tracing.child("encode"):
+    with tracing.stage("encode"):
         return encode(answer.request, answer.scored, answer.model)
