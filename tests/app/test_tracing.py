@@ -261,3 +261,25 @@ def test_grpc_model_infer_is_traced_like_http(settings: Settings) -> None:
     _assert_stages_timed(server, ("queue", "encode"))
     assert [link.context.span_id for link in spans["batch"].links] == [server.get_span_context().span_id]
     assert not any("ServerLive" in name for name in spans)  # only inference is traced
+
+
+def test_only_the_sampled_request_is_traced_and_timed(settings: Settings) -> None:
+    """Under a parent-based sampler, a request without a sampled `traceparent` leaves no span and
+    sets no stage on anyone's; the sampled one still gets all of its stages."""
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=ParentBased(ALWAYS_OFF))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    with TestClient(create_app(settings)) as client:
+        tracing.install(provider)
+        try:
+            assert client.post("/predict", files={"file": ("a.png", png())}).status_code == 200
+            assert exporter.get_finished_spans() == ()
+            assert client.post("/predict", files={"file": ("a.png", png())}, headers=TRACEPARENT).status_code == 200
+            assert client.post("/predict", files={"file": ("a.png", png())}).status_code == 200
+        finally:
+            tracing.stop()
+    (server,) = exporter.get_finished_spans()  # the batch is a root span: ALWAYS_OFF leaves it out
+    assert f"{server.get_span_context().trace_id:032x}" == TRACE_ID
+    _assert_stages_timed(server, ("receive", "queue", "decode", "encode"))
