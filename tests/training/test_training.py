@@ -246,6 +246,8 @@ def test_a_preset_sets_the_recipe_and_the_command_line_wins() -> None:
     assert (five.channels, five.epochs, five.erase, five.teacher) == ([32, 64, 128], 80, 0.5, None)
     six = build_parser("fashion-cnn-v6").parse_args(["train", "--preset", "fashion-cnn-v6"])
     assert (six.channels, six.depths, six.epochs) == ([32, 64, 128], [1, 2, 2], 80)
+    teacher = build_parser("fashion-cnn-teacher").parse_args(["train", "--preset", "fashion-cnn-teacher"])
+    assert (teacher.channels, teacher.epochs, teacher.erase, teacher.teacher) == ([64, 128, 256], 80, 0.5, None)
 
 
 def test_evaluate_reads_course_checkpoints(
