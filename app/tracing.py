@@ -206,7 +206,8 @@ class _Stage:
         self.started = time.perf_counter_ns()
 
     def __exit__(self, *exc: object) -> None:
-        self.span.set_attribute(self.attribute, (time.perf_counter_ns() - self.started) / 1e6)
+        if self.span.is_recording():  # not ended: a cancelled request's span ends while its batch runs
+            self.span.set_attribute(self.attribute, (time.perf_counter_ns() - self.started) / 1e6)
 
 
 def _recording() -> bool:
@@ -237,7 +238,7 @@ def queued(spans: Sequence[tuple[Span | None, int]]) -> None:
         return
     now = time.perf_counter_ns()
     for span, submitted_ns in spans:
-        if span is not None:
+        if span is not None and span.is_recording():  # see `_Stage.__exit__`
             span.set_attribute("fashion_serve.queue_ms", (now - submitted_ns) / 1e6)
 
 

@@ -283,3 +283,41 @@ def test_only_the_sampled_request_is_traced_and_timed(settings: Settings) -> Non
     (server,) = exporter.get_finished_spans()  # the batch is a root span: ALWAYS_OFF leaves it out
     assert f"{server.get_span_context().trace_id:032x}" == TRACE_ID
     _assert_stages_timed(server, ("receive", "queue", "decode", "encode"))
+
+
+def test_a_cancelled_request_s_stages_are_not_set_on_its_ended_span(caplog: pytest.LogCaptureFixture) -> None:
+    """A request cancelled while its batch runs has its span ended first: the inference thread's
+    decode and queue timings are dropped without the SDK's warning for each (a log flood under load)."""
+    import asyncio
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.install(provider)
+    scope = {"path": "/predict", "method": "POST", "headers": []}
+    carried: list[Any] = []
+
+    async def request() -> None:
+        with tracing.server_span(scope):
+            carried.append(tracing.current())
+            await asyncio.sleep(10)  # cancelled here, as a client's deadline or disconnect does
+
+    async def cancelled() -> None:
+        task = asyncio.create_task(request())
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    try:
+        asyncio.run(cancelled())
+        (span,) = carried
+        assert span is not None and not span.is_recording()  # ended by the cancellation
+        with caplog.at_level(logging.WARNING):
+            assert tracing.timed(lambda: 7, span)() == 7  # what the inference thread runs later
+            tracing.queued([(span, 0)])
+    finally:
+        tracing.stop()
+    assert not [r for r in caplog.records if "ended span" in r.getMessage()]
+    (server,) = exporter.get_finished_spans()
+    assert server.attributes is not None and "fashion_serve.decode_ms" not in server.attributes
