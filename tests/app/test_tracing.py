@@ -321,3 +321,21 @@ def test_a_cancelled_request_s_stages_are_not_set_on_its_ended_span(caplog: pyte
     assert not [r for r in caplog.records if "ended span" in r.getMessage()]
     (server,) = exporter.get_finished_spans()
     assert server.attributes is not None and "fashion_serve.decode_ms" not in server.attributes
+
+
+def test_the_exported_resource_is_hashed_once_and_equals_the_sdk_s() -> None:
+    """The resource `start` gives the provider hashes and compares as the SDK's own, so the OTLP
+    encoder groups spans as before; its hash is not recomputed from its attributes."""
+    from opentelemetry.sdk.resources import Resource
+
+    provider_tracer = tracing.start({"OTEL_TRACES_EXPORTER": "console", "OTEL_SERVICE_NAME": "fashion-test"})
+    try:
+        assert provider_tracer is not None and tracing._provider is not None
+        resource = tracing._provider.resource
+    finally:
+        tracing.stop()
+    plain = Resource(resource.attributes, resource.schema_url)
+    assert resource.attributes["service.name"] == "fashion-test"
+    assert resource == plain and hash(resource) == hash(plain) and {plain: 1}[resource] == 1
+    resource._attributes = {"service.name": "changed"}  # type: ignore[attr-defined]
+    assert hash(resource) == hash(plain)  # computed once, when made
