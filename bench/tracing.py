@@ -3,13 +3,15 @@ of them, exported over OTLP/HTTP to a receiver in this process that reads and di
 
     python -m bench.tracing [--seconds 8] [--rounds 2] [--checkpoint models/course_network.pt]
 
-Off and on alternate for `--rounds`, in one run; the ratios are what to read.
+Off and on alternate for `--rounds`, in one run; the ratios are what to read, the median of the
+rounds' own ratios first.
 """
 
 from __future__ import annotations
 
 import argparse
 import http.server
+import statistics
 import sys
 import tempfile
 import threading
@@ -61,6 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     sink.shutdown()
     off, on = sum(rows["off"]) / len(rows["off"]), sum(rows["on"]) / len(rows["on"])
     print(f"tracing on / off = {on / off:.3f}x req/s (mean of {args.rounds} rounds each)")
+    # Each round's pair ran back to back, so its ratio is the least disturbed by the machine's
+    # slower and faster phases; their median is the figure to compare runs by.
+    pairs = sorted(o / f for o, f in zip(rows["on"], rows["off"], strict=True))
+    spread = ", ".join(f"{p:.3f}" for p in pairs)
+    print(f"per round on / off: median {statistics.median(pairs):.3f}x ({spread})")
     return 0
 
 
