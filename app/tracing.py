@@ -10,8 +10,9 @@ configuration that cannot work logs one WARNING and the service serves untraced.
 What a traced inference request gives (probes, /metrics and static files are not traced): a
 server span (HTTP, or gRPC's ModelInfer), child of the caller's W3C `traceparent`, whose
 attributes time its stages (`fashion_serve.receive_ms`: the body; `queue_ms`: submitted until its
-batch starts; `decode_ms`; `encode_ms`); and, in a trace of its own, the batch's `batch` span
-linked to every request it serves, with the `forward` passes under it. The stages are attributes,
+batch starts; `decode_ms`; `encode_ms`); and the batch's `batch` span, a child of the first
+traced request it serves and linked to every traced request it serves, with the `forward` passes
+under it. The stages are attributes,
 not child spans, because each span costs the Python SDK tens of microseconds to make and as many
 to export (docs/performance.md); their order is fixed, so durations say what child spans would.
 With tracing off, every hook is one `is None` test.
@@ -262,12 +263,17 @@ def queued(spans: Sequence[tuple[Span | None, int]]) -> None:
 
 
 def batch(spans: Sequence[Span | None]) -> contextlib.AbstractContextManager[Any]:
-    """The batch's span, linked to every traced request it serves; current for its forward passes."""
-    if _tracer is None or all(s is None for s in spans):
+    """The batch's span, current for its forward passes: a child of the first traced request it
+    serves, so a parent-based sampler records it whenever it serves a sampled request (a root
+    span would be sampled on its own, and most sampled requests would have no batch), and linked
+    to every traced request it serves."""
+    traced = [s for s in spans if s is not None]
+    if _tracer is None or not traced:
         return _OFF
-    links = [_api.Link(s.get_span_context()) for s in spans if s is not None]
+    links = [_api.Link(s.get_span_context()) for s in traced]
     attributes = {"fashion_serve.batch.requests": len(spans)}
-    return _tracer.start_as_current_span("batch", links=links, attributes=attributes)
+    parent = _api.set_span_in_context(traced[0])
+    return _tracer.start_as_current_span("batch", context=parent, links=links, attributes=attributes)
 
 
 def forward(images: int) -> contextlib.AbstractContextManager[Any]:

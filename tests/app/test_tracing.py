@@ -76,7 +76,7 @@ def test_a_traced_request_has_its_stages_and_a_linked_batch(
     assert set(spans) == {"POST /predict", "batch", "forward"}  # the stages are attributes, not spans
     batch, forward = spans["batch"], spans["forward"]
     assert [link.context.span_id for link in batch.links] == [context.span_id]
-    assert batch.get_span_context().trace_id != context.trace_id  # the batch is its own trace, linked
+    assert batch.parent is not None and batch.parent.span_id == context.span_id  # in the request's trace
     assert forward.parent is not None and forward.parent.span_id == batch.get_span_context().span_id
     assert forward.attributes is not None and forward.attributes["fashion_serve.batch.images"] == 1
     assert any(f"trace={TRACE_ID}" in r.getMessage() for r in caplog.records if r.name == "app.access")
@@ -265,7 +265,7 @@ def test_grpc_model_infer_is_traced_like_http(settings: Settings) -> None:
 
 def test_only_the_sampled_request_is_traced_and_timed(settings: Settings) -> None:
     """Under a parent-based sampler, a request without a sampled `traceparent` leaves no span and
-    sets no stage on anyone's; the sampled one still gets all of its stages."""
+    sets no stage on anyone's; the sampled one still gets all of its stages, and its batch."""
     from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
 
     exporter = InMemorySpanExporter()
@@ -280,8 +280,10 @@ def test_only_the_sampled_request_is_traced_and_timed(settings: Settings) -> Non
             assert client.post("/predict", files={"file": ("a.png", png())}).status_code == 200
         finally:
             tracing.stop()
-    (server,) = exporter.get_finished_spans()  # the batch is a root span: ALWAYS_OFF leaves it out
-    assert f"{server.get_span_context().trace_id:032x}" == TRACE_ID
+    spans = _by_name(exporter.get_finished_spans())
+    assert set(spans) == {"POST /predict", "batch", "forward"}  # a root batch span would be sampled out
+    server = spans["POST /predict"]
+    assert {f"{s.get_span_context().trace_id:032x}" for s in spans.values()} == {TRACE_ID}
     _assert_stages_timed(server, ("receive", "queue", "decode", "encode"))
 
 
@@ -339,3 +341,25 @@ def test_the_exported_resource_is_hashed_once_and_equals_the_sdk_s() -> None:
     assert resource == plain and hash(resource) == hash(plain) and {plain: 1}[resource] == 1
     resource._attributes = {"service.name": "changed"}  # type: ignore[attr-defined]
     assert hash(resource) == hash(plain)  # computed once, when made
+
+
+def test_a_batch_is_a_child_of_its_first_traced_request_and_linked_to_each() -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = tracing.install(provider)
+    try:
+        first, second = tracer.start_span("first"), tracer.start_span("second")
+        with tracing.batch([None, first, None, second]), tracing.forward(4):
+            pass
+        first.end()
+        second.end()
+    finally:
+        tracing.stop()
+    spans = _by_name(exporter.get_finished_spans())
+    batch, ids = spans["batch"], [s.get_span_context().span_id for s in (first, second)]
+    assert batch.parent is not None and batch.parent.span_id == ids[0]
+    assert [link.context.span_id for link in batch.links] == ids
+    assert batch.attributes is not None and batch.attributes["fashion_serve.batch.requests"] == 4
+    forward = spans["forward"]
+    assert forward.parent is not None and forward.parent.span_id == batch.get_span_context().span_id
