@@ -12,10 +12,9 @@ server span (HTTP, or gRPC's ModelInfer), child of the caller's W3C `traceparent
 attributes time its stages (`fashion_serve.receive_ms`: the body; `queue_ms`: submitted until its
 batch starts; `decode_ms`; `encode_ms`); and the batch's `batch` span, a child of the first
 traced request it serves and linked to every traced request it serves, with the `forward` passes
-under it. The stages are attributes,
-not child spans, because each span costs the Python SDK tens of microseconds to make and as many
-to export (docs/performance.md); their order is fixed, so durations say what child spans would.
-With tracing off, every hook is one `is None` test.
+under it. The stages are attributes, not child spans, because each span costs the Python SDK far
+more to make and to export than an attribute (docs/performance.md); their order is fixed, so
+durations say what child spans would. With tracing off, every hook is one `is None` test.
 """
 
 from __future__ import annotations
@@ -87,8 +86,8 @@ def start(environ: Mapping[str, str] = os.environ) -> Tracer | None:
 def _hashed_once(resource: Resource) -> Resource:
     """`resource` with its hash computed once. The OTLP encoder groups every exported span by its
     resource, and the SDK's `Resource.__hash__` serializes all its attributes to JSON each time
-    (opentelemetry-python#5577 calls that wasteful): 3-5 µs per span here. Equal, and hashing
-    alike, to the resource it copies."""
+    (opentelemetry-python#5577 calls that wasteful; docs/performance.md has the cost). Equal, and
+    hashing alike, to the resource it copies."""
     from opentelemetry.sdk.resources import Resource
 
     class HashedResource(Resource):
