@@ -10,17 +10,18 @@ configuration that cannot work logs one WARNING and the service serves untraced.
 What a traced inference request gives (probes, /metrics and static files are not traced): a
 server span (HTTP, or gRPC's ModelInfer), child of the caller's W3C `traceparent`, whose
 attributes time its stages (`fashion_serve.receive_ms`: the body; `queue_ms`: submitted until its
-batch starts; `decode_ms`; `encode_ms`); and the batch's `batch` span, a child of the first
-traced request it serves and linked to every traced request it serves, with the `forward` passes
-under it. The stages are attributes, not child spans, because each span costs the Python SDK far
-more to make and to export than an attribute (docs/performance.md); their order is fixed, so
-durations say what child spans would. With tracing off, every hook is one `is None` test.
+batch starts; `decode_ms`; `forward_ms`: its batch's forward passes; `encode_ms`) and name its
+batch (`fashion_serve.batch.id`, `.requests`, `.images`). One span per request, no child spans,
+because each span costs the Python SDK far more to make and to export than an attribute
+(docs/performance.md); the stages' order is fixed, so durations say what child spans would.
+With tracing off, every hook is one `is None` test.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import itertools
 import logging
 import os
 import time
@@ -41,12 +42,10 @@ T = TypeVar("T")
 class _API(NamedTuple):
     """The OpenTelemetry calls the hooks make, looked up once when tracing starts (not per request)."""
 
-    get_current_span: Any
     attach: Any
     detach: Any
     set_span_in_context: Any
     extract: Any
-    Link: Any
     Status: Any
     ERROR: Any
     SERVER: Any
@@ -108,8 +107,8 @@ def install(provider: TracerProvider) -> Tracer:
     from opentelemetry.propagate import extract
 
     _api = _API(
-        trace.get_current_span, context.attach, context.detach, trace.set_span_in_context,
-        extract, trace.Link, trace.Status, trace.StatusCode.ERROR, trace.SpanKind.SERVER,
+        context.attach, context.detach, trace.set_span_in_context, extract,
+        trace.Status, trace.StatusCode.ERROR, trace.SpanKind.SERVER,
     )  # fmt: skip
     _provider, _tracer = provider, provider.get_tracer("fashion-serve")
     return _tracer
@@ -229,10 +228,6 @@ class _Stage:
             self.span.set_attribute(self.attribute, (time.perf_counter_ns() - self.started) / 1e6)
 
 
-def _recording() -> bool:
-    return bool(_api.get_current_span().is_recording())
-
-
 def current() -> Span | None:
     """The request's server span, to carry across the thread hand-off; None when off or untraced."""
     return None if _tracer is None else _request.get()
@@ -261,25 +256,74 @@ def queued(spans: Sequence[tuple[Span | None, int]]) -> None:
             span.set_attribute("fashion_serve.queue_ms", (now - submitted_ns) / 1e6)
 
 
+class _Batch:
+    """A traced batch, open on its inference thread while it runs: its forward passes add up
+    here, and on exit every traced request it served gets the batch's figures as attributes."""
+
+    __slots__ = ("forward_ns", "images", "requests", "spans", "token")
+
+    def __init__(self, spans: list[Span], requests: int) -> None:
+        self.spans, self.requests, self.forward_ns, self.images = spans, requests, 0, 0
+        self.token: contextvars.Token[_Batch | None] | None = None
+
+    def __enter__(self) -> _Batch:
+        self.token = _batch.set(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self.token is not None
+        _batch.reset(self.token)
+        attributes = {
+            "fashion_serve.batch.id": next(_batch_ids),
+            "fashion_serve.batch.requests": self.requests,
+            "fashion_serve.batch.images": self.images,
+            "fashion_serve.forward_ms": self.forward_ns / 1e6,
+        }
+        for span in self.spans:
+            if span.is_recording():  # see `_Stage.__exit__`
+                span.set_attributes(attributes)
+
+
+class _Forward:
+    """`forward`'s timer: one pass's images and duration, added to its batch on exit."""
+
+    __slots__ = ("batch", "images", "started")
+
+    def __init__(self, batch: _Batch, images: int) -> None:
+        self.batch, self.images, self.started = batch, images, 0
+
+    def __enter__(self) -> None:
+        self.started = time.perf_counter_ns()
+
+    def __exit__(self, *exc: object) -> None:
+        self.batch.forward_ns += time.perf_counter_ns() - self.started
+        self.batch.images += self.images
+
+
+# The batch the inference thread is running, while it serves a traced request (ContextVars are
+# per thread: each model's inference thread has its own).
+_batch: contextvars.ContextVar[_Batch | None] = contextvars.ContextVar("fashion_serve_batch", default=None)
+_batch_ids = itertools.count(1)  # numbers this process's traced batches (next() is atomic in CPython)
+
+
 def batch(spans: Sequence[Span | None]) -> contextlib.AbstractContextManager[Any]:
-    """The batch's span, current for its forward passes: a child of the first traced request it
-    serves, so a parent-based sampler records it whenever it serves a sampled request (a root
-    span would be sampled on its own, and most sampled requests would have no batch), and linked
-    to every traced request it serves."""
+    """The batch serving these requests' spans (None: untraced), open while it runs. On exit
+    each traced request's server span gets the batch's number (`fashion_serve.batch.id`, one
+    per process: the requests that shared a batch share it), its request and image counts, and
+    `fashion_serve.forward_ms`, its forward passes' time. Attributes, not a span of its own:
+    Triton's traces do the same (a request's compute timestamps, no batch span), and a span
+    costs the Python SDK far more (docs/performance.md)."""
     traced = [s for s in spans if s is not None]
     if _tracer is None or not traced:
         return _OFF
-    links = [_api.Link(s.get_span_context()) for s in traced]
-    attributes = {"fashion_serve.batch.requests": len(spans)}
-    parent = _api.set_span_in_context(traced[0])
-    return _tracer.start_as_current_span("batch", context=parent, links=links, attributes=attributes)
+    return _Batch(traced, len(spans))
 
 
 def forward(images: int) -> contextlib.AbstractContextManager[Any]:
-    """One forward pass, under its batch's span (a leaf)."""
-    if _tracer is None or not _recording():
+    """One forward pass of the running batch, timed into it; nothing outside a traced batch."""
+    if _tracer is None or (opened := _batch.get()) is None:
         return _OFF
-    return _tracer.start_span("forward", attributes={"fashion_serve.batch.images": images})
+    return _Forward(opened, images)
 
 
 def describe(attributes: Mapping[str, Any]) -> None:
