@@ -60,6 +60,15 @@ PRESETS["fashion-cnn-v5"] = {**PRESETS["fashion-cnn-v3"], "epochs": 80}
 PRESETS["fashion-cnn-v6"] = {**PRESETS["fashion-cnn-v5"], "depths": [1, 2, 2]}
 # A teacher to distill from: v5 at twice the width (about four times its multiply-adds).
 PRESETS["fashion-cnn-teacher"] = {**PRESETS["fashion-cnn-v5"], "channels": [64, 128, 256]}
+# A student at three quarters of v5's width (the first CNN's int8 cost), distilled from that
+# teacher answering each image and its mirror; the teacher is where `--preset fashion-cnn-teacher
+# --out runs/fashion_cnn_teacher.pt` writes it (its hash is recorded in the student).
+PRESETS["fashion-cnn-v7"] = {
+    **PRESETS["fashion-cnn-v5"],
+    "channels": [24, 48, 96],
+    "teacher": Path(__file__).resolve().parent.parent / "runs" / "fashion_cnn_teacher.pt",
+    "distill_mirror": True,
+}
 
 
 def _model_args(args: argparse.Namespace) -> dict[str, Any]:
