@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from models import ARCHITECTURES, CheckpointError, build_model, load_checkpoint, model_args_for, save_checkpoint
-from models.devices import resolve_device
+from models.devices import native_bf16, resolve_device
 from models.fashion_mnist import FASHION_MNIST_CLASSES
 from models.preprocessing import PreprocessConfig, normalize, normalize_tensor
 from training import distributed
@@ -194,6 +194,7 @@ def _training_record(
                 "distill_alpha": args.distill_alpha,
                 "distill_temperature": args.distill_temperature,
                 "distill_mirror": args.distill_mirror,
+                "teacher_precision": args.teacher_precision,
             }
         ),
         "preset": args.preset,
@@ -214,6 +215,8 @@ def _teacher(
     if args.teacher is None:
         if args.distill_alpha is not None or args.distill_temperature is not None or args.distill_mirror:
             raise SystemExit("--distill-alpha, --distill-temperature and --distill-mirror apply with --teacher only")
+        if args.teacher_precision is not None:
+            raise SystemExit("--teacher-precision applies with --teacher only")
         return None
     alpha = 0.5 if args.distill_alpha is None else args.distill_alpha
     temperature = 4.0 if args.distill_temperature is None else args.distill_temperature
@@ -230,7 +233,11 @@ def _teacher(
     if loaded.architecture.channels_last:
         model = model.to(memory_format=torch.channels_last)
     args.distill_alpha, args.distill_temperature = alpha, temperature  # recorded with the recipe
-    return Teacher(model, alpha, temperature, args.distill_mirror), hashlib.sha256(data).hexdigest()
+    precision = args.teacher_precision or "auto"
+    if precision == "auto":
+        precision = "bf16" if native_bf16(device) else "fp32"
+    teacher = Teacher(model, alpha, temperature, args.distill_mirror, precision)
+    return teacher, hashlib.sha256(data).hexdigest()
 
 
 def parameters_sha256(model: nn.Module) -> str:
@@ -308,6 +315,8 @@ def _train(args: argparse.Namespace, model_args: dict[str, Any], device: torch.d
         sys.stdout.flush()
     if not ctx.is_main:
         return 0
+    if teacher:  # what the run used: a resumed run keeps the precision it began with
+        args.teacher_precision = teacher[0].precision
     training = _training_record(
         args, splits, duration, device, data.source, ctx.world_size, teacher[1] if teacher else None
     )
@@ -385,6 +394,7 @@ RECIPE_KEYS = (
     "distill_alpha",
     "distill_temperature",
     "distill_mirror",
+    "teacher_precision",
     "seed",
     "val_size",
     "duration_s",

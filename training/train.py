@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -234,14 +235,25 @@ class Teacher:
     alpha: float = 0.5
     temperature: float = 4.0
     mirror: bool = False  # the teacher answers each image and its mirror image, averaged
+    # "bf16": the teacher's forward passes under bfloat16 autocast (the student trains in fp32):
+    # on a device with native bfloat16 several times faster, and its softened answers the same to
+    # within rounding (tests/training/test_training.py)
+    precision: str = "fp32"
+
+    def answer(self, x: torch.Tensor) -> torch.Tensor:
+        """The teacher's softened answers to `x`, as log-probabilities."""
+        bf16 = self.precision == "bf16"
+        autocast = torch.autocast(x.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+        with torch.no_grad(), autocast:
+            target = F.log_softmax(self.model(x).float() / self.temperature, dim=1)
+            if self.mirror:  # the mean of the two softened distributions, as log-probabilities
+                mirrored = F.log_softmax(self.model(x.flip(-1)).float() / self.temperature, dim=1)
+                target = torch.logaddexp(target, mirrored) - math.log(2)
+        return target
 
     def blend(self, label_loss: torch.Tensor, log_ps: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The batch's loss (summed over examples, as `label_loss` is) with the teacher's part."""
-        with torch.no_grad():
-            target = F.log_softmax(self.model(x) / self.temperature, dim=1)
-            if self.mirror:  # the mean of the two softened distributions, as log-probabilities
-                mirrored = F.log_softmax(self.model(x.flip(-1)) / self.temperature, dim=1)
-                target = torch.logaddexp(target, mirrored) - math.log(2)
+        target = self.answer(x)
         student = F.log_softmax(log_ps / self.temperature, dim=1)  # log-probabilities / T: logits / T
         soft = F.kl_div(student, target, log_target=True, reduction="sum") * self.temperature**2
         return (1 - self.alpha) * label_loss + self.alpha * soft
@@ -285,6 +297,7 @@ def _save_progress(
         "best_state": result.best_state,
         "generator": generator.get_state(),
         "torch_rng": torch.get_rng_state(),  # dropout's draws
+        "teacher_precision": None if optimization.teacher is None else optimization.teacher.precision,
     }
     tmp = path.with_name(path.name + ".tmp")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -303,6 +316,8 @@ def _load_progress(
     result.best_epoch, result.best_state = state["best_epoch"], state["best_state"]
     generator.set_state(state["generator"].cpu())
     torch.set_rng_state(state["torch_rng"].cpu())
+    if optimization.teacher is not None and state.get("teacher_precision"):
+        optimization.teacher.precision = state["teacher_precision"]  # as the run began, wherever it resumes
     return int(state["epoch"])
 
 

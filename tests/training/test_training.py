@@ -425,6 +425,51 @@ def test_a_mirrored_teacher_answers_with_the_mean_of_an_image_and_its_mirror() -
     assert plain.item() != pytest.approx(blended.item(), rel=1e-3), "the mirror changes the teacher's answer"
 
 
+def test_a_bf16_teacher_answers_as_the_fp32_one_to_within_rounding() -> None:
+    """Under bfloat16 autocast the teacher's softened answers differ from fp32's by rounding only
+    (what `--teacher-precision bf16` trades for speed); the student's part is unchanged."""
+    from training.train import Teacher
+
+    teacher_model, x, _, _ = _distillation_case()
+    exact = Teacher(teacher_model, temperature=4.0, mirror=True).answer(x)
+    rounded = Teacher(teacher_model, temperature=4.0, mirror=True, precision="bf16").answer(x)
+    assert rounded.dtype == torch.float32 and not torch.equal(rounded, exact), "autocast was applied"
+    gap = torch.nn.functional.kl_div(rounded, exact, log_target=True, reduction="batchmean")
+    assert gap.item() < 1e-3 and torch.equal(rounded.argmax(1), exact.argmax(1))
+
+
+def test_a_resumed_distillation_keeps_the_teacher_precision_it_began_with(tmp_path: Path) -> None:
+    from training.train import Teacher
+
+    x, y = torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,))
+    recipe = Recipe(epochs=2, batch_size=16, lr=1e-3)
+    progress = tmp_path / "s.pt.progress"
+    teacher_model = build_model("classifier", {}).eval()
+
+    def stop(record: EpochResult) -> None:
+        raise KeyboardInterrupt  # the session ends after the first epoch
+
+    student = build_model("cnn", {"channels": [4, 8], "hidden": 8})
+    began = Teacher(teacher_model, precision="bf16")
+    with pytest.raises(KeyboardInterrupt):
+        fit(student, x, y, x, y, recipe=recipe, generator=reseed(0), progress=progress, teacher=began, on_epoch=stop)
+    resumed = Teacher(teacher_model, precision="fp32")  # resumed where auto chose otherwise
+    fit(student, x, y, x, y, recipe=recipe, generator=reseed(0), progress=progress, teacher=resumed)
+    assert resumed.precision == "bf16"
+
+
+def test_native_bf16_follows_the_cpu_flags(tmp_path: Path) -> None:
+    from models import devices
+
+    with_bf16, without = tmp_path / "bf16", tmp_path / "plain"
+    with_bf16.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16 avx512_vnni\n")
+    without.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_vnni\n")
+    assert devices._cpu_flags(with_bf16) >= {"avx512_bf16"}
+    assert "avx512_bf16" not in devices._cpu_flags(without)
+    assert devices._cpu_flags(tmp_path / "missing") == frozenset()
+    assert devices.native_bf16(torch.device("meta")) is False
+
+
 def test_a_student_learns_from_a_teacher_and_records_it(synthetic_data: Path, tmp_path: Path) -> None:
     common = ["--data-dir", str(synthetic_data), "--limit", "600", "--device", "cpu", "--batch-size", "64"]
     teacher = tmp_path / "teacher.pt"
@@ -435,6 +480,7 @@ def test_a_student_learns_from_a_teacher_and_records_it(synthetic_data: Path, tm
     training = load_checkpoint(student).training
     assert training["teacher_sha256"] == hashlib.sha256(teacher.read_bytes()).hexdigest()
     assert (training["distill_alpha"], training["distill_temperature"], training["distill_mirror"]) == (0.7, 4.0, True)
+    assert training["teacher_precision"] in ("fp32", "bf16")
     report = json.loads((tmp_path / "student.metrics.json").read_text())
     assert report["metrics"]["test_accuracy"] > 0.5, "the student learned from the labels and the teacher"
     with pytest.raises(SystemExit, match="cannot load the teacher"):
@@ -443,3 +489,5 @@ def test_a_student_learns_from_a_teacher_and_records_it(synthetic_data: Path, tm
         main([*args, "--teacher", str(teacher), "--distill-temperature", "0", *common])
     with pytest.raises(SystemExit, match="apply with --teacher only"):
         main([*args, "--distill-alpha", "0.3", *common])
+    with pytest.raises(SystemExit, match="applies with --teacher only"):
+        main([*args, "--teacher-precision", "bf16", *common])
