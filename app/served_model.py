@@ -157,14 +157,18 @@ class ServedModel:
     def score(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """(N, 1, S, S) float32 inputs -> class probabilities (N, classes) and OOD scores (N,) or None.
 
-        Raises ServeError 503 when the accelerator runs out of memory (`accelerator_memory`).
+        Raises ServeError 503 when the accelerator runs out of memory (`accelerator_memory`), 500
+        when the model answers with a non-finite number (a broken model: never sent as an answer).
         """
         with accelerator_memory():
             x = torch.from_numpy(batch)
             if self.device.type != "cpu":
                 x = x.to(self.device, non_blocking=True)
             probabilities, scores = self.trust.apply(*self.form(x))
-            return probabilities.cpu().numpy(), None if scores is None else scores.cpu().numpy()
+            rows, ood = probabilities.cpu().numpy(), None if scores is None else scores.cpu().numpy()
+        if not (np.isfinite(rows).all() and (ood is None or np.isfinite(ood).all())):
+            raise ServeError(500, f"model {self.name} version {self.version} answered with a non-finite score")
+        return rows, ood
 
     def saliency(self, inputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
         """SmoothGrad maps (models.saliency) for (N, 1, S, S) inputs and (N,) target classes, on the

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 from pathlib import Path
@@ -14,6 +15,8 @@ from app.main import create_app
 from app.settings import Settings
 from models import CheckpointError
 from tests.helpers import png, tiny_model
+
+V2_ONE = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 784], "data": [0.0] * 784}]}
 
 
 def test_model_describes_the_checkpoint(client: TestClient, tiny_checkpoint: Path) -> None:
@@ -132,6 +135,39 @@ def test_out_of_accelerator_memory_is_503_and_recovers(client: TestClient, monke
     assert "out of memory" in first.json()["detail"]
     assert client.post("/predict", files={"file": ("a.png", png())}).status_code == 200
     assert client.get("/health/ready").status_code == 200
+
+
+def test_a_model_answering_non_finite_scores_is_500_never_an_answer(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A broken model's NaN is refused where it is made: the JSON encoder would write it as null."""
+    service = client.app.state.worker.plane.model  # type: ignore[attr-defined]
+    model = service.form.model
+    real_forward = model.forward
+    broken = {"on": True}
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        out = real_forward(x)
+        return torch.full_like(out, float("nan")) if broken["on"] else out
+
+    monkeypatch.setattr(model, "forward", forward)
+    response = client.post("/predict", files={"file": ("a.png", png())})
+    assert response.status_code == 500 and "non-finite" in response.json()["detail"]
+    assert client.post("/v2/models/tiny/infer", json=V2_ONE).status_code == 500
+    broken["on"] = False
+    assert client.post("/predict", files={"file": ("a.png", png())}).status_code == 200
+
+
+def test_json_answers_are_compact_utf8_and_what_orjson_refuses_is_still_json() -> None:
+    from app.http.messages import dump_json
+
+    body = {"label": "T-shirt/top", "name": "été.png", "probability": 0.981234, "tiny": 1e-06, "flag": None}
+    encoded = dump_json(body)
+    assert json.loads(encoded) == body and b" " not in encoded.replace(b"T-shirt/top", b"")
+    assert "été".encode() in encoded  # UTF-8, not escaped
+    lone = dump_json({"id": "\ud800"})  # a lone surrogate from a client's JSON
+    assert json.loads(lone) == {"id": "\ud800"} and lone.isascii()
+    assert json.loads(dump_json({3: "int key"})) == {"3": "int key"}
 
 
 @pytest.mark.gpu
