@@ -172,8 +172,10 @@ def _training_record(
     device: torch.device,
     source: str,
     world_size: int,
-    teacher_sha256: str | None = None,
+    teacher: tuple[Teacher, str] | None = None,
 ) -> dict[str, Any]:
+    """What the checkpoint records of its training; with `teacher` (the teacher and its SHA-256),
+    the distillation as it ran (a resumed run keeps the teacher's precision it began with)."""
     return {
         "epochs": args.epochs,
         **split_plan(args).record(),
@@ -188,13 +190,13 @@ def _training_record(
         "ema_decay": args.ema,
         **(
             {}
-            if teacher_sha256 is None
+            if teacher is None
             else {
-                "teacher_sha256": teacher_sha256,
+                "teacher_sha256": teacher[1],
                 "distill_alpha": args.distill_alpha,
                 "distill_temperature": args.distill_temperature,
                 "distill_mirror": args.distill_mirror,
-                "teacher_precision": args.teacher_precision,
+                "teacher_precision": teacher[0].precision,
             }
         ),
         "preset": args.preset,
@@ -315,11 +317,7 @@ def _train(args: argparse.Namespace, model_args: dict[str, Any], device: torch.d
         sys.stdout.flush()
     if not ctx.is_main:
         return 0
-    if teacher:  # what the run used: a resumed run keeps the precision it began with
-        args.teacher_precision = teacher[0].precision
-    training = _training_record(
-        args, splits, duration, device, data.source, ctx.world_size, teacher[1] if teacher else None
-    )
+    training = _training_record(args, splits, duration, device, data.source, ctx.world_size, teacher)
     out, paths, test = _evaluate_and_write(args, model, model_args, preprocess, splits, fit_result, training)
     progress.unlink(missing_ok=True)
     print(
