@@ -54,6 +54,7 @@ class _API(NamedTuple):
 _tracer: Tracer | None = None
 _provider: TracerProvider | None = None
 _api: _API
+_roots: Any = None  # the provider's `RootIds` (`_root_ids`) while its sampler decides a root span by its trace id alone
 # The request's server span while it is sampled, else None: what the per-request hooks read (one
 # lookup, where OpenTelemetry's current span takes several calls), so a request the sampler left
 # out costs them nothing.
@@ -73,7 +74,8 @@ def start(environ: Mapping[str, str] = os.environ) -> Tracer | None:
         exporters = [_exporter(name, environ) for name in names if name != "none"]
         service = environ.get("OTEL_SERVICE_NAME", "fashion-serve")
         resource = _hashed_once(Resource.create({"service.name": service, "process.pid": os.getpid()}))
-        provider = TracerProvider(resource=resource)  # the sampler comes from OTEL_TRACES_SAMPLER[_ARG]
+        # The sampler comes from OTEL_TRACES_SAMPLER[_ARG].
+        provider = TracerProvider(resource=resource, id_generator=_root_ids())
         for exporter in exporters:
             provider.add_span_processor(BatchSpanProcessor(exporter))  # OTEL_BSP_* apply
     except Exception as exc:  # any configuration error: serve untraced, say so once
@@ -100,11 +102,50 @@ def _hashed_once(resource: Resource) -> Resource:
     return HashedResource(resource.attributes, resource.schema_url)
 
 
+def _root_ids() -> Any:
+    """An id generator that lets a request without a `traceparent` be sampled before its span is
+    made: `sampled` draws the trace id and asks the sampler, and the span the SDK then starts gets
+    that id, so the verdict is the one the SDK reaches. A request the sampler leaves out costs one
+    id and one sampler call instead of the SDK's whole `start_span` (docs/performance.md)."""
+    import threading
+
+    from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+
+    class RootIds(RandomIdGenerator):
+        def __init__(self) -> None:
+            self.sampler: Any = None
+            self._drawn = threading.local()  # the id `sampled` drew, until the span takes it
+
+        def sampled(self, name: str) -> bool:
+            trace_id = super().generate_trace_id()
+            if not self.sampler.should_sample(None, trace_id, name).decision.is_recording():
+                return False
+            self._drawn.trace_id = trace_id
+            return True
+
+        def generate_trace_id(self) -> int:
+            trace_id = getattr(self._drawn, "trace_id", 0)
+            if not trace_id:
+                return super().generate_trace_id()
+            self._drawn.trace_id = 0
+            return trace_id
+
+    return RootIds()
+
+
 def install(provider: TracerProvider) -> Tracer:
     """Trace with `provider` from now on (tests pass one with an in-memory exporter)."""
-    global _tracer, _provider, _api
+    global _tracer, _provider, _api, _roots
     from opentelemetry import context, trace
     from opentelemetry.propagate import extract
+    from opentelemetry.sdk.trace import sampling
+
+    # The SDK's own samplers decide a root span by its trace id alone (a ratio, or always/never),
+    # so asking one before the span gives the span's verdict; a custom sampler may read more.
+    ids, sampler = provider.id_generator, provider.sampler
+    _roots = ids if hasattr(ids, "sampled") and type(sampler).__module__ == sampling.__name__ else None
+    if _roots is not None:
+        _roots.sampler = sampler
 
     _api = _API(
         context.attach, context.detach, trace.set_span_in_context, extract,
@@ -116,10 +157,10 @@ def install(provider: TracerProvider) -> Tracer:
 
 def stop() -> None:
     """Export what is buffered and turn tracing off (a worker's shutdown)."""
-    global _tracer, _provider
+    global _tracer, _provider, _roots
     if _provider is not None:
         _provider.shutdown()
-    _tracer = _provider = None
+    _tracer = _provider = _roots = None
 
 
 def _exporter(name: str, environ: Mapping[str, str]) -> Any:
@@ -150,9 +191,12 @@ def server_span(scope: Mapping[str, Any]) -> contextlib.AbstractContextManager[S
     off, for other routes, or when the sampler leaves the request out."""
     if _tracer is None or not is_inference_path(scope["path"]):
         return _OFF
+    name = f"{scope['method']} {scope['path']}"
     carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"] if k in _PROPAGATED}
+    if not carrier and _roots is not None and not _roots.sampled(name):
+        return _OFF
     attributes = {"http.request.method": scope["method"], "url.path": scope["path"], "url.scheme": "http"}
-    return _server(_tracer, f"{scope['method']} {scope['path']}", carrier, attributes)
+    return _server(_tracer, name, carrier, attributes)
 
 
 def rpc_server_span(
@@ -161,9 +205,12 @@ def rpc_server_span(
     """A gRPC call's server span, child of the `traceparent` in its metadata; None as `server_span`."""
     if _tracer is None:
         return _OFF
+    name = f"{service}/{method}"
     carrier = {key: value for key, value in metadata if key in ("traceparent", "tracestate") and isinstance(value, str)}
+    if not carrier and _roots is not None and not _roots.sampled(name):
+        return _OFF
     attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
-    return _server(_tracer, f"{service}/{method}", carrier, attributes)
+    return _server(_tracer, name, carrier, attributes)
 
 
 _PROPAGATED = (b"traceparent", b"tracestate")

@@ -375,3 +375,77 @@ def test_a_batch_s_figures_go_to_each_traced_request_it_serves() -> None:
     assert isinstance(one["fashion_serve.forward_ms"], float) and one["fashion_serve.forward_ms"] >= 10
     assert three["fashion_serve.batch.requests"] == 2 and three["fashion_serve.batch.images"] == 1
     assert three["fashion_serve.batch.id"] != one["fashion_serve.batch.id"]
+
+
+def test_a_root_request_is_sampled_before_its_span_by_the_sdk_s_own_verdict(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under a ratio sampler, a request without a `traceparent` is decided before any span is made:
+    one left out never reaches `start_span`, one kept gets a span with the very trace id the
+    sampler kept (so ids still pass the ratio rule downstream), and the share kept is the ratio."""
+    from opentelemetry.sdk.trace.sampling import ParentBasedTraceIdRatio, TraceIdRatioBased
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=ParentBasedTraceIdRatio(0.25), id_generator=tracing._root_ids())
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = tracing.install(provider)
+    started: list[str] = []
+    start_span = tracer.start_span
+    monkeypatch.setattr(tracer, "start_span", lambda name, **kw: started.append(name) or start_span(name, **kw))
+    scope = {"path": "/predict", "method": "POST", "headers": [(b"content-type", b"image/png")]}
+    try:
+        kept = 0
+        for _ in range(400):
+            with tracing.server_span(scope) as span:
+                kept += span is not None
+        with tracing.server_span({**scope, "headers": [(b"traceparent", TRACEPARENT["traceparent"].encode())]}) as span:
+            assert span is not None  # a sampled parent is followed, whatever the ratio
+    finally:
+        tracing.stop()
+    assert 60 <= kept <= 140, kept  # 400 x 0.25 = 100, sd 8.7
+    assert len(started) == kept + 1  # the requests left out made no span at all
+    spans = exporter.get_finished_spans()
+    bound = TraceIdRatioBased.get_bound_for_rate(0.25)
+    roots = [s for s in spans if s.parent is None]
+    assert len(roots) == kept and len({s.context.trace_id for s in roots}) == kept
+    assert all(s.context.trace_id & TraceIdRatioBased.TRACE_ID_LIMIT < bound for s in roots)
+    assert [f"{s.context.trace_id:032x}" for s in spans if s.parent is not None] == [TRACE_ID]
+
+
+def test_a_custom_sampler_decides_every_request_itself() -> None:
+    """A sampler from outside the SDK may read more than the trace id, so no request is decided
+    before its span: every one reaches it, with the span's own attributes."""
+    from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
+
+    seen: list[Any] = []
+
+    class ByPath(Sampler):
+        def should_sample(self, parent_context: Any, trace_id: int, name: str, *args: Any, **kw: Any) -> SamplingResult:
+            seen.append(kw.get("attributes") or args[1])
+            return SamplingResult(Decision.RECORD_AND_SAMPLE)
+
+        def get_description(self) -> str:
+            return "by path"
+
+    tracing.install(TracerProvider(sampler=ByPath(), id_generator=tracing._root_ids()))
+    try:
+        assert tracing._roots is None
+        with tracing.server_span({"path": "/predict", "method": "POST", "headers": []}) as span:
+            assert span is not None
+    finally:
+        tracing.stop()
+    assert [a["url.path"] for a in seen] == ["/predict"]
+
+
+def test_start_decides_root_requests_early_under_the_environment_s_ratio_sampler(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from opentelemetry.sdk.trace.sampling import ParentBasedTraceIdRatio
+
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")  # the SDK reads these itself
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0.1")
+    assert tracing.start({"OTEL_TRACES_EXPORTER": "console"}) is not None
+    try:
+        assert tracing._roots is not None and tracing._provider is not None
+        assert isinstance(tracing._roots.sampler, ParentBasedTraceIdRatio)
+        assert tracing._roots.sampler is tracing._provider.sampler
+    finally:
+        tracing.stop()
