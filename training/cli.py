@@ -64,6 +64,11 @@ def _add_train(commands: argparse._SubParsersAction[argparse.ArgumentParser], pr
         choices=("auto", "fp32", "bf16"),
         help="--teacher: its forward passes in bfloat16 autocast or fp32 (auto: bf16 where the device has it natively)",
     )
+    train.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        help="forward passes and losses in bfloat16 autocast or fp32 (default fp32; auto: bf16 where native)",
+    )
     train.add_argument("--seed", type=int, default=DEFAULT_SEED)
     train.add_argument(
         "--preset", choices=sorted(PRESETS), help="the recipe of a bundled checkpoint (other options override it)"

@@ -491,3 +491,68 @@ def test_a_student_learns_from_a_teacher_and_records_it(synthetic_data: Path, tm
         main([*args, "--distill-alpha", "0.3", *common])
     with pytest.raises(SystemExit, match="applies with --teacher only"):
         main([*args, "--teacher-precision", "bf16", *common])
+
+
+def test_a_bf16_recipe_trains_under_autocast_and_keeps_fp32_weights() -> None:
+    """`Recipe(precision="bf16")`: the forward passes run in bfloat16 (the first layer's output is
+    bfloat16), the weights and their updates stay fp32, and the loss falls as in fp32."""
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
+    model = build_model("cnn", {"channels": [4, 8], "hidden": 8})
+    seen: list[torch.dtype] = []
+    first = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    first.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    recipe = Recipe(epochs=3, batch_size=16, lr=3e-3, precision="bf16")
+    result = fit(model, x, y, x, y, recipe=recipe, generator=reseed(0))
+    assert result.precision == "bf16"
+    assert torch.bfloat16 in seen and all(p.dtype == torch.float32 for p in model.parameters())
+    assert result.history[-1].train_loss < result.history[0].train_loss
+    plain: list[torch.dtype] = []
+    model = build_model("cnn", {"channels": [4, 8], "hidden": 8})
+    next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d)).register_forward_hook(
+        lambda module, inputs, output: plain.append(output.dtype)
+    )
+    assert (
+        fit(model, x, y, x, y, recipe=Recipe(epochs=1, batch_size=16, lr=3e-3), generator=reseed(0)).precision == "fp32"
+    )
+    assert set(plain) == {torch.float32}
+
+
+def test_a_resumed_run_keeps_the_precision_it_began_with(tmp_path: Path) -> None:
+    x, y = torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,))
+    progress = tmp_path / "m.pt.progress"
+
+    def stop(record: EpochResult) -> None:
+        raise KeyboardInterrupt  # the session ends after the first epoch
+
+    model = build_model("cnn", {"channels": [4, 8], "hidden": 8})
+    began = Recipe(epochs=2, batch_size=16, lr=1e-3, precision="bf16")
+    with pytest.raises(KeyboardInterrupt):
+        fit(model, x, y, x, y, recipe=began, generator=reseed(0), progress=progress, on_epoch=stop)
+    elsewhere = Recipe(epochs=2, batch_size=16, lr=1e-3)  # resumed where auto chose fp32
+    assert fit(model, x, y, x, y, recipe=elsewhere, generator=reseed(0), progress=progress).precision == "bf16"
+
+
+def test_the_precision_is_chosen_by_the_device_and_recorded(
+    synthetic_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--precision auto` trains in bf16 only where the device has it natively; the checkpoint and
+    `evaluate` say which; the teacher's and the v7 student's presets choose auto, older ones fp32."""
+    from training import pipeline
+
+    common = ["--data-dir", str(synthetic_data), "--limit", "300", "--device", "cpu", "--epochs", "1"]
+    args = ["train", "--arch", "cnn", "--channels", "4", "8", "--hidden", "8", *common]
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(pipeline, "native_bf16", lambda device, native=native: native)
+        out = tmp_path / f"{expected}.pt"
+        assert main([*args, "--precision", "auto", "--out", str(out)]) == 0
+        assert load_checkpoint(out).training["precision"] == expected
+    assert main([*args, "--out", str(tmp_path / "plain.pt")]) == 0
+    assert load_checkpoint(tmp_path / "plain.pt").training["precision"] == "fp32"
+    assert "precision bf16" in pipeline.describe_recipe(load_checkpoint(tmp_path / "bf16.pt").training)
+    assert (
+        pipeline.PRESETS["fashion-cnn-teacher"]["precision"]
+        == pipeline.PRESETS["fashion-cnn-v7"]["precision"]
+        == "auto"
+    )
+    assert "precision" not in pipeline.PRESETS["fashion-cnn-v5"]
