@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
+from app import otlp
 from app.paths import is_inference_path
 
 if TYPE_CHECKING:
@@ -171,16 +172,7 @@ def _exporter(name: str, environ: Mapping[str, str]) -> Any:
     if name != "otlp":
         raise ValueError(f"OTEL_TRACES_EXPORTER {name!r}: this service exports with otlp or console")
     protocol = environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
-    protocol = protocol or "http/protobuf"
-    if protocol == "http/protobuf":
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HTTPExporter
-
-        return HTTPExporter()
-    if protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GRPCExporter
-
-        return GRPCExporter()
-    raise ValueError(f"OTLP protocol {protocol!r}: use http/protobuf or grpc")
+    return otlp.exporter(protocol or "http/protobuf")
 
 
 _OFF: contextlib.nullcontext[None] = contextlib.nullcontext()  # what every hook returns while untraced
