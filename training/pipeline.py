@@ -58,9 +58,15 @@ PRESETS["fashion-cnn-v4"] = {
 PRESETS["fashion-cnn-v5"] = {**PRESETS["fashion-cnn-v3"], "epochs": 80}
 # v5 with one convolution instead of two at full resolution (a quarter of v5's multiply-adds less).
 PRESETS["fashion-cnn-v6"] = {**PRESETS["fashion-cnn-v5"], "depths": [1, 2, 2]}
-# A teacher to distill from: v5 at twice the width (about four times its multiply-adds).
-# Trained in bfloat16 autocast where the CPU or GPU has it natively (about twice as fast).
-PRESETS["fashion-cnn-teacher"] = {**PRESETS["fashion-cnn-v5"], "channels": [64, 128, 256], "precision": "auto"}
+# A teacher to distill from: v5 at twice the width (about four times its multiply-adds), for 60
+# epochs (v3's schedule; the teacher and its student must fit one working session together),
+# in bfloat16 autocast where the CPU or GPU has it natively (about twice as fast).
+PRESETS["fashion-cnn-teacher"] = {
+    **PRESETS["fashion-cnn-v5"],
+    "channels": [64, 128, 256],
+    "epochs": 60,
+    "precision": "auto",
+}
 # A student at three quarters of v5's width (the first CNN's int8 cost), distilled from that
 # teacher answering each image and its mirror; the teacher is where `--preset fashion-cnn-teacher
 # --out runs/fashion_cnn_teacher.pt` writes it (its hash is recorded in the student).

@@ -247,9 +247,10 @@ def test_a_preset_sets_the_recipe_and_the_command_line_wins() -> None:
     six = build_parser("fashion-cnn-v6").parse_args(["train", "--preset", "fashion-cnn-v6"])
     assert (six.channels, six.depths, six.epochs) == ([32, 64, 128], [1, 2, 2], 80)
     teacher = build_parser("fashion-cnn-teacher").parse_args(["train", "--preset", "fashion-cnn-teacher"])
-    assert (teacher.channels, teacher.epochs, teacher.erase, teacher.teacher) == ([64, 128, 256], 80, 0.5, None)
+    assert (teacher.channels, teacher.epochs, teacher.erase, teacher.teacher) == ([64, 128, 256], 60, 0.5, None)
     seven = build_parser("fashion-cnn-v7").parse_args(["train", "--preset", "fashion-cnn-v7"])
     assert (seven.channels, seven.epochs, seven.distill_mirror) == ([24, 48, 96], 80, True)
+    assert teacher.precision == seven.precision == "auto" and five.precision is None
     assert seven.teacher.parts[-2:] == ("runs", "fashion_cnn_teacher.pt")
 
 
