@@ -3,6 +3,9 @@
 constraints.txt pins uvicorn, uvicorn-worker, starlette, fastapi, gunicorn and prometheus-client;
 pyproject.toml bounds them; when a pin moves, these
 fail with a message naming the internal that moved and the module of ours that uses it.
+The OTLP exporters' two seams that app/tracing/otlp.py encodes through (the HTTP exporter's
+module-level `encode_spans`, the gRPC exporter's `_translate_data`) are checked, by a real
+export, in tests/app/test_otlp.py.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""app.otlp writes the very `ExportTraceServiceRequest` the OpenTelemetry library would: every
+"""app.tracing.otlp writes the very `ExportTraceServiceRequest` the OpenTelemetry library would: every
 message it writes is parsed with the official classes and compared with the library's encoding of
 the same spans, across every field a span can carry."""
 
@@ -19,7 +19,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.span import TraceState
 
-from app import otlp
+from app.tracing import otlp
 
 VALUES: dict[str, Any] = {
     "text": "POST /predict",
@@ -138,7 +138,7 @@ class _Sink(http.server.BaseHTTPRequestHandler):
 def test_both_otlp_exporters_send_what_encode_writes(monkeypatch: pytest.MonkeyPatch) -> None:
     """The seams `exporter` uses still carry the bytes: the OTLP/HTTP exporter encodes through
     its module's `encode_spans`, the gRPC one through `_translate_data`. When an upgrade of
-    opentelemetry-exporter-otlp-proto-* moves either, this fails (and app/otlp.py needs review)."""
+    opentelemetry-exporter-otlp-proto-* moves either, this fails (and app/tracing/otlp.py needs review)."""
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GRPCExporter
 
     spans = _spans()
