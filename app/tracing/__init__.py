@@ -28,16 +28,29 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from app.paths import is_inference_path
 from app.tracing import otlp
-from app.tracing.stages import batch, current, describe, forward, queued, request_span, stage, timed
+from app.tracing.stages import Traced, batch, current, describe, forward, queued, request_span, stage, timed
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.trace import Span, Tracer
+    from opentelemetry.trace import Tracer
 
 __all__ = [
-    "batch", "current", "describe", "finish_server_span", "forward", "install", "queued", "rpc_server_span",
-    "server_span", "stage", "start", "stop", "timed", "trace_id",
+    "Traced",
+    "batch",
+    "current",
+    "describe",
+    "finish_server_span",
+    "forward",
+    "install",
+    "queued",
+    "rpc_server_span",
+    "server_span",
+    "stage",
+    "start",
+    "stop",
+    "timed",
+    "trace_id",
 ]  # fmt: skip
 logger = logging.getLogger("app")
 
@@ -176,9 +189,10 @@ def _exporter(name: str, environ: Mapping[str, str]) -> Any:
 _OFF: contextlib.nullcontext[None] = contextlib.nullcontext()  # what every hook returns while untraced
 
 
-def server_span(scope: Mapping[str, Any]) -> contextlib.AbstractContextManager[Span | None]:
-    """The request's server span, child of its `traceparent`, current for the request; None when
-    off, for other routes, or when the sampler leaves the request out."""
+def server_span(scope: Mapping[str, Any]) -> contextlib.AbstractContextManager[Traced | None]:
+    """The request's server span, child of its `traceparent`, current for the request (as the
+    `Traced` request its stages write to); None when off, for other routes, or when the sampler
+    leaves the request out."""
     if _tracer is None or not is_inference_path(scope["path"]):
         return _OFF
     name = f"{scope['method']} {scope['path']}"
@@ -191,7 +205,7 @@ def server_span(scope: Mapping[str, Any]) -> contextlib.AbstractContextManager[S
 
 def rpc_server_span(
     service: str, method: str, metadata: Iterable[tuple[str, Any]]
-) -> contextlib.AbstractContextManager[Span | None]:
+) -> contextlib.AbstractContextManager[Traced | None]:
     """A gRPC call's server span, child of the `traceparent` in its metadata; None as `server_span`."""
     if _tracer is None:
         return _OFF
@@ -207,15 +221,16 @@ _PROPAGATED = (b"traceparent", b"tracestate")
 
 
 @contextlib.contextmanager
-def _server(tracer_: Tracer, name: str, carrier: dict[str, str], attributes: dict[str, Any]) -> Iterator[Span | None]:
+def _server(tracer_: Tracer, name: str, carrier: dict[str, str], attributes: dict[str, Any]) -> Iterator[Traced | None]:
     parent = _api.extract(carrier) if carrier else None
     span = tracer_.start_span(name, context=parent, kind=_api.SERVER, attributes=attributes)
     if not span.is_recording():  # sampled out: nothing below needs to know of it
         yield None
         return
-    token, request = _api.attach(_api.set_span_in_context(span)), request_span.set(span)
+    traced = Traced(span)
+    token, request = _api.attach(_api.set_span_in_context(span)), request_span.set(traced)
     try:
-        yield span
+        yield traced
     except BaseException as exc:
         span.record_exception(exc)
         span.set_status(_api.Status(_api.ERROR, type(exc).__name__))
@@ -223,19 +238,18 @@ def _server(tracer_: Tracer, name: str, carrier: dict[str, str], attributes: dic
     finally:
         request_span.reset(request)
         _api.detach(token)
-        span.end()
+        traced.end()
 
 
-def finish_server_span(span: Span, method: str, route: str, status: int) -> None:
+def finish_server_span(traced: Traced, method: str, route: str, status: int) -> None:
     """Name the server span by its route template and record the answer's status."""
-    span.update_name(f"{method} {route}")
-    if status < 500:
-        span.set_attributes({"http.route": route, "http.response.status_code": status})
-        return
-    span.set_attributes({"http.route": route, "http.response.status_code": status, "error.type": str(status)})
-    span.set_status(_api.Status(_api.ERROR))
+    traced.span.update_name(f"{method} {route}")
+    traced.attributes.update({"http.route": route, "http.response.status_code": status})
+    if status >= 500:
+        traced.attributes["error.type"] = str(status)
+        traced.span.set_status(_api.Status(_api.ERROR))
 
 
-def trace_id(span: Span | None) -> str | None:
-    """The span's trace id as 32 hex digits (what the access log shows)."""
-    return None if span is None else f"{span.get_span_context().trace_id:032x}"
+def trace_id(traced: Traced | None) -> str | None:
+    """The request's trace id as 32 hex digits (what the access log shows)."""
+    return None if traced is None else f"{traced.span.get_span_context().trace_id:032x}"

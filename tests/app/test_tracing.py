@@ -311,12 +311,12 @@ def test_a_cancelled_request_s_stages_are_not_set_on_its_ended_span(caplog: pyte
 
     try:
         asyncio.run(cancelled())
-        (span,) = carried
-        assert span is not None and not span.is_recording()  # ended by the cancellation
+        (traced,) = carried
+        assert traced is not None and not traced.span.is_recording()  # ended by the cancellation
         with caplog.at_level(logging.WARNING):
-            assert tracing.timed(lambda: 7, span)() == 7  # what the inference thread runs later
-            tracing.queued([(span, 0)])
-            with tracing.batch([span]), tracing.forward(1):
+            assert tracing.timed(lambda: 7, traced)() == 7  # what the inference thread runs later
+            tracing.queued([(traced, 0)])
+            with tracing.batch([traced]), tracing.forward(1):
                 pass
     finally:
         tracing.stop()
@@ -354,7 +354,7 @@ def test_a_batch_s_figures_go_to_each_traced_request_it_serves() -> None:
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     tracer = tracing.install(provider)
     try:
-        first, second, third = (tracer.start_span(name) for name in ("first", "second", "third"))
+        first, second, third = (tracing.Traced(tracer.start_span(name)) for name in ("first", "second", "third"))
         with tracing.forward(9):  # outside a batch: nothing to add to
             pass
         with tracing.batch([None, first, None, second]):
@@ -363,8 +363,8 @@ def test_a_batch_s_figures_go_to_each_traced_request_it_serves() -> None:
                     time.sleep(0.005)
         with tracing.batch([third, None]), tracing.forward(1):
             pass
-        for span in (first, second, third):
-            span.end()
+        for traced in (first, second, third):
+            traced.end()
     finally:
         tracing.stop()
     spans = _by_name(exporter.get_finished_spans())
@@ -449,3 +449,38 @@ def test_start_decides_root_requests_early_under_the_environment_s_ratio_sampler
         assert tracing._roots.sampler is tracing._provider.sampler
     finally:
         tracing.stop()
+
+
+def test_a_request_s_attributes_reach_its_span_in_one_call_when_it_ends(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stages, batch figures, `describe` and the route gather on the request and are set on its
+    span once, as it ends; what arrives later (a cancelled request's batch) is dropped."""
+    from opentelemetry.sdk.trace import Span as SDKSpan
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.install(provider)
+    calls: list[dict[str, Any]] = []
+    set_attributes = SDKSpan.set_attributes
+    monkeypatch.setattr(SDKSpan, "set_attributes", lambda self, a: calls.append(dict(a)) or set_attributes(self, a))
+    try:
+        with tracing.server_span({"path": "/predict", "method": "POST", "headers": []}) as traced:
+            assert traced is not None and tracing.current() is traced
+            with tracing.stage("receive"):
+                pass
+            tracing.queued([(traced, 0)])
+            with tracing.batch([traced]), tracing.forward(2):
+                pass
+            tracing.describe({"fashion_serve.model": "fashion"})
+            tracing.finish_server_span(traced, "POST", "/predict", 200)
+            assert calls == []  # nothing reached the span yet
+        with tracing.stage("encode"):  # after the end: nowhere to go
+            pass
+        traced.attributes["late"] = 1
+    finally:
+        tracing.stop()
+    assert len(calls) == 1
+    (span,) = exporter.get_finished_spans()
+    assert span.attributes is not None and "late" not in span.attributes
+    assert span.attributes["fashion_serve.model"] == "fashion" and span.attributes["http.response.status_code"] == 200
+    assert span.attributes["fashion_serve.batch.images"] == 2 and "fashion_serve.receive_ms" in span.attributes
