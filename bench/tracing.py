@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         "OTEL_TRACES_SAMPLER_ARG": str(args.ratio),
     }
     rows: dict[str, list[float]] = {"off": [], "on": []}
+    cpu: dict[str, list[float]] = {"off": [], "on": []}  # the server's CPU ms per request
     with tempfile.TemporaryDirectory() as tmp:
         content_type = write_bodies(Path(tmp), fashion_pngs(256), 1)
         for _ in range(args.rounds):
@@ -58,8 +59,10 @@ def main(argv: list[str] | None = None) -> int:
                 with started("service", args.checkpoint, args.workers, extra_env=env) as server:
                     row = drive(server, Path(tmp), content_type, 32, args.seconds, 2)
                 rows[mode].append(row["rps"])
+                cpu[mode].append(row["cpu_ms"])
                 latency = f"p50 {row['p50']:6.2f} ms  p99 {row['p99']:6.2f} ms"
-                print(f"tracing {mode:<3} c=32 {row['rps']:8.0f} req/s  {latency}", flush=True)
+                used = f"server CPU {1000 * row['cpu_ms']:6.1f} us/request"
+                print(f"tracing {mode:<3} c=32 {row['rps']:8.0f} req/s  {latency}  {used}", flush=True)
     sink.shutdown()
     off, on = sum(rows["off"]) / len(rows["off"]), sum(rows["on"]) / len(rows["on"])
     print(f"tracing on / off = {on / off:.3f}x req/s (mean of {args.rounds} rounds each)")
@@ -68,6 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     pairs = sorted(o / f for o, f in zip(rows["on"], rows["off"], strict=True))
     spread = ", ".join(f"{p:.3f}" for p in pairs)
     print(f"per round on / off: median {statistics.median(pairs):.3f}x ({spread})")
+    # The server's CPU per request moves less with this machine's load than req/s does: tracing's
+    # cost in microseconds, and the throughput it would allow where the server's CPU is the limit.
+    off_cpu, on_cpu = statistics.median(cpu["off"]), statistics.median(cpu["on"])
+    added = 1000 * (on_cpu - off_cpu)
+    print(f"server CPU per request: off {1000 * off_cpu:.1f} us, on {1000 * on_cpu:.1f} us "
+          f"(+{added:.1f} us; off / on = {off_cpu / on_cpu:.3f}x)")  # fmt: skip
     return 0
 
 
