@@ -101,6 +101,16 @@ def _add_evaluate(commands: argparse._SubParsersAction[argparse.ArgumentParser])
     evaluate.set_defaults(run=run_evaluate)
 
 
+def _threshold(value: str) -> float | str:
+    """`--mirror-below`: a number, or `auto`."""
+    if value == "auto":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is neither a number nor auto") from None
+
+
 def _add_trust_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     calibrate = commands.add_parser(
         "calibrate", help="fit the temperature and the OOD statistics into a checkpoint (written as format v1)"
@@ -114,9 +124,10 @@ def _add_trust_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     )
     calibrate.add_argument(
         "--mirror-below",
-        type=float,
+        type=_threshold,
         metavar="P",
-        help="--mirror: only for images whose plain answer's top probability is below P (0 < P <= 1)",
+        help="--mirror: only for images whose plain answer's top probability is below P (0 < P <= 1); "
+        "auto: the smallest P whose validation accuracy reaches the always-mirrored form's",
     )
     calibrate.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     _add_data_options(calibrate)

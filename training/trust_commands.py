@@ -60,9 +60,35 @@ def _mirrored(args: argparse.Namespace, loaded: LoadedModel) -> dict[str, Any]:
     return model_args
 
 
+# The thresholds `--mirror-below auto` tries, smallest first.
+MIRROR_BELOW_GRID = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.97, 0.99)
+
+
+def choose_mirror_below(model: FashionCNN, x: torch.Tensor, labels: torch.Tensor) -> float | None:
+    """`--mirror-below auto`: the smallest threshold of `MIRROR_BELOW_GRID` at which the model,
+    mirrored only below it, answers the validation images as well as when always mirrored (None:
+    always, when none does). Each threshold's accuracy is printed."""
+    device = next(model.parameters()).device
+    x, labels = x.to(device), labels.to(device)
+
+    def accuracy(below: float | None) -> float:
+        model.mirror, model.mirror_below = True, below
+        return evaluate(model, x, labels).accuracy
+
+    always = accuracy(None)
+    print(f"validation accuracy, mirrored always: {100 * always:.2f}%")
+    chosen = None
+    for below in MIRROR_BELOW_GRID:
+        measured = accuracy(below)
+        reaches = measured >= always
+        print(f"  mirrored below {below}: {100 * measured:.2f}%{'  <- chosen' if reaches and chosen is None else ''}")
+        if reaches and chosen is None:
+            chosen = below
+    return chosen
+
+
 def run_calibrate(args: argparse.Namespace, device: torch.device, data: FashionMNIST) -> int:
     loaded = _load(args, device)
-    model_args = _mirrored(args, loaded)
     train_idx, val_idx = training_split(loaded, len(data.train.labels))
     if not loaded.training:
         plan = SplitPlan()
@@ -70,6 +96,17 @@ def run_calibrate(args: argparse.Namespace, device: torch.device, data: FashionM
 
     def split(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return normalize_tensor(images, loaded.preprocess).unsqueeze(1), labels
+
+    if getattr(args, "mirror_below", None) == "auto":
+        if not args.mirror:
+            raise SystemExit("--mirror-below applies with --mirror only")
+        args.mirror_below = None
+        _mirrored(args, loaded)  # refuses what cannot be mirrored before anything is measured
+        assert isinstance(loaded.model, FashionCNN)
+        args.mirror_below = choose_mirror_below(
+            loaded.model, *split(data.train.images[val_idx], data.train.labels[val_idx])
+        )
+    model_args = _mirrored(args, loaded)
 
     fit = fit_trust(
         loaded.model,

@@ -374,10 +374,40 @@ def test_calibrate_mirror_fits_the_mirrored_cnn_and_refuses_other_architectures(
         main(["calibrate", str(cnn), "--mirror-below", "0.8", *options])
     with pytest.raises(SystemExit, match=r"--mirror-below: mirror_below must be a number in \(0, 1\]"):
         main(["calibrate", str(cnn), "--mirror", "--mirror-below", "1.5", *options])
+    with pytest.raises(SystemExit, match="--mirror-below applies with --mirror only"):
+        main(["calibrate", str(cnn), "--mirror-below", "auto", *options])
+    with pytest.raises(SystemExit):
+        main(["calibrate", str(cnn), "--mirror", "--mirror-below", "often", *options])
     mlp = tmp_path / "mlp.pt"
     assert main(["train", "--arch", "network", "--hidden-layers", "16", *common, "--out", str(mlp)]) == 0
     with pytest.raises(SystemExit, match="--mirror: the network architecture has no mirrored form"):
         main(["calibrate", str(mlp), "--mirror", *options])
+    with pytest.raises(SystemExit, match="--mirror: the network architecture has no mirrored form"):
+        main(["calibrate", str(mlp), "--mirror", "--mirror-below", "auto", *options])
+
+
+def test_mirror_below_auto_chooses_the_smallest_threshold_as_good_as_always(
+    synthetic_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`calibrate --mirror --mirror-below auto` measures the always-mirrored form and each
+    threshold of the grid on the validation split, and keeps the smallest that reaches it."""
+    from training.trust_commands import MIRROR_BELOW_GRID
+
+    options = ["--data-dir", str(synthetic_data), "--device", "cpu"]
+    cnn, chosen = tmp_path / "cnn.pt", tmp_path / "auto.pt"
+    assert main(["train", "--arch", "cnn", "--channels", "4", "8", "--hidden", "8", "--epochs", "1",
+                 "--limit", "300", *options, "--out", str(cnn)]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert main(["calibrate", str(cnn), "--mirror", "--mirror-below", "auto", "--out", str(chosen), *options]) == 0
+    printed = capsys.readouterr().out
+    always = float(printed.split("mirrored always: ")[1].split("%")[0])
+    swept = {float(line.split("below ")[1].split(":")[0]): float(line.split(": ")[1].split("%")[0])
+             for line in printed.splitlines() if line.startswith("  mirrored below")}  # fmt: skip
+    assert list(swept) == list(MIRROR_BELOW_GRID)
+    below = load_checkpoint(chosen).model_args["mirror_below"]
+    reaching = [p for p, accuracy in swept.items() if accuracy >= always]
+    assert below == (reaching[0] if reaching else None)
+    assert load_checkpoint(chosen).model_args["mirror"] is True
 
 
 def _distillation_case() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
