@@ -282,6 +282,20 @@ def run_train(args: argparse.Namespace) -> int:
         distributed.teardown(ctx)
 
 
+def _recipe(args: argparse.Namespace, preprocess: PreprocessConfig, device: torch.device) -> Recipe:
+    return Recipe(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        max_shift=AUGMENTATIONS[args.augment],
+        erase_p=args.erase,
+        fill=float(normalize(np.zeros(1), preprocess)[0]),  # the background, for shifted-in and erased pixels
+        ema_decay=args.ema,
+        precision=_precision(args.precision or "fp32", device),
+    )
+
+
 def _train(args: argparse.Namespace, model_args: dict[str, Any], device: torch.device, ctx: Distributed) -> int:
     data = data_or_exit(args)
     preprocess = PreprocessConfig()
@@ -296,17 +310,7 @@ def _train(args: argparse.Namespace, model_args: dict[str, Any], device: torch.d
             f"{len(splits.val[1])} validation / {len(splits.test[1])} test examples from {data.source}",
             flush=True,
         )
-    recipe = Recipe(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        max_shift=AUGMENTATIONS[args.augment],
-        erase_p=args.erase,
-        fill=float(normalize(np.zeros(1), preprocess)[0]),
-        ema_decay=args.ema,
-        precision=_precision(args.precision or "fp32", device),
-    )
+    recipe = _recipe(args, preprocess, device)
     progress = progress_path(args.out)
     if progress.exists() and not args.resume:
         progress.unlink()

@@ -87,6 +87,17 @@ def choose_mirror_below(model: FashionCNN, x: torch.Tensor, labels: torch.Tensor
     return chosen
 
 
+def _auto_threshold(
+    args: argparse.Namespace, loaded: LoadedModel, x: torch.Tensor, labels: torch.Tensor
+) -> float | None:
+    """`--mirror-below auto`, once `_mirrored` has refused what cannot be mirrored."""
+    if not args.mirror:
+        raise SystemExit("--mirror-below applies with --mirror only")
+    _mirrored(argparse.Namespace(mirror=True, mirror_below=None), loaded)
+    assert isinstance(loaded.model, FashionCNN)
+    return choose_mirror_below(loaded.model, x, labels)
+
+
 def run_calibrate(args: argparse.Namespace, device: torch.device, data: FashionMNIST) -> int:
     loaded = _load(args, device)
     train_idx, val_idx = training_split(loaded, len(data.train.labels))
@@ -98,13 +109,8 @@ def run_calibrate(args: argparse.Namespace, device: torch.device, data: FashionM
         return normalize_tensor(images, loaded.preprocess).unsqueeze(1), labels
 
     if getattr(args, "mirror_below", None) == "auto":
-        if not args.mirror:
-            raise SystemExit("--mirror-below applies with --mirror only")
-        args.mirror_below = None
-        _mirrored(args, loaded)  # refuses what cannot be mirrored before anything is measured
-        assert isinstance(loaded.model, FashionCNN)
-        args.mirror_below = choose_mirror_below(
-            loaded.model, *split(data.train.images[val_idx], data.train.labels[val_idx])
+        args.mirror_below = _auto_threshold(
+            args, loaded, *split(data.train.images[val_idx], data.train.labels[val_idx])
         )
     model_args = _mirrored(args, loaded)
 
