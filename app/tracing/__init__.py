@@ -153,9 +153,11 @@ def install(provider: TracerProvider) -> Tracer:
     from opentelemetry.sdk.trace import sampling
 
     # The SDK's own samplers decide a root span by its trace id alone (a ratio, or always/never),
-    # so asking one before the span gives the span's verdict; a custom sampler may read more.
+    # so asking one before the span gives the span's verdict; a custom sampler may read more, and
+    # a plain `ParentBased` may have a custom root (the env-made parent-based ones are subclasses).
     ids, sampler = provider.id_generator, provider.sampler
-    _roots = ids if hasattr(ids, "sampled") and type(sampler).__module__ == sampling.__name__ else None
+    own = type(sampler).__module__ == sampling.__name__ and type(sampler) is not sampling.ParentBased
+    _roots = ids if hasattr(ids, "sampled") and own else None
     if _roots is not None:
         _roots.sampler = sampler
 

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 _U64 = (1 << 64) - 1
+_INT64 = range(-(1 << 63), 1 << 63)  # what an AnyValue's int_value holds
 _double = struct.Struct("<d").pack
 _fixed64 = struct.Struct("<Q").pack
 _fixed32 = struct.Struct("<I").pack
@@ -51,7 +52,7 @@ def _value(value: Any) -> bytes:
     if kind is float:
         return b"\x21" + _double(value)
     if kind is int:
-        return b"\x18" + _varint(value & _U64)
+        return b"\x18" + _varint(_int64(value) & _U64)
     if kind is bool:
         return b"\x10\x01" if value else b"\x10\x00"
     return _other_value(value)
@@ -66,7 +67,7 @@ def _other_value(value: Any) -> bytes:
     if isinstance(value, str):
         return _len(b"\x0a", value.encode())
     if isinstance(value, int):
-        return b"\x18" + _varint(int(value) & _U64)
+        return b"\x18" + _varint(_int64(int(value)) & _U64)
     if isinstance(value, float):
         return b"\x21" + _double(value)
     if isinstance(value, bytes):
@@ -76,6 +77,12 @@ def _other_value(value: Any) -> bytes:
     if isinstance(value, Mapping):
         return _len(b"\x32", b"".join(_len(b"\x0a", _key_value(str(k), v)) for k, v in value.items()))
     raise TypeError(f"no OTLP encoding for a {type(value).__name__} attribute value")
+
+
+def _int64(value: int) -> int:
+    if value not in _INT64:  # the library drops such an attribute: so does the fallback
+        raise TypeError(f"no OTLP encoding for the integer {value}: outside int64")
+    return value
 
 
 _keys: dict[str, bytes] = {}  # a key's encoded field, made once per distinct key
@@ -105,7 +112,8 @@ def _attributes(tag: bytes, attributes: Mapping[str, Any] | None) -> bytes:
     parts = []
     for key, value in attributes.items():
         kind = type(value)
-        cached = kind is str or (kind is int and 0 <= value < 1024)  # never a float: 0 == 0.0
+        # Never a float (0 == 0.0 as a key), nor long text (a path a client chose).
+        cached = (kind is str and len(value) <= 64) or (kind is int and 0 <= value < 1024)
         if cached and (field := _fields.get((tag, key, value))) is not None:
             parts.append(field)
             continue
@@ -114,7 +122,9 @@ def _attributes(tag: bytes, attributes: Mapping[str, Any] | None) -> bytes:
         pair = (_keys.get(key) or _key(key)) + (b"\x12" + _SMALL[n] + encoded if n < 0x80 else _len(b"\x12", encoded))
         n = len(pair)
         field = tag + _SMALL[n] + pair if n < 0x80 else _len(tag, pair)
-        if cached and len(_fields) < 4096:  # bounded: values may come from clients
+        if cached:
+            if len(_fields) >= 4096:  # values may come from clients: start again rather than grow
+                _fields.clear()
             _fields[(tag, key, value)] = field
         parts.append(field)
     return b"".join(parts)
@@ -204,10 +214,11 @@ def encode(spans: Iterable[Any]) -> bytes:
 
 
 def encode_or_fallback(spans: Sequence[Any]) -> bytes:
-    """`encode`, or the library's encoding where `encode` meets a value it does not write."""
+    """`encode`, or the library's encoding where `encode` meets a value it does not write (the
+    library then drops that one attribute and keeps the batch)."""
     try:
         return encode(spans)
-    except TypeError:
+    except (TypeError, ValueError):  # ValueError: text that is not UTF-8 (a lone surrogate)
         from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 
         return encode_spans(spans).SerializePartialToString()
@@ -228,9 +239,11 @@ class _Encoded:
 
 def exporter(protocol: str) -> Any:
     """The OTLP span exporter for `protocol` (`http/protobuf` or `grpc`), encoding with `encode`.
-    Each reads its endpoint, headers, timeout and compression from the OTEL_* variables itself.
-    The seams (the HTTP exporter's module-level `encode_spans`, the gRPC exporter's
-    `_translate_data`) are checked against the installed exporters in tests/app/test_internals.py."""
+        Each reads its endpoint, headers, timeout and compression from the OTEL_* variables itself.
+        The seams (the HTTP exporter's module-level `encode_spans`, the gRPC exporter's
+        `_translate_data`) are checked against the installed exporters in tests/app/test_otlp.py. The
+    HTTP exporter's module is patched for the whole process: any OTLP/HTTP span exporter in it
+    encodes so."""
     if protocol == "http/protobuf":
         from opentelemetry.exporter.otlp.proto.http import trace_exporter
 

@@ -162,3 +162,44 @@ def test_both_otlp_exporters_send_what_encode_writes(monkeypatch: pytest.MonkeyP
     grpc_exporter.shutdown()
     with pytest.raises(ValueError, match="use http/protobuf or grpc"):
         otlp.exporter("http/json")
+
+
+def _one(attributes: dict[str, Any]) -> tuple[ReadableSpan, ...]:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    provider.get_tracer("t").start_span("s", attributes=attributes).end()
+    return exporter.get_finished_spans()
+
+
+@pytest.mark.parametrize("odd", [2**63, -(2**63) - 1, 2**64 + 5, (1, 2**64), "a\udcff", ("ok", "\ud800")])
+def test_what_the_wire_cannot_carry_falls_back_to_the_library_which_drops_that_attribute(odd: Any) -> None:
+    """An integer outside int64 (masked, it would arrive as another number) or text that is not
+    UTF-8 (a lone surrogate, as a surrogateescape'd file name in an exception message) is not
+    written: the batch goes to the library, which drops that one attribute and keeps the rest."""
+    spans = _one({"odd": odd, "kept": 1, "also": "text"})
+    with pytest.raises((TypeError, ValueError)):
+        otlp.encode(spans)
+    encoded = ExportTraceServiceRequest.FromString(otlp.encode_or_fallback(spans))
+    assert encoded == encode_spans(spans)
+    (span,) = [s for r in encoded.resource_spans for sc in r.scope_spans for s in sc.spans]
+    assert [a.key for a in span.attributes] == ["kept", "also"]
+
+
+def test_int64_extremes_are_written_exactly() -> None:
+    _same_as_the_library(_one({"min": -(2**63), "max": 2**63 - 1, "list": (-(2**63), 2**63 - 1, -1)}))
+
+
+def test_the_field_cache_keeps_short_values_only_and_never_grows_past_its_bound() -> None:
+    """Clients choose paths: a long one is never cached, and many short ones restart the cache
+    instead of growing it (or of freezing it full, which would end the caching for good)."""
+    otlp._fields.clear()
+    long_path = "/models/" + "x" * 500 + "/predict"
+    _same_as_the_library(_one({"url.path": long_path}))
+    assert not any(long_path in key for key in otlp._fields)
+    for i in range(5000):
+        otlp.encode(_one({"url.path": f"/models/m{i}/predict"}))
+    assert 0 < len(otlp._fields) <= 4096
+    spans = _one({"url.path": "/predict", "http.route": "/predict", "n": 3})
+    for _ in range(2):
+        _same_as_the_library(spans)

@@ -425,6 +425,11 @@ def test_a_custom_sampler_decides_every_request_itself() -> None:
         def get_description(self) -> str:
             return "by path"
 
+    from opentelemetry.sdk.trace.sampling import ParentBased
+
+    tracing.install(TracerProvider(sampler=ParentBased(ByPath()), id_generator=tracing._root_ids()))
+    assert tracing._roots is None, "a plain ParentBased may have a custom root: it decides itself"
+    tracing.stop()
     tracing.install(TracerProvider(sampler=ByPath(), id_generator=tracing._root_ids()))
     try:
         assert tracing._roots is None
