@@ -251,7 +251,8 @@ def test_a_preset_sets_the_recipe_and_the_command_line_wins() -> None:
     seven = build_parser("fashion-cnn-v7").parse_args(["train", "--preset", "fashion-cnn-v7"])
     assert (seven.channels, seven.epochs, seven.distill_mirror) == ([24, 48, 96], 80, True)
     assert teacher.precision == seven.precision == "auto" and five.precision is None
-    assert seven.teacher.parts[-2:] == ("runs", "fashion_cnn_teacher.pt")
+    assert seven.teacher.parts[-2:] == ("models", "fashion_cnn_teacher.pt")
+    assert seven.teacher.is_file(), "the teacher is bundled"
 
 
 def test_evaluate_reads_course_checkpoints(
