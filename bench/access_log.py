@@ -3,10 +3,10 @@ line per request, text or `--format json`, written to a file as a log collector 
 
     python -m bench.access_log [--seconds 8] [--rounds 2] [--checkpoint models/course_network.pt]
 
-Off and on alternate for `--rounds`, in one run; the ratios are what to read (server CPU per
-request is the steadier one on a shared machine). Every request answered
-while the log was on must have its line in the file: the count is checked after each server stops
-(the lines a worker holds are written when it exits).
+Off and on alternate for `--rounds`, in one run, each round starting with the other one; the
+ratios are what to read (server CPU per request is the steadier one on a shared machine). Every
+request answered while the log was on must have its line in the file: the count is checked after
+each server stops (the lines a worker holds are written when it exits).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.run import ROOT, drive, fashion_pngs, started, write_bodies
+from bench.run import ROOT, drive, fashion_pngs, rotated, started, write_bodies
 
 
 def _answered(port: int) -> float:
@@ -49,8 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     cpu: dict[str, list[float]] = {"off": [], "on": []}
     with tempfile.TemporaryDirectory() as tmp:
         content_type = write_bodies(Path(tmp), fashion_pngs(256), 1)
-        for _ in range(args.rounds):
-            for mode, level in (("off", "warning"), ("on", "info")):
+        for round_ in range(args.rounds):
+            for mode, level in rotated([("off", "warning"), ("on", "info")], round_):
                 log = Path(tmp) / f"{mode}.log"
                 log.unlink(missing_ok=True)
                 env = {"FASHION_SERVE_LOG_LEVEL": level, "FASHION_SERVE_LOG_FORMAT": args.format}

@@ -7,7 +7,8 @@ For each checkpoint, `python -m app` serves it with the default settings (its in
 has a sound one); all 10,000 Fashion-MNIST test images are sent to `/predict` as PNG uploads and
 the answers' top class is scored against the labels (served accuracy: decoding, preprocessing
 and the served form included); then `/predict` at c=32 with wrk, the checkpoints alternating for
-`--rounds`, the median req/s of each, as a ratio to the first checkpoint's.
+`--rounds` (each round starting one checkpoint further on), the median req/s of each, as a ratio
+to the first checkpoint's.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.run import drive, fashion_pngs, started, write_bodies
+from bench.run import drive, fashion_pngs, rotated, started, write_bodies
 
 ACCURACY_CLIENTS = 8
 
@@ -94,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{path.name}: served accuracy {100 * rows[path].accuracy:.2f}% ({rows[path].form})", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         content_type = write_bodies(Path(tmp), pngs[:256], 1)
-        for _ in range(args.rounds):
-            for path in args.checkpoints:
+        for round_ in range(args.rounds):
+            for path in rotated(args.checkpoints, round_):
                 with started("service", path, args.workers) as server:
                     measured = drive(server, Path(tmp), content_type, 32, args.seconds, args.warmup)
                 rows[path].rps.append(measured["rps"])

@@ -19,16 +19,19 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import psutil
 from PIL import Image
 
 from bench.server import ROOT, free_port, serving
 from models.served_form import TORCH_FP32
+
+T = TypeVar("T")
 
 # A benchmark case's identity: server, model, images per request, api, served form.
 Key = tuple[str, str, int, str, str]
@@ -67,6 +70,14 @@ class Server:
                 sizes.append(process.memory_info().rss / 2**20)
         workers = sizes[1:] if len(sizes) > 1 else sizes  # with workers, the first process only supervises
         return statistics.mean(workers) if workers else 0.0
+
+
+def rotated(settings: Sequence[T], round_: int) -> list[T]:
+    """`settings` in the order round `round_` runs them: each round starts one further on, so that
+    a seat's advantage (a machine that speeds up or slows down within a round) does not fall on the
+    same setting every round."""
+    shift = round_ % len(settings) if settings else 0
+    return [*settings[shift:], *settings[:shift]]
 
 
 @contextmanager

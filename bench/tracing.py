@@ -3,8 +3,11 @@ of them, exported over OTLP/HTTP to a receiver in this process that reads and di
 
     python -m bench.tracing [--seconds 8] [--rounds 2] [--checkpoint models/course_network.pt]
 
-Off and on alternate for `--rounds`, in one run; the ratios are what to read, the median of the
-rounds' own ratios first.
+Off and on alternate for `--rounds`, in one run, each round starting one setting further on (off
+first, then on first, ...); the ratios are what to read, the median of the
+rounds' own ratios first. `--control` adds a third server to each round with tracing on and
+nothing sampled (no span made, nothing exported): its ratio to off is what the machine's noise
+alone does to a figure, the band within which the traced ratio says nothing.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from bench.run import ROOT, drive, fashion_pngs, started, write_bodies
+from bench.run import ROOT, drive, fashion_pngs, rotated, started, write_bodies
 
 
 class _Sink(http.server.BaseHTTPRequestHandler):
@@ -41,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--checkpoint", type=Path, default=ROOT / "models" / "course_network.pt")
     parser.add_argument("--ratio", type=float, default=1.0, help="share of requests sampled (1: every request)")
+    parser.add_argument("--control", action="store_true", help="also run tracing on with nothing sampled, each round")
     args = parser.parse_args(argv)
     sink = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Sink)
     threading.Thread(target=sink.serve_forever, daemon=True).start()
@@ -50,34 +54,44 @@ def main(argv: list[str] | None = None) -> int:
         "OTEL_TRACES_SAMPLER": "always_on" if args.ratio >= 1 else "parentbased_traceidratio",
         "OTEL_TRACES_SAMPLER_ARG": str(args.ratio),
     }
-    rows: dict[str, list[float]] = {"off": [], "on": []}
-    cpu: dict[str, list[float]] = {"off": [], "on": []}  # the server's CPU ms per request
+    modes = {"off": {}, "on": traced}
+    if args.control:
+        modes["control"] = {**traced, "OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0"}
+    rows: dict[str, list[float]] = {mode: [] for mode in modes}
+    cpu: dict[str, list[float]] = {mode: [] for mode in modes}  # the server's CPU ms per request
     with tempfile.TemporaryDirectory() as tmp:
         content_type = write_bodies(Path(tmp), fashion_pngs(256), 1)
-        for _ in range(args.rounds):
-            for mode, env in (("off", {}), ("on", traced)):
+        for round_ in range(args.rounds):
+            for mode in rotated(list(modes), round_):
+                env = modes[mode]
                 with started("service", args.checkpoint, args.workers, extra_env=env) as server:
                     row = drive(server, Path(tmp), content_type, 32, args.seconds, 2)
                 rows[mode].append(row["rps"])
                 cpu[mode].append(row["cpu_ms"])
                 latency = f"p50 {row['p50']:6.2f} ms  p99 {row['p99']:6.2f} ms"
                 used = f"server CPU {1000 * row['cpu_ms']:6.1f} us/request"
-                print(f"tracing {mode:<3} c=32 {row['rps']:8.0f} req/s  {latency}  {used}", flush=True)
+                print(f"tracing {mode:<7} c=32 {row['rps']:8.0f} req/s  {latency}  {used}", flush=True)
     sink.shutdown()
     off, on = sum(rows["off"]) / len(rows["off"]), sum(rows["on"]) / len(rows["on"])
     print(f"tracing on / off = {on / off:.3f}x req/s (mean of {args.rounds} rounds each)")
-    # Each round's pair ran back to back, so its ratio is the least disturbed by the machine's
+    for mode in list(modes)[1:]:  # each against off
+        _compare(mode, rows, cpu)
+    return 0
+
+
+def _compare(mode: str, rows: dict[str, list[float]], cpu: dict[str, list[float]]) -> None:
+    """Print `mode` against off: per-round req/s ratios and the server's CPU per request."""
+    # Each round's servers ran back to back, so its ratio is the least disturbed by the machine's
     # slower and faster phases; their median is the figure to compare runs by.
-    pairs = sorted(o / f for o, f in zip(rows["on"], rows["off"], strict=True))
+    pairs = sorted(o / f for o, f in zip(rows[mode], rows["off"], strict=True))
     spread = ", ".join(f"{p:.3f}" for p in pairs)
-    print(f"per round on / off: median {statistics.median(pairs):.3f}x ({spread})")
+    print(f"per round {mode} / off: median {statistics.median(pairs):.3f}x ({spread})")
     # The server's CPU per request moves less with this machine's load than req/s does: tracing's
     # cost in microseconds, and the throughput it would allow where the server's CPU is the limit.
-    off_cpu, on_cpu = statistics.median(cpu["off"]), statistics.median(cpu["on"])
+    off_cpu, on_cpu = statistics.median(cpu["off"]), statistics.median(cpu[mode])
     added = 1000 * (on_cpu - off_cpu)
-    print(f"server CPU per request: off {1000 * off_cpu:.1f} us, on {1000 * on_cpu:.1f} us "
-          f"(+{added:.1f} us; off / on = {off_cpu / on_cpu:.3f}x)")  # fmt: skip
-    return 0
+    print(f"server CPU per request: off {1000 * off_cpu:.1f} us, {mode} {1000 * on_cpu:.1f} us "
+          f"({added:+.1f} us; off / {mode} = {off_cpu / on_cpu:.3f}x)")  # fmt: skip
 
 
 if __name__ == "__main__":

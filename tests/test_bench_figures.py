@@ -1,12 +1,12 @@
 """The benchmark's server figures (bench.run.Server): CPU seconds and resident memory of the server
-and every worker under it, read through psutil."""
+and every worker under it, read through psutil; and the order its rounds run the settings in."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 
-from bench.run import Server
+from bench.run import Server, rotated
 
 WORKER = """
 import time
@@ -38,3 +38,14 @@ def test_cpu_and_memory_count_the_workers_under_the_server() -> None:
             child.kill()
         process.kill()
         process.wait()
+
+
+def test_each_round_starts_with_the_next_setting() -> None:
+    """No setting keeps one seat: over as many rounds as settings, each runs first once and each
+    pair still runs within every round."""
+    settings = ["off", "on", "control"]
+    rounds = [rotated(settings, r) for r in range(6)]
+    assert rounds[:3] == [["off", "on", "control"], ["on", "control", "off"], ["control", "off", "on"]]
+    assert rounds[3:] == rounds[:3]
+    assert all(sorted(order) == sorted(settings) for order in rounds)
+    assert rotated([], 3) == []
