@@ -4,10 +4,11 @@ of them, exported over OTLP/HTTP to a receiver in this process that reads and di
     python -m bench.tracing [--seconds 8] [--rounds 2] [--checkpoint models/course_network.pt]
 
 Off and on alternate for `--rounds`, in one run, each round starting one setting further on (off
-first, then on first, ...); the ratios are what to read, the median of the
-rounds' own ratios first. `--control` adds a third server to each round with tracing on and
-nothing sampled (no span made, nothing exported): its ratio to off is what the machine's noise
-alone does to a figure, the band within which the traced ratio says nothing.
+first, then on first, ...); the ratios are what to read, the median of the rounds' own ratios
+first. `--control` adds a third server to each round, tracing on with nothing sampled (no span
+made, nothing exported; a few microseconds of deciding per request): how far its ratio to off
+strays is how far the machine's noise moves a figure, a band within which the traced ratio says
+nothing.
 """
 
 from __future__ import annotations
