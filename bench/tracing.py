@@ -63,8 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         content_type = write_bodies(Path(tmp), fashion_pngs(256), 1)
         for round_ in range(args.rounds):
-            for mode in rotated(list(modes), round_):
-                env = modes[mode]
+            for mode, env in rotated(list(modes.items()), round_):
                 with started("service", args.checkpoint, args.workers, extra_env=env) as server:
                     row = drive(server, Path(tmp), content_type, 32, args.seconds, 2)
                 rows[mode].append(row["rps"])
