@@ -88,10 +88,11 @@ class Worker:
             await self._start_repository(self.repository)
             self._follower = asyncio.create_task(self.repository.follow())
         else:
-            await self._start_model()
             snapshot = self.handoff.snapshot
-            if snapshot is not None:
-                self._follower = asyncio.create_task(follow_snapshot(self.plane, snapshot, self.load))
+            seen = os.stat(snapshot) if snapshot is not None else None  # before the load (follow_snapshot)
+            await self._start_model()
+            if snapshot is not None and seen is not None:
+                self._follower = asyncio.create_task(follow_snapshot(self.plane, snapshot, self.load, seen))
         if self.settings.grpc_port:
             # grpc is imported here, in the worker after the fork, never in the supervisor: grpc
             # is not fork-safe.

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +20,7 @@ from PIL import Image
 from bench.server import free_port, serving
 from models import FASHION_MNIST_CLASSES, PreprocessConfig, preprocess_image
 from models.preprocessing import normalize
-from tests.helpers import garment, garment_pngs, multipart
+from tests.helpers import garment, garment_pngs, multipart, wait_for, write_tiny_checkpoint
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
 httpclient = pytest.importorskip("tritonclient.http")
@@ -157,15 +160,24 @@ def test_keys_and_health_on_two_workers_sharing_the_port() -> None:
         client.close()
 
 
-def test_grpc_follows_a_reload_and_a_replaced_worker(tmp_path: object) -> None:
+def listens(pid: int, port: int) -> bool:
+    """Whether process `pid` holds a socket listening on TCP `port` (/proc/net/tcp's state 0A)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(f"socket:[{fields[9]}]")
+    try:
+        descriptors = list(Path(f"/proc/{pid}/fd").iterdir())
+        return any(os.readlink(fd) in inodes for fd in descriptors)
+    except FileNotFoundError:  # the process ended
+        return False
+
+
+def test_grpc_follows_a_reload_and_a_replaced_worker(tmp_path: Path) -> None:
     """SIGHUP reloads serve gRPC too, and a worker that replaces a killed one serves gRPC again."""
-    import os
-    import signal
-    from pathlib import Path
-
-    from tests.helpers import wait_for, write_tiny_checkpoint
-
-    path = write_tiny_checkpoint(Path(str(tmp_path)) / "m.pt", seed=1)
+    path = write_tiny_checkpoint(tmp_path / "m.pt", seed=1)
     grpc_port = free_port()
     # Warnings only: the captured output is read at the end, and an access line per polling call
     # filled the pipe once a reload took a while, which blocked the server's logging.
@@ -189,16 +201,31 @@ def test_grpc_follows_a_reload_and_a_replaced_worker(tmp_path: object) -> None:
         except InferenceServerException:  # a worker still starting
             return False
 
+    def children() -> list[int]:
+        return [int(pid) for pid in Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()]
+
     with serving(env, workers=2) as (process, _port):
         before = probabilities()
         write_tiny_checkpoint(path, seed=2)
         process.send_signal(signal.SIGHUP)
+        # The new model's answer is one that differs from the old: an answer read after the wait
+        # could come from a worker that had not swapped yet (each polls for the new snapshot), and
+        # did in CI once, so the replacement was then held to the old model's answer.
+        news: list[np.ndarray] = []
+
+        def swapped() -> bool:
+            news.append(probabilities())
+            return not np.allclose(news[-1], before)
+
         # 60 s, as for the replacement below: it took over the default 20 s once on a busy CI run.
-        assert wait_for(lambda: all(not np.allclose(probabilities(), before) for _ in range(8)), timeout=60), (
-            "the new model"
-        )
-        after = probabilities()
-        children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
-        os.kill(int(children[0]), signal.SIGKILL)
-        assert wait_for(lambda: len(Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()) == 2)
+        assert wait_for(swapped, timeout=60), "the new model"
+        after = news[-1]
+        assert wait_for(lambda: every_worker_answers(after), timeout=60), "every worker swapped"
+        workers = children()
+        # Each worker listens on the port itself; the supervisor's claim on it (app.server) never does.
+        assert all(listens(pid, grpc_port) for pid in workers) and not listens(process.pid, grpc_port)
+        os.kill(workers[0], signal.SIGKILL)
+        assert wait_for(lambda: workers[0] not in children() and len(children()) == 2), "a replacement"
+        (replacement,) = set(children()) - set(workers)
+        assert wait_for(lambda: listens(replacement, grpc_port), timeout=60), "the replacement's gRPC server"
         assert wait_for(lambda: every_worker_answers(after), timeout=60), "the replacement serves gRPC, new model"

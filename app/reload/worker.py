@@ -19,11 +19,14 @@ SNAPSHOT_POLL_S = 0.5  # how often a worker looks for a reloaded model (one stat
 Loader = Callable[[Path], Awaitable[ServedModel]]
 
 
-async def follow_snapshot(plane: DataPlane, snapshot: Path, load: Loader) -> None:
+async def follow_snapshot(plane: DataPlane, snapshot: Path, load: Loader, seen: os.stat_result) -> None:
     """Swap in the supervisor's new snapshot when it appears (a validated reload): loaded and
     warmed up by `load` beside the current model, which keeps serving until the swap. Requests
-    already holding the old model finish on it; its inference thread stops once none can be left."""
-    seen = os.stat(snapshot)
+    already holding the old model finish on it; its inference thread stops once none can be left.
+
+    `seen` is the snapshot's stat taken before the model now serving was loaded from it: taken
+    after, a reload installed during that load went unnoticed, and the worker served the old model
+    until it died (found in CI: a worker starting while a reload was validated)."""
     retiring: set[asyncio.Task[None]] = set()  # kept referenced until done
     while True:
         await asyncio.sleep(SNAPSHOT_POLL_S)

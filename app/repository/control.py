@@ -81,15 +81,21 @@ class Repository:
 
     async def follow(self) -> None:
         """Apply each state another worker publishes; carry out the reconciles SIGHUP asks for."""
-        asked = self.shared.reconcile_requests()
+        # The reconciles done so far, not the requests: a SIGHUP while this worker started is
+        # carried out (by whichever worker gets there first: `reconcile` checks under the lock).
+        asked = self.shared.read().reconciled
         while True:
             await asyncio.sleep(FOLLOW_POLL_S)
             try:
-                if self.shared.changed_since(self.local.seen) is not None:
+                seen = self.shared.changed_since(self.local.seen)
+                if seen is not None:
+                    # The file's identity is taken before its contents are read: a state published
+                    # while this one is applied is then read at the next poll, not taken as applied.
                     state = self.shared.read()
                     if state.generation != self.registry.generation:
                         await self.local.apply(state)
                         self.local.acknowledge(state)
+                    self.local.seen = seen
                 if self.shared.reconcile_requests() > asked:
                     asked = self.shared.reconcile_requests()
                     await self.reconcile()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import hashlib
 import os
 import weakref
 from pathlib import Path
@@ -47,6 +48,36 @@ def test_a_new_snapshot_is_swapped_in_and_the_old_model_is_freed(
         assert wait_for(lambda: gc.collect() >= 0 and old() is None, timeout=15)
         metrics = client.get("/metrics").text
         assert metrics.count("fashion_serve_model_info{") == 1
+
+
+def test_a_reload_installed_while_the_worker_loads_its_first_model_is_followed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found in CI: the worker took the snapshot's stat after loading from it, so a reload the
+    supervisor installed during that load looked already served, and the worker kept the old model."""
+    snapshot = write_tiny_checkpoint(tmp_path / "current.pt", seed=1)
+    first_sha = _sha256(snapshot)
+    installed = write_tiny_checkpoint(tmp_path / "next.pt", seed=2)
+    second_sha = _sha256(installed)
+    monkeypatch.setattr(app.reload.worker, "SNAPSHOT_POLL_S", 0.05)
+    load = ServedModel.load
+
+    def load_then_install(*args: object, **kwargs: object) -> ServedModel:
+        model = load(*args, **kwargs)  # type: ignore[arg-type]
+        if installed.exists():  # the supervisor's install lands just after the first load read the file
+            os.replace(installed, snapshot)
+        return model
+
+    monkeypatch.setattr(ServedModel, "load", load_then_install)
+    settings = Settings(checkpoint=tmp_path / "configured.pt", device="cpu")
+    with TestClient(create_app(settings, Handoff(snapshot=snapshot))) as client:
+        assert not installed.exists(), "the install happened during the start"
+        assert first_sha != second_sha
+        assert wait_for(lambda: client.get("/model").json()["checkpoint"]["sha256"] == second_sha, timeout=10)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _parsed(model_input: ModelInput) -> Parser[None]:

@@ -11,11 +11,15 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+import app.repository.control
 from app.main import create_app
 from app.repository.layout import Policy, checkpoint_path, scan
+from app.repository.local import LocalCopy
+from app.repository.shared import SharedState, State
 from app.settings import Settings
+from app.worker import Handoff
 from models import PreprocessConfig, build_model, save_checkpoint
-from tests.helpers import png, write_repository, write_tiny_checkpoint
+from tests.helpers import png, wait_for, write_repository, write_tiny_checkpoint
 
 ADMIN = {"Authorization": "Bearer admin-key"}
 
@@ -159,3 +163,56 @@ def test_without_a_default_model_a_request_must_name_one(repository: Path) -> No
 
 def _tensor() -> dict[str, object]:
     return {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1, 28, 28], "data": [0.0] * 784}]}
+
+
+def _worker_client(repository: Path, state: Path) -> TestClient:
+    """A worker of a supervisor whose workers share the state directory `state`."""
+    settings = Settings(device="cpu", grpc_port=0, model_repository=repository, default_model="shirts")
+    return TestClient(create_app(settings, Handoff(repository_state=state)))
+
+
+def test_a_state_published_while_a_worker_applies_the_one_before_is_followed(
+    repository: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found in review: the follower took the state file's identity after applying what it had
+    read, so a state another worker published meanwhile looked applied and was never served."""
+    monkeypatch.setattr(app.repository.control, "FOLLOW_POLL_S", 0.02)
+    shared = SharedState(tmp_path / "state")
+    with _worker_client(repository, shared.directory) as client:
+        registry = client.app.state.worker.plane.registry  # type: ignore[attr-defined]
+        start = shared.read().generation
+        apply = LocalCopy.apply
+
+        async def apply_while_another_publishes(copy: LocalCopy, state: State) -> None:
+            await apply(copy, state)
+            if state.generation == start + 1:  # another worker publishes the next one meanwhile
+                later = shared.read()
+                later.generation = start + 2
+                del later.models["shoes"]
+                shared.write(later)
+
+        monkeypatch.setattr(LocalCopy, "apply", apply_while_another_publishes)
+        published = shared.read()
+        published.generation = start + 1
+        shared.write(published)
+        assert wait_for(lambda: registry.generation == start + 2, timeout=10)
+        assert ("shoes", "1") not in {(r["name"], r["version"]) for r in _ready(client)}
+
+
+def test_a_reconcile_asked_before_a_worker_follows_is_carried_out(repository: Path, tmp_path: Path) -> None:
+    """Found in review: a follower counted the reconciles already asked for as done, so a SIGHUP
+    that came while every worker was starting was never carried out."""
+    shared = SharedState(tmp_path / "state")
+    with _worker_client(repository, shared.directory):
+        pass  # the first state, as a supervisor's first workers make it
+    _version(repository, "shirts", 3, seed=7)
+    shared.request_reconcile()  # SIGHUP while no worker follows yet
+    with _worker_client(repository, shared.directory) as client:
+        assert wait_for(lambda: shared.read().reconciled == 1, timeout=10)
+        assert ("shirts", "3") in {(r["name"], r["version"]) for r in _ready(client)}
+
+
+def _ready(client: TestClient) -> list[dict[str, str]]:
+    response = client.post("/v2/repository/index", json={"ready": True}, headers=ADMIN)
+    assert response.status_code == 200, response.text
+    return list(response.json())
