@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -80,3 +82,32 @@ def wait_for(condition: Callable[[], object], timeout: float = 20.0, interval: f
             return True
         time.sleep(interval)
     return False
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def workers_of(supervisor: int) -> list[int]:
+    """The supervisor's child processes (a killed one stays listed until it is reaped)."""
+    return [int(pid) for pid in Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()]
+
+
+LISTEN, ESTABLISHED = "0A", "01"  # TCP states as /proc/net/tcp writes them
+
+
+def sockets_by_process(pids: Iterable[int], port: int, state: str) -> dict[int, int]:
+    """How many TCP sockets on local `port` in `state` each process holds (0 for one that ended)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == state and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(f"socket:[{fields[9]}]")
+    counts = {}
+    for pid in pids:
+        try:
+            counts[pid] = sum(os.readlink(fd) in inodes for fd in Path(f"/proc/{pid}/fd").iterdir())
+        except FileNotFoundError:  # the process ended
+            counts[pid] = 0
+    return counts

@@ -20,7 +20,16 @@ from PIL import Image
 from bench.server import free_port, serving
 from models import FASHION_MNIST_CLASSES, PreprocessConfig, preprocess_image
 from models.preprocessing import normalize
-from tests.helpers import garment, garment_pngs, multipart, wait_for, write_tiny_checkpoint
+from tests.helpers import (
+    LISTEN,
+    garment,
+    garment_pngs,
+    multipart,
+    sockets_by_process,
+    wait_for,
+    workers_of,
+    write_tiny_checkpoint,
+)
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
 httpclient = pytest.importorskip("tritonclient.http")
@@ -160,21 +169,6 @@ def test_keys_and_health_on_two_workers_sharing_the_port() -> None:
         client.close()
 
 
-def listens(pid: int, port: int) -> bool:
-    """Whether process `pid` holds a socket listening on TCP `port` (/proc/net/tcp's state 0A)."""
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
-                inodes.add(f"socket:[{fields[9]}]")
-    try:
-        descriptors = list(Path(f"/proc/{pid}/fd").iterdir())
-        return any(os.readlink(fd) in inodes for fd in descriptors)
-    except FileNotFoundError:  # the process ended
-        return False
-
-
 def test_grpc_follows_a_reload_and_a_replaced_worker(tmp_path: Path) -> None:
     """SIGHUP reloads serve gRPC too, and a worker that replaces a killed one serves gRPC again."""
     path = write_tiny_checkpoint(tmp_path / "m.pt", seed=1)
@@ -201,8 +195,8 @@ def test_grpc_follows_a_reload_and_a_replaced_worker(tmp_path: Path) -> None:
         except InferenceServerException:  # a worker still starting
             return False
 
-    def children() -> list[int]:
-        return [int(pid) for pid in Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()]
+    def listens(pid: int) -> bool:
+        return sockets_by_process([pid], grpc_port, LISTEN)[pid] > 0
 
     with serving(env, workers=2) as (process, _port):
         before = probabilities()
@@ -221,11 +215,11 @@ def test_grpc_follows_a_reload_and_a_replaced_worker(tmp_path: Path) -> None:
         assert wait_for(swapped, timeout=60), "the new model"
         after = news[-1]
         assert wait_for(lambda: every_worker_answers(after), timeout=60), "every worker swapped"
-        workers = children()
+        workers = workers_of(process.pid)
         # Each worker listens on the port itself; the supervisor's claim on it (app.server) never does.
-        assert all(listens(pid, grpc_port) for pid in workers) and not listens(process.pid, grpc_port)
+        assert all(listens(pid) for pid in workers) and not listens(process.pid)
         os.kill(workers[0], signal.SIGKILL)
-        assert wait_for(lambda: workers[0] not in children() and len(children()) == 2), "a replacement"
-        (replacement,) = set(children()) - set(workers)
-        assert wait_for(lambda: listens(replacement, grpc_port), timeout=60), "the replacement's gRPC server"
+        assert wait_for(lambda: len(set(workers_of(process.pid)) - {workers[0]}) == 2), "a replacement"
+        (replacement,) = set(workers_of(process.pid)) - set(workers)
+        assert wait_for(lambda: listens(replacement), timeout=60), "the replacement's gRPC server"
         assert wait_for(lambda: every_worker_answers(after), timeout=60), "the replacement serves gRPC, new model"

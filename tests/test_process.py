@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from bench.server import ROOT, serving, start_server, wait_ready
-from tests.helpers import png, write_tiny_checkpoint
+from tests.helpers import ESTABLISHED, LISTEN, png, sockets_by_process, workers_of, write_tiny_checkpoint
 
 
 def _fails_to_start(checkpoint: Path, workers: int | None = None) -> str:
@@ -176,22 +176,18 @@ def test_json_logs(tmp_path: Path) -> None:
     assert not [line for line in output.splitlines() if line.strip() and not line.startswith("{")], output
 
 
-def _children(pid: int) -> set[int]:
-    return {int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
-
-
 def test_a_killed_worker_is_replaced_and_service_goes_on(tmp_path: Path) -> None:
     checkpoint = write_tiny_checkpoint(tmp_path / "m.pt")
     process, port = start_server({"FASHION_SERVE_CHECKPOINT": str(checkpoint)}, workers=2)
     try:
         wait_ready(process, port)
         deadline = time.monotonic() + 30
-        while len(workers := _children(process.pid)) < 2 and time.monotonic() < deadline:
+        while len(workers := set(workers_of(process.pid))) < 2 and time.monotonic() < deadline:
             time.sleep(0.1)
         assert len(workers) == 2
         victim = min(workers)
         os.kill(victim, signal.SIGKILL)  # e.g. the kernel's OOM killer
-        while (len(replaced := _children(process.pid)) < 2 or victim in replaced) and time.monotonic() < deadline:
+        while (len(replaced := set(workers_of(process.pid))) < 2 or victim in replaced) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert victim not in replaced and len(replaced) == 2
         body, content_type = _multipart(png())
@@ -235,20 +231,6 @@ def test_an_address_in_use_is_one_clear_line(tmp_path: Path) -> None:
     assert f"cannot start: 127.0.0.1:{port}: Address already in use" in critical[0]
 
 
-def _established_by_process(pids: set[int], port: int) -> dict[int, int]:
-    """How many established connections to `port` each process holds (from /proc)."""
-    inodes = set()
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        if int(fields[1].split(":")[1], 16) == port and fields[3] == "01":
-            inodes.add(fields[9])
-    counts = {}
-    for pid in pids:
-        links = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
-        counts[pid] = sum(link[8:-1] in inodes for link in links if link.startswith("socket:["))
-    return counts
-
-
 def test_connections_are_spread_over_the_workers(tmp_path: Path) -> None:
     """Found in benchmarking: with one shared listening socket, the first worker to wake took
     most of a burst of new keep-alive connections (32 of 32) and the other worker idled."""
@@ -257,32 +239,20 @@ def test_connections_are_spread_over_the_workers(tmp_path: Path) -> None:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:  # both workers listening: each answers ready
             time.sleep(0.2)
-            if len(_children(process.pid)) == 2 and _all_workers_listen(_children(process.pid), port):
+            listening = sockets_by_process(workers_of(process.pid), port, LISTEN)
+            if len(listening) == 2 and all(listening.values()):
                 break
         connections = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(32)]
         try:
             for conn in connections:  # one request each, so every connection has been accepted
                 conn.sendall(b"GET /health/live HTTP/1.1\r\nHost: test\r\n\r\n")
                 assert _read_response(conn)[0] == 200
-            counts = _established_by_process(_children(process.pid), port)
+            counts = sockets_by_process(workers_of(process.pid), port, ESTABLISHED)
         finally:
             for conn in connections:
                 conn.close()
     assert sum(counts.values()) == 32
     assert min(counts.values()) >= 4, counts  # an even split has 16 each; <= 3 has p ~ 1e-6
-
-
-def _all_workers_listen(pids: set[int], port: int) -> bool:
-    listening = set()
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        if int(fields[1].split(":")[1], 16) == port and fields[3] == "0A":
-            listening.add(fields[9])
-    for pid in pids:
-        links = {os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()}
-        if not any(f"socket:[{inode}]" in links for inode in listening):
-            return False
-    return True
 
 
 def test_sigint_to_the_supervisor_drains_like_sigterm(tmp_path: Path) -> None:
@@ -335,10 +305,10 @@ def test_the_metrics_directory_lives_as_long_as_the_supervisor(tmp_path: Path) -
         wait_ready(process, port)
         [metrics_dir] = scratch.glob("fashion-serve-metrics-*")
         deadline = time.monotonic() + 30
-        while len(workers := _children(process.pid)) < 2 and time.monotonic() < deadline:
+        while len(workers := set(workers_of(process.pid))) < 2 and time.monotonic() < deadline:
             time.sleep(0.1)
         os.kill(min(workers), signal.SIGTERM)  # one worker exits cleanly and is replaced
-        while (len(now := _children(process.pid)) < 2 or min(workers) in now) and time.monotonic() < deadline:
+        while (len(now := set(workers_of(process.pid))) < 2 or min(workers) in now) and time.monotonic() < deadline:
             time.sleep(0.1)
         wait_ready(process, port)
         assert metrics_dir.is_dir()

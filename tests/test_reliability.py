@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from bench.server import serving
-from tests.helpers import multipart, png, wait_for, write_tiny_checkpoint
+from tests.helpers import multipart, png, sha256_of, wait_for, workers_of, write_tiny_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -117,14 +117,9 @@ def under_load(port: int) -> Iterator[Load]:
         load.stop()
 
 
-def _workers(supervisor: int) -> list[int]:
-    children = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()
-    return [int(pid) for pid in children]
-
-
 def test_reload_under_load_swaps_the_model_everywhere_and_a_bad_one_changes_nothing(tmp_path: Path) -> None:
     path = write_tiny_checkpoint(tmp_path / "m.pt", seed=1)
-    first = _sha_of(path)
+    first = sha256_of(path)
     env = {"FASHION_SERVE_CHECKPOINT": str(path), "FASHION_SERVE_LOG_LEVEL": "warning"}  # stdout is a pipe
     with serving(env, workers=2) as (process, port):
         assert _shas_seen(port) == {first}
@@ -132,7 +127,7 @@ def test_reload_under_load_swaps_the_model_everywhere_and_a_bad_one_changes_noth
         with under_load(port) as load:
             # A valid new checkpoint at the path: nothing changes until a reload is asked for.
             write_tiny_checkpoint(path, seed=2)
-            second = _sha_of(path)
+            second = sha256_of(path)
             time.sleep(1.5)
             assert _shas_seen(port) == {first}
             process.send_signal(signal.SIGHUP)
@@ -166,7 +161,7 @@ def test_a_broken_file_then_a_fixed_one_under_load_ends_with_the_fixed_model(tmp
         process.send_signal(signal.SIGHUP)
         time.sleep(0.05)
         write_tiny_checkpoint(path, seed=2)
-        fixed = _sha_of(path)
+        fixed = sha256_of(path)
         process.send_signal(signal.SIGHUP)
         assert wait_for(lambda: _shas_seen(port) == {fixed}), "every worker serves the fixed model"
         assert _reloads(port)["success"] == 1.0
@@ -176,17 +171,11 @@ def test_a_broken_file_then_a_fixed_one_under_load_ends_with_the_fixed_model(tmp
     assert set(load.statuses) == {200}, load.statuses
 
 
-def _sha_of(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 @pytest.mark.parametrize("replacement", ["another model", "a broken file", "nothing"])
 def test_a_replaced_worker_serves_the_validated_model_whatever_the_path_holds(tmp_path: Path, replacement: str) -> None:
     """Findings 1 and 2: a worker that died was replaced by one that read the path again."""
     path = write_tiny_checkpoint(tmp_path / "m.pt", seed=1)
-    first = _sha_of(path)
+    first = sha256_of(path)
     env = {"FASHION_SERVE_CHECKPOINT": str(path), "FASHION_SERVE_LOG_LEVEL": "warning"}  # stdout is a pipe
     with serving(env, workers=2) as (process, port):
         with under_load(port) as load:
@@ -196,9 +185,9 @@ def test_a_replaced_worker_serves_the_validated_model_whatever_the_path_holds(tm
                 path.write_bytes(b"not a checkpoint")
             else:
                 path.unlink()
-            victim = _workers(process.pid)[0]
+            victim = workers_of(process.pid)[0]
             os.kill(victim, signal.SIGKILL)
-            assert wait_for(lambda: len(_workers(process.pid)) == 2 and victim not in _workers(process.pid))
+            assert wait_for(lambda: len(workers_of(process.pid)) == 2 and victim not in workers_of(process.pid))
             assert wait_for(lambda: _get(port, "/health/ready")[0] == 200)
             time.sleep(2.0)
             assert _shas_seen(port) == {first}
@@ -325,7 +314,7 @@ def test_the_supervisor_keeps_supervising_while_a_reload_is_validated(tmp_path: 
         write_tiny_checkpoint(path, seed=2)
         process.send_signal(signal.SIGHUP)
         time.sleep(0.5)
-        victim = _workers(process.pid)[0]
+        victim = workers_of(process.pid)[0]
         os.kill(victim, signal.SIGKILL)
         assert wait_for(lambda: _reloads(port).get("success") == 1.0, timeout=60)
         took = re.search(r"last_reload_validation_seconds ([0-9.e+-]+)", _get(port, "/metrics")[1])

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import hashlib
 import os
 import weakref
 from pathlib import Path
@@ -26,7 +25,7 @@ from app.reload.supervisor import CheckpointSource
 from app.served_model import ServedModel
 from app.settings import Settings
 from app.worker import Handoff
-from tests.helpers import png, wait_for, write_tiny_checkpoint
+from tests.helpers import png, sha256_of, wait_for, write_tiny_checkpoint
 
 
 def test_a_new_snapshot_is_swapped_in_and_the_old_model_is_freed(
@@ -56,9 +55,9 @@ def test_a_reload_installed_while_the_worker_loads_its_first_model_is_followed(
     """Found in CI: the worker took the snapshot's stat after loading from it, so a reload the
     supervisor installed during that load looked already served, and the worker kept the old model."""
     snapshot = write_tiny_checkpoint(tmp_path / "current.pt", seed=1)
-    first_sha = _sha256(snapshot)
+    first_sha = sha256_of(snapshot)
     installed = write_tiny_checkpoint(tmp_path / "next.pt", seed=2)
-    second_sha = _sha256(installed)
+    second_sha = sha256_of(installed)
     monkeypatch.setattr(app.reload.worker, "SNAPSHOT_POLL_S", 0.05)
     load = ServedModel.load
 
@@ -74,10 +73,6 @@ def test_a_reload_installed_while_the_worker_loads_its_first_model_is_followed(
         assert not installed.exists(), "the install happened during the start"
         assert first_sha != second_sha
         assert wait_for(lambda: client.get("/model").json()["checkpoint"]["sha256"] == second_sha, timeout=10)
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _parsed(model_input: ModelInput) -> Parser[None]:
